@@ -1,0 +1,334 @@
+//! Serde configuration of an AST run, with validation naming the offending field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+
+/// What sub-net `k` converges to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubnetTarget {
+    /// Unstructured sparsity: a final density `d_k` in `(0, 1]` (0.05 = 95 % sparse).
+    Density(f64),
+    /// `N:M` structured sparsity: `N` of every `M` consecutive input channels kept.
+    Nm {
+        /// Weights kept per group.
+        n: usize,
+        /// Group size.
+        m: usize,
+    },
+}
+
+impl SubnetTarget {
+    /// The final density (`N/M` for an N:M pattern).
+    pub fn density(&self) -> f64 {
+        match *self {
+            SubnetTarget::Density(d) => d,
+            SubnetTarget::Nm { n, m } => n as f64 / m as f64,
+        }
+    }
+}
+
+/// Gradient correction between consecutive sub-nets (§7).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectionMode {
+    /// No correction.
+    Off,
+    /// Project against the previous iteration's (previous sub-net's) masked gradient.
+    #[default]
+    Projection,
+    /// Project against the previous sub-net's EMA of its gradients.
+    Ema {
+        /// EMA coefficient `β` in `m ← β·m + (1 − β)·g`, in `[0, 1)`.
+        beta: f64,
+    },
+}
+
+/// When and how much to prune (§4, §5). Epochs are counted from 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaskScheduleConfig {
+    /// Density every unstructured sub-net starts from (ERK-allocated); 1 = dense start.
+    pub init_density: f64,
+    /// Exponent applied to the ERK raw scores.
+    pub erk_power_scale: f64,
+    /// A sub-net updates its mask every this many of its *own* iterations.
+    pub update_frequency: usize,
+    /// First epoch of the density ramp.
+    pub init_prune_epoch: usize,
+    /// Epoch at which the ramp reaches the final density.
+    pub final_prune_epoch: usize,
+    /// Sub-net `k`'s schedule is delayed by `k · subnet_offset` of its own iterations.
+    pub subnet_offset: usize,
+    /// Initial prune-and-regrow rate, in `[0, 1)`.
+    pub prune_rate: f64,
+    /// Prune rate reached by the cosine decay at the last iteration, in `[0, prune_rate]`.
+    pub final_prune_rate: f64,
+}
+
+impl Default for MaskScheduleConfig {
+    fn default() -> Self {
+        Self {
+            init_density: 1.0,
+            erk_power_scale: 1.0,
+            update_frequency: 999,
+            init_prune_epoch: 0,
+            final_prune_epoch: 110,
+            subnet_offset: 100,
+            prune_rate: 0.5,
+            final_prune_rate: 0.005,
+        }
+    }
+}
+
+/// SGD hyper-parameters with PyTorch's semantics (`torch.optim.SGD`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SgdSettings {
+    /// Momentum `μ` (0 disables the velocity state).
+    pub momentum: f64,
+    /// Dampening (PyTorch and the paper use 0).
+    pub dampening: f64,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for SgdSettings {
+    fn default() -> Self {
+        Self {
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 5e-4,
+            nesterov: false,
+        }
+    }
+}
+
+/// Everything the AST step needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AstConfig {
+    /// One target per sub-net; `K` is its length.
+    pub subnets: Vec<SubnetTarget>,
+    /// The mask schedule.
+    #[serde(default)]
+    pub schedule: MaskScheduleConfig,
+    /// Gradient correction mode.
+    #[serde(default)]
+    pub correction: CorrectionMode,
+    /// The optimizer.
+    #[serde(default)]
+    pub sgd: SgdSettings,
+    /// Zero the momentum of weights that a prune-and-regrow just re-activated.
+    #[serde(default)]
+    pub reset_momentum_on_regrow: bool,
+    /// Seed of every random mask decision (ERK draws, random dense N:M groups).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl AstConfig {
+    /// A configuration with the given targets and every other setting at its default.
+    pub fn new(subnets: Vec<SubnetTarget>) -> Self {
+        Self {
+            subnets,
+            schedule: MaskScheduleConfig::default(),
+            correction: CorrectionMode::default(),
+            sgd: SgdSettings::default(),
+            reset_momentum_on_regrow: false,
+            seed: 0,
+        }
+    }
+
+    /// Checks every field; the error names the first one out of range.
+    pub fn validate(&self) -> Result<()> {
+        if self.subnets.is_empty() {
+            return Err(invalid("subnets", "must list at least one sub-net (K ≥ 1)"));
+        }
+        let s = &self.schedule;
+        unit_interval("schedule.init_density", s.init_density)?;
+        for target in &self.subnets {
+            match *target {
+                SubnetTarget::Density(d) => {
+                    unit_interval("subnets.density", d)?;
+                    if d > s.init_density {
+                        return Err(invalid(
+                            "subnets.density",
+                            format!("{d} is above schedule.init_density {}", s.init_density),
+                        ));
+                    }
+                }
+                SubnetTarget::Nm { n, m } => {
+                    if n < 1 || n > m {
+                        return Err(invalid(
+                            "subnets.nm",
+                            format!("needs 1 ≤ N ≤ M, got {n}:{m}"),
+                        ));
+                    }
+                }
+            }
+        }
+        if !(s.erk_power_scale.is_finite() && s.erk_power_scale >= 0.0) {
+            return Err(invalid(
+                "schedule.erk_power_scale",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        if s.update_frequency < 1 {
+            return Err(invalid("schedule.update_frequency", "must be ≥ 1"));
+        }
+        if s.init_prune_epoch > s.final_prune_epoch {
+            return Err(invalid(
+                "schedule.init_prune_epoch",
+                format!(
+                    "{} is after schedule.final_prune_epoch {}",
+                    s.init_prune_epoch, s.final_prune_epoch
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&s.prune_rate) {
+            return Err(invalid(
+                "schedule.prune_rate",
+                format!("must lie in [0, 1), got {}", s.prune_rate),
+            ));
+        }
+        if !(0.0..=s.prune_rate).contains(&s.final_prune_rate) {
+            return Err(invalid(
+                "schedule.final_prune_rate",
+                format!("must lie in [0, prune_rate], got {}", s.final_prune_rate),
+            ));
+        }
+        if let CorrectionMode::Ema { beta } = self.correction {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(invalid(
+                    "correction.ema.beta",
+                    format!("must lie in [0, 1), got {beta}"),
+                ));
+            }
+        }
+        let o = &self.sgd;
+        for (field, v) in [
+            ("sgd.momentum", o.momentum),
+            ("sgd.dampening", o.dampening),
+            ("sgd.weight_decay", o.weight_decay),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(
+                    field,
+                    format!("must be a finite number ≥ 0, got {v}"),
+                ));
+            }
+        }
+        if o.momentum >= 1.0 {
+            return Err(invalid(
+                "sgd.momentum",
+                format!("must be below 1, got {}", o.momentum),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn unit_interval(field: &'static str, v: f64) -> Result<()> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must lie in (0, 1], got {v}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AstError;
+
+    fn field_of(config: &AstConfig) -> &'static str {
+        match config.validate() {
+            Err(AstError::InvalidConfig { field, .. }) => field,
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_json() {
+        let config = AstConfig::new(vec![
+            SubnetTarget::Density(0.1),
+            SubnetTarget::Nm { n: 2, m: 4 },
+        ]);
+        config.validate().unwrap();
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains(r#""nm":{"n":2,"m":4}"#), "{json}");
+        let back: AstConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_field() {
+        let base = AstConfig::new(vec![SubnetTarget::Density(0.1)]);
+        type Mutation = Box<dyn Fn(&mut AstConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("subnets", Box::new(|c| c.subnets.clear())),
+            (
+                "subnets.density",
+                Box::new(|c| c.subnets[0] = SubnetTarget::Density(0.0)),
+            ),
+            (
+                "subnets.density",
+                Box::new(|c| c.subnets[0] = SubnetTarget::Density(1.5)),
+            ),
+            (
+                "subnets.nm",
+                Box::new(|c| c.subnets[0] = SubnetTarget::Nm { n: 5, m: 4 }),
+            ),
+            (
+                "subnets.nm",
+                Box::new(|c| c.subnets[0] = SubnetTarget::Nm { n: 0, m: 4 }),
+            ),
+            (
+                "schedule.init_density",
+                Box::new(|c| c.schedule.init_density = 0.0),
+            ),
+            (
+                "schedule.update_frequency",
+                Box::new(|c| c.schedule.update_frequency = 0),
+            ),
+            (
+                "schedule.init_prune_epoch",
+                Box::new(|c| c.schedule.init_prune_epoch = 200),
+            ),
+            (
+                "schedule.prune_rate",
+                Box::new(|c| c.schedule.prune_rate = 1.0),
+            ),
+            (
+                "schedule.prune_rate",
+                Box::new(|c| c.schedule.prune_rate = -0.1),
+            ),
+            (
+                "correction.ema.beta",
+                Box::new(|c| c.correction = CorrectionMode::Ema { beta: 1.0 }),
+            ),
+            ("sgd.momentum", Box::new(|c| c.sgd.momentum = 1.0)),
+            (
+                "sgd.weight_decay",
+                Box::new(|c| c.sgd.weight_decay = f64::NAN),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut config = base.clone();
+            mutate(&mut config);
+            assert_eq!(field_of(&config), field);
+        }
+    }
+
+    #[test]
+    fn unknown_json_fields_are_rejected() {
+        let err =
+            serde_json::from_str::<AstConfig>(r#"{"subnets": [{"density": 0.1}], "sedd": 1}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("unknown field `sedd`"), "{err}");
+    }
+}

@@ -1,0 +1,32 @@
+//! Modules: masked convolution and linear layers, switchable BatchNorm, the sub-net switch.
+
+mod masked_conv2d;
+mod masked_linear;
+mod switch;
+mod switch_norm;
+
+pub use masked_conv2d::{MaskedConv2d, MaskedConv2dConfig};
+pub use masked_linear::{MaskedLinear, MaskedLinearConfig};
+pub use switch::SubnetSwitch;
+pub use switch_norm::{SwitchableBatchNorm, SwitchableBatchNormConfig};
+
+use burn::module::{Param, ParamId};
+use burn::prelude::*;
+
+/// `count` all-ones masks of `shape` (every sub-net starts dense), each its own parameter.
+pub(crate) fn dense_masks<B: Backend, const D: usize>(
+    count: usize,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Vec<Param<Tensor<B, D, Bool>>> {
+    (0..count)
+        .map(|_| mask_param(Tensor::<B, D, Int>::ones(shape, device).bool()))
+        .collect()
+}
+
+/// Wraps a mask tensor as a parameter (saved with the module, never optimised).
+pub fn mask_param<B: Backend, const D: usize>(
+    mask: Tensor<B, D, Bool>,
+) -> Param<Tensor<B, D, Bool>> {
+    Param::initialized(ParamId::new(), mask)
+}

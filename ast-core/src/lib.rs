@@ -1,0 +1,52 @@
+//! # ast-core — Alternating Sparse Training on burn
+//!
+//! One dense weight set shared by `K` sparse sub-nets, each with its own masks and its own
+//! BatchNorm statistics, trained by alternating one sub-net per iteration ("Get More at Once:
+//! Alternating Sparse Training with Gradient Correction", NeurIPS 2022).
+//!
+//! The crate is split by concern:
+//! - [`layers`]: [`MaskedConv2d`], [`MaskedLinear`], [`SwitchableBatchNorm`] and the
+//!   [`SubnetSwitch`] handle that selects the active sub-net in all of them at once;
+//! - [`subnet`]: model-level operations on any burn `Module` holding these layers
+//!   (list masked layers, read/replace masks, densities, overlaps);
+//! - [`schedule`]: *when* and *how much* (cubic ramp, offsets, cosine prune rate);
+//! - [`density`]: *how much per layer* (ERK);
+//! - [`mask`]: mask calculation (deterministic top-k, N:M groups);
+//! - [`criteria`]: drop/grow scores and prune-and-regrow;
+//! - [`correction`]: gradient correction between sub-nets;
+//! - [`step`]: the AST step tying these together with a masked SGD update;
+//! - [`backend`]: the backend-extension seam where fast sparse kernels plug in.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod config;
+pub mod correction;
+pub mod criteria;
+pub mod density;
+pub mod error;
+pub mod layers;
+pub mod mask;
+pub mod rng;
+pub mod schedule;
+pub mod step;
+pub mod subnet;
+pub mod testing;
+
+pub use backend::AstBackend;
+pub use config::{AstConfig, CorrectionMode, MaskScheduleConfig, SgdSettings, SubnetTarget};
+pub use error::AstError;
+pub use layers::{
+    MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
+    SwitchableBatchNorm, SwitchableBatchNormConfig,
+};
+pub use step::{AstStep, StepReport};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The backend every unit test runs on.
+    pub type TestBackend = burn::backend::Flex;
+
+    pub fn device() -> <TestBackend as burn::tensor::backend::BackendTypes>::Device {
+        Default::default()
+    }
+}

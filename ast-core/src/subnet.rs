@@ -1,0 +1,499 @@
+//! Model-level operations on any burn `Module` holding [`MaskedConv2d`](crate::MaskedConv2d) and
+//! [`MaskedLinear`](crate::MaskedLinear) layers: find them, read and replace masks, measure
+//! densities and overlaps. Layers are found by walking the module tree, in declaration order.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::{AstError, Result};
+
+/// The kind of a masked layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// [`crate::MaskedConv2d`], weight `[C_out, C_in/groups, kh, kw]`.
+    Conv2d,
+    /// [`crate::MaskedLinear`], weight `[d_in, d_out]`.
+    Linear,
+}
+
+/// A masked layer found in a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskedLayerInfo {
+    /// Dotted path of the layer in the model (`blocks.0.conv1`).
+    pub path: String,
+    /// Conv or linear.
+    pub kind: LayerKind,
+    /// Shape of the weight (and of every mask).
+    pub shape: Vec<usize>,
+    /// The shared weight's parameter id.
+    pub weight_id: ParamId,
+    /// Parameter ids of the masks, one per sub-net.
+    pub mask_ids: Vec<ParamId>,
+}
+
+impl MaskedLayerInfo {
+    /// Number of weights.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The input-channel axis of the weight, along which N:M groups run.
+    pub fn input_axis(&self) -> usize {
+        match self.kind {
+            LayerKind::Conv2d => 1,
+            LayerKind::Linear => 0,
+        }
+    }
+}
+
+fn kind_of(container: &str) -> Option<LayerKind> {
+    match container {
+        "Struct:MaskedConv2d" => Some(LayerKind::Conv2d),
+        "Struct:MaskedLinear" => Some(LayerKind::Linear),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct LayerCollector {
+    stack: Vec<(String, String)>,
+    layers: Vec<MaskedLayerInfo>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for LayerCollector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some((name, container)) = self.stack.last() else {
+            return;
+        };
+        let Some(kind) = kind_of(container) else {
+            return;
+        };
+        if name != "weight" {
+            return;
+        }
+        let path = self.stack[..self.stack.len() - 1]
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(".");
+        self.layers.push(MaskedLayerInfo {
+            path,
+            kind,
+            shape: param.val().dims().to_vec(),
+            weight_id: param.id,
+            mask_ids: Vec::new(),
+        });
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        let n = self.stack.len();
+        if n >= 2 && self.stack[n - 2].0 == "masks" && kind_of(&self.stack[n - 2].1).is_some() {
+            if let Some(layer) = self.layers.last_mut() {
+                layer.mask_ids.push(param.id);
+            }
+        }
+    }
+}
+
+/// Every masked layer of `model`, in declaration order.
+pub fn masked_layers<B: Backend, M: Module<B>>(model: &M) -> Vec<MaskedLayerInfo> {
+    let mut collector = LayerCollector::default();
+    model.visit(&mut collector);
+    collector.layers
+}
+
+/// The number of sub-nets `K`, checking that every masked layer has `K` masks.
+pub fn subnet_count(layers: &[MaskedLayerInfo]) -> Result<usize> {
+    let k = layers
+        .first()
+        .map(|l| l.mask_ids.len())
+        .ok_or_else(|| AstError::Model("the model has no masked layers".into()))?;
+    match layers.iter().find(|l| l.mask_ids.len() != k) {
+        Some(l) => Err(AstError::Model(format!(
+            "layer `{}` has {} masks, the first layer {k}",
+            l.path,
+            l.mask_ids.len()
+        ))),
+        None => Ok(k),
+    }
+}
+
+fn check_subnet(layers: &[MaskedLayerInfo], k: usize) -> Result<()> {
+    let count = subnet_count(layers)?;
+    if k >= count {
+        return Err(AstError::SubnetOutOfRange { index: k, count });
+    }
+    Ok(())
+}
+
+struct DataCollector<'a> {
+    wanted: &'a HashMap<ParamId, usize>,
+    found: Vec<Option<TensorData>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for DataCollector<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(&i) = self.wanted.get(&param.id) {
+            self.found[i] = Some(param.val().into_data());
+        }
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        if let Some(&i) = self.wanted.get(&param.id) {
+            self.found[i] = Some(param.val().into_data());
+        }
+    }
+}
+
+/// Reads the parameters `ids` (float or bool) of `model` to the host, in the order given.
+///
+/// # Panics
+/// If an id is not a parameter of the model (a programmer error: ids come from the model).
+pub fn read_params<B: Backend, M: Module<B>>(model: &M, ids: &[ParamId]) -> Vec<TensorData> {
+    let wanted: HashMap<ParamId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut collector = DataCollector {
+        wanted: &wanted,
+        found: vec![None; ids.len()],
+    };
+    model.visit(&mut collector);
+    collector
+        .found
+        .into_iter()
+        .zip(ids)
+        .map(|(d, id)| d.unwrap_or_else(|| panic!("parameter {id} is not in the model")))
+        .collect()
+}
+
+/// The masks of sub-net `k`, one per masked layer, as boolean tensor data.
+pub fn read_masks<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<Vec<TensorData>> {
+    let layers = masked_layers(model);
+    check_subnet(&layers, k)?;
+    let ids: Vec<ParamId> = layers.iter().map(|l| l.mask_ids[k]).collect();
+    Ok(read_params(model, &ids))
+}
+
+/// Flat boolean vectors of mask data.
+pub fn mask_vec(data: TensorData) -> Vec<bool> {
+    data.to_vec::<bool>().expect("a mask holds booleans")
+}
+
+/// Flat `f32` vectors of weight data.
+pub fn weight_vec(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>()
+        .to_vec::<f32>()
+        .expect("weights convert to f32")
+}
+
+struct MaskReplacer {
+    new: HashMap<ParamId, TensorData>,
+}
+
+impl<B: Backend> ModuleMapper<B> for MaskReplacer {
+    fn map_bool<const D: usize>(
+        &mut self,
+        param: Param<Tensor<B, D, Bool>>,
+    ) -> Param<Tensor<B, D, Bool>> {
+        match self.new.remove(&param.id) {
+            Some(data) => param.map(|old| Tensor::from_data(data, &old.device())),
+            None => param,
+        }
+    }
+}
+
+/// Replaces the mask parameters `ids` with `masks` (already shape-checked), keeping their ids.
+pub(crate) fn write_masks<B: Backend, M: Module<B>>(
+    model: M,
+    ids: &[ParamId],
+    masks: Vec<TensorData>,
+) -> M {
+    let mut replacer = MaskReplacer {
+        new: ids.iter().copied().zip(masks).collect(),
+    };
+    model.map(&mut replacer)
+}
+
+/// Replaces sub-net `k`'s masks (one per masked layer, in [`masked_layers`] order).
+///
+/// Errors if `k` is out of range, the number of masks differs from the number of masked
+/// layers, or a mask's shape differs from its layer's weight.
+pub fn replace_masks<B: Backend, M: Module<B>>(
+    model: M,
+    k: usize,
+    masks: Vec<TensorData>,
+) -> Result<M> {
+    let layers = masked_layers(&model);
+    check_subnet(&layers, k)?;
+    if masks.len() != layers.len() {
+        return Err(AstError::MaskCount {
+            expected: layers.len(),
+            got: masks.len(),
+        });
+    }
+    for (layer, mask) in layers.iter().zip(&masks) {
+        if mask.shape.to_vec() != layer.shape {
+            return Err(AstError::MaskShape {
+                layer: layer.path.clone(),
+                expected: layer.shape.clone(),
+                got: mask.shape.to_vec(),
+            });
+        }
+    }
+    let masks = masks.into_iter().map(|m| m.convert::<bool>()).collect();
+    let ids: Vec<ParamId> = layers.iter().map(|l| l.mask_ids[k]).collect();
+    Ok(write_masks(model, &ids, masks))
+}
+
+/// Density of one layer's mask for one sub-net.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDensity {
+    /// Path of the layer.
+    pub path: String,
+    /// Active weights.
+    pub active: usize,
+    /// All weights.
+    pub total: usize,
+}
+
+impl LayerDensity {
+    /// `active / total`.
+    pub fn density(&self) -> f64 {
+        self.active as f64 / self.total as f64
+    }
+}
+
+/// Per-layer densities of sub-net `k`.
+pub fn layer_densities<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<Vec<LayerDensity>> {
+    let layers = masked_layers(model);
+    let masks = read_masks(model, k)?;
+    Ok(layers
+        .iter()
+        .zip(masks)
+        .map(|(l, m)| LayerDensity {
+            path: l.path.clone(),
+            active: mask_vec(m).iter().filter(|&&b| b).count(),
+            total: l.numel(),
+        })
+        .collect())
+}
+
+/// Density of sub-net `k` over all prunable weights.
+pub fn density<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<f64> {
+    let per_layer = layer_densities(model, k)?;
+    let active: usize = per_layer.iter().map(|l| l.active).sum();
+    let total: usize = per_layer.iter().map(|l| l.total).sum();
+    Ok(active as f64 / total as f64)
+}
+
+/// How much two sub-nets' masks share on a layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerOverlap {
+    /// Path of the layer.
+    pub path: String,
+    /// Positions active in both.
+    pub intersection: usize,
+    /// Positions active in either.
+    pub union: usize,
+    /// Active positions of the sparser of the two.
+    pub smaller: usize,
+}
+
+impl LayerOverlap {
+    /// Intersection over union (1 when both masks are empty).
+    pub fn iou(&self) -> f64 {
+        if self.union == 0 {
+            1.0
+        } else {
+            self.intersection as f64 / self.union as f64
+        }
+    }
+
+    /// Share of the sparser mask's weights that the other mask also holds.
+    pub fn containment(&self) -> f64 {
+        if self.smaller == 0 {
+            1.0
+        } else {
+            self.intersection as f64 / self.smaller as f64
+        }
+    }
+}
+
+/// Per-layer overlap between the masks of sub-nets `a` and `b`.
+pub fn overlap<B: Backend, M: Module<B>>(
+    model: &M,
+    a: usize,
+    b: usize,
+) -> Result<Vec<LayerOverlap>> {
+    let layers = masked_layers(model);
+    let ma = read_masks(model, a)?;
+    let mb = read_masks(model, b)?;
+    Ok(layers
+        .iter()
+        .zip(ma.into_iter().zip(mb))
+        .map(|(l, (x, y))| {
+            let (x, y) = (mask_vec(x), mask_vec(y));
+            let count = |f: &dyn Fn(bool, bool) -> bool| {
+                x.iter().zip(&y).filter(|(p, q)| f(**p, **q)).count()
+            };
+            LayerOverlap {
+                path: l.path.clone(),
+                intersection: count(&|p, q| p && q),
+                union: count(&|p, q| p || q),
+                smaller: count(&|p, _| p).min(count(&|_, q| q)),
+            }
+        })
+        .collect())
+}
+
+struct InnerMaskCollector<'a, IB: Backend> {
+    wanted: &'a HashMap<ParamId, usize>,
+    found: Vec<Option<Tensor<IB, 1, Bool>>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for InnerMaskCollector<'_, B::InnerBackend> {
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        if let Some(&i) = self.wanted.get(&param.id) {
+            let mask = param.val().inner();
+            let n = mask.shape().num_elements();
+            self.found[i] = Some(mask.reshape([n]));
+        }
+    }
+}
+
+/// The masks `ids` as flat tensors on the inner (non-autodiff) backend, staying on the device.
+pub(crate) fn inner_masks<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
+    ids: &[ParamId],
+) -> Vec<Tensor<B::InnerBackend, 1, Bool>> {
+    let wanted: HashMap<ParamId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut collector = InnerMaskCollector {
+        wanted: &wanted,
+        found: vec![None; ids.len()],
+    };
+    model.visit(&mut collector);
+    collector
+        .found
+        .into_iter()
+        .map(|m| m.expect("mask ids come from the model"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{
+        MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
+    };
+    use crate::tests::{device, TestBackend};
+
+    #[derive(Module, Debug)]
+    struct Toy<B: Backend> {
+        conv: MaskedConv2d<B>,
+        blocks: Vec<MaskedConv2d<B>>,
+        head: MaskedLinear<B>,
+    }
+
+    fn toy() -> Toy<TestBackend> {
+        let device = device();
+        let s = SubnetSwitch::new();
+        Toy {
+            conv: MaskedConv2dConfig::new([1, 2], [3, 3])
+                .with_subnets(2)
+                .init(&s, &device),
+            blocks: vec![MaskedConv2dConfig::new([2, 2], [1, 1])
+                .with_subnets(2)
+                .init(&s, &device)],
+            head: MaskedLinearConfig::new(2, 3)
+                .with_subnets(2)
+                .init(&s, &device),
+        }
+    }
+
+    #[test]
+    fn finds_masked_layers_with_paths_shapes_and_masks() {
+        let layers = masked_layers(&toy());
+        let paths: Vec<&str> = layers.iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(paths, vec!["conv", "blocks.0", "head"]);
+        assert_eq!(layers[0].shape, vec![2, 1, 3, 3]);
+        assert_eq!(layers[2].kind, LayerKind::Linear);
+        assert_eq!(layers[2].input_axis(), 0);
+        assert!(layers.iter().all(|l| l.mask_ids.len() == 2));
+        assert_eq!(subnet_count(&layers), Ok(2));
+    }
+
+    #[test]
+    fn replace_then_read_masks_and_measure_density_and_overlap() {
+        let model = toy();
+        let masks: Vec<TensorData> = masked_layers(&model)
+            .iter()
+            .map(|l| {
+                let n = l.numel();
+                TensorData::new(
+                    (0..n).map(|i| i % 2 == 0).collect::<Vec<bool>>(),
+                    l.shape.clone(),
+                )
+            })
+            .collect();
+        let model = replace_masks(model, 1, masks.clone()).unwrap();
+        assert_eq!(read_masks(&model, 1).unwrap(), masks);
+        // 18 + 4 + 6 = 28 weights; even positions: 9 + 2 + 3 = 14 ⇒ density 0.5.
+        assert_eq!(density(&model, 1).unwrap(), 0.5);
+        assert_eq!(density(&model, 0).unwrap(), 1.0);
+        let o = overlap(&model, 0, 1).unwrap();
+        assert_eq!((o[0].intersection, o[0].union, o[0].smaller), (9, 18, 9));
+        assert_eq!(o[0].iou(), 0.5);
+        assert_eq!(o[0].containment(), 1.0);
+    }
+
+    #[test]
+    fn wrong_masks_are_errors_not_panics() {
+        let model = toy();
+        let layers = masked_layers(&model);
+        let mut masks: Vec<TensorData> = layers
+            .iter()
+            .map(|l| TensorData::new(vec![true; l.numel()], l.shape.clone()))
+            .collect();
+        assert_eq!(
+            replace_masks(model.clone(), 2, masks.clone()).unwrap_err(),
+            AstError::SubnetOutOfRange { index: 2, count: 2 }
+        );
+        masks[1] = TensorData::new(vec![true; 4], vec![4]);
+        let err = replace_masks(model.clone(), 0, masks.clone()).unwrap_err();
+        assert_eq!(
+            err,
+            AstError::MaskShape {
+                layer: "blocks.0".into(),
+                expected: vec![2, 2, 1, 1],
+                got: vec![4]
+            }
+        );
+        masks.pop();
+        assert!(matches!(
+            replace_masks(model, 0, masks),
+            Err(AstError::MaskCount {
+                expected: 3,
+                got: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn replacing_a_mask_keeps_its_parameter_id() {
+        let model = toy();
+        let before = masked_layers(&model);
+        let masks = read_masks(&model, 0).unwrap();
+        let model = replace_masks(model, 0, masks).unwrap();
+        assert_eq!(masked_layers(&model), before);
+    }
+}

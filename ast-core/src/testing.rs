@@ -1,0 +1,100 @@
+//! A tiny AST model and a learnable synthetic image task, for tests, examples and benchmarks.
+//!
+//! Not a model zoo (that is `ast-models`): just enough network to exercise every piece of the
+//! method quickly and deterministically.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+use crate::backend::AstBackend;
+use crate::layers::{
+    MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
+    SwitchableBatchNorm, SwitchableBatchNormConfig,
+};
+use crate::rng::MaskRng;
+
+/// Side of the synthetic images.
+pub const SIDE: usize = 8;
+/// Classes of the synthetic task.
+pub const CLASSES: usize = 4;
+
+/// A plain stem conv, two masked convs with switchable BatchNorm, a masked linear head.
+#[derive(Module, Debug)]
+pub struct TinyNet<B: Backend> {
+    stem: Conv2d<B>,
+    conv1: MaskedConv2d<B>,
+    bn1: SwitchableBatchNorm<B>,
+    conv2: MaskedConv2d<B>,
+    bn2: SwitchableBatchNorm<B>,
+    head: MaskedLinear<B>,
+}
+
+impl<B: AstBackend> TinyNet<B> {
+    /// `subnets` sub-nets switched by `switch`.
+    pub fn new(subnets: usize, switch: &SubnetSwitch, device: &B::Device) -> Self {
+        let conv = |c_in, c_out, stride| {
+            MaskedConv2dConfig::new([c_in, c_out], [3, 3])
+                .with_subnets(subnets)
+                .with_stride([stride, stride])
+                .with_padding([1, 1])
+                .init(switch, device)
+        };
+        let bn = |c| {
+            SwitchableBatchNormConfig::new(c)
+                .with_subnets(subnets)
+                .init(switch, device)
+        };
+        Self {
+            stem: Conv2dConfig::new([1, 8], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            conv1: conv(8, 16, 2),
+            bn1: bn(16),
+            conv2: conv(16, 16, 1),
+            bn2: bn(16),
+            head: MaskedLinearConfig::new(16, CLASSES)
+                .with_subnets(subnets)
+                .init(switch, device),
+        }
+    }
+
+    /// Logits `[batch, CLASSES]` of images `[batch, 1, SIDE, SIDE]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = relu(self.stem.forward(x));
+        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = relu(self.bn2.forward(self.conv2.forward(x)));
+        let [b, c, h, w] = x.dims();
+        let pooled = x.reshape([b, c, h * w]).mean_dim(2).reshape([b, c]);
+        self.head.forward(pooled)
+    }
+}
+
+/// A batch of the synthetic task, fully determined by `seed`: class 0/1 is a bright row near the
+/// top/bottom, class 2/3 a bright column near the left/right, under uniform noise in `±0.5`.
+pub fn synthetic_batch<B: Backend>(
+    batch: usize,
+    seed: u64,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+    let mut rng = MaskRng::new(seed, 0x5EED);
+    let mut pixels = Vec::with_capacity(batch * SIDE * SIDE);
+    let mut labels = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let label = (rng.next_u64() % CLASSES as u64) as usize;
+        let line = if label % 2 == 0 { 1 } else { SIDE - 2 };
+        for r in 0..SIDE {
+            for c in 0..SIDE {
+                let on = if label < 2 { r == line } else { c == line };
+                let noise = rng.next_f64() as f32 - 0.5;
+                pixels.push(if on { 1.0 } else { 0.0 } + noise);
+            }
+        }
+        labels.push(label as i64);
+    }
+    (
+        Tensor::from_data(TensorData::new(pixels, [batch, 1, SIDE, SIDE]), device),
+        Tensor::from_data(TensorData::new(labels, [batch]), device),
+    )
+}
