@@ -356,6 +356,54 @@ pub fn overlap<B: Backend, M: Module<B>>(
         .collect())
 }
 
+/// Folds the pending BatchNorm running-statistics updates into their values.
+///
+/// burn defers each training forward's running-statistics update (per thread) until the next
+/// training forward of the same BatchNorm; call this before evaluating or saving a model so that
+/// the values read are the ones training produced. Clones of a model share running statistics,
+/// so syncing a clone syncs the model.
+pub fn sync_running_stats<B: Backend, M: Module<B>>(model: &M) {
+    let _ = model.clone().into_record();
+}
+
+#[derive(Default)]
+struct PathCollector {
+    stack: Vec<String>,
+    paths: HashMap<ParamId, String>,
+}
+
+impl PathCollector {
+    fn record(&mut self, id: ParamId) {
+        self.paths.insert(id, self.stack.join("."));
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for PathCollector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.record(param.id);
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        self.record(param.id);
+    }
+}
+
+/// The dotted path of every float and bool parameter of `model`, by id (stable across runs,
+/// unlike ids: use it to save state keyed by parameter).
+pub fn param_paths<B: Backend, M: Module<B>>(model: &M) -> HashMap<ParamId, String> {
+    let mut collector = PathCollector::default();
+    model.visit(&mut collector);
+    collector.paths
+}
+
 struct InnerMaskCollector<'a, IB: Backend> {
     wanted: &'a HashMap<ParamId, usize>,
     found: Vec<Option<Tensor<IB, 1, Bool>>>,
@@ -486,6 +534,16 @@ mod tests {
                 got: 2
             })
         ));
+    }
+
+    #[test]
+    fn parameter_paths_follow_the_module_tree() {
+        let model = toy();
+        let paths = param_paths(&model);
+        let layers = masked_layers(&model);
+        assert_eq!(paths[&layers[1].weight_id], "blocks.0.weight");
+        assert_eq!(paths[&layers[2].mask_ids[1]], "head.masks.1");
+        assert_eq!(paths.len(), 3 + 6 + 1, "3 weights, 6 masks, 1 bias");
     }
 
     #[test]

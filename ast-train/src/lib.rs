@@ -1,1 +1,19 @@
-//! placeholder
+//! # ast-train — data, the alternating training loop, evaluation, checkpoints and metrics
+//!
+//! [`train::train`] runs (or resumes) an AST run described by a [`config::TrainConfig`] in a run
+//! directory: it reads the dataset ([`data`]), alternates sub-nets through `ast-core`'s step,
+//! evaluates every sub-net each epoch ([`train::evaluate`]), appends metrics
+//! ([`metrics`]) and writes atomic checkpoints ([`checkpoint`]) from which a killed run resumes
+//! bit-identically.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod train;
+
+pub use config::{DataConfig, DatasetKind, LrSchedule, TrainConfig};
+pub use error::{Result, TrainError};
+pub use train::{evaluate, load_data, prepare_run_dir, train, RunOptions, RunSummary};

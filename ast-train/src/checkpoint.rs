@@ -1,0 +1,288 @@
+//! Checkpoints: everything a run needs to continue bit-identically.
+//!
+//! A checkpoint is a directory `checkpoints/epoch-NNNN/` holding
+//! - `model.safetensors` (burn-store): weights, every sub-net's masks, every BatchNorm copy with
+//!   its running statistics;
+//! - `optimizer.safetensors`: the shared SGD velocities (keyed by parameter path) and the
+//!   gradient-correction references;
+//! - `state.json`: the next epoch, the global iteration (which fixes the sub-net, the mask and LR
+//!   schedules and the data order), the best accuracy so far.
+//!
+//! It is written into a temporary directory and renamed into place, then `checkpoints/latest`
+//! is replaced atomically: a crash leaves the previous checkpoint intact.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ast_core::subnet::{param_paths, sync_running_stats};
+use ast_core::AstStep;
+use burn::module::{AutodiffModule, ParamId};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::metrics::write_atomic;
+
+/// Checkpoints kept in a run directory (older ones are removed).
+pub const KEEP: usize = 2;
+
+/// The trainer's own state in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// The epoch the resumed run starts with.
+    pub next_epoch: usize,
+    /// The global iteration the resumed run starts with.
+    pub iteration: usize,
+    /// Best top-1 so far of the sparsest sub-net.
+    pub best_sparsest_top1: f64,
+}
+
+fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Writes a checkpoint of `model`, `ast` and `state` into `run_dir`; returns its directory.
+pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
+    run_dir: &Path,
+    model: &M,
+    ast: &AstStep<B>,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
+    let name = format!("epoch-{:04}", state.next_epoch);
+    let tmp = root.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+
+    sync_running_stats(model);
+    let model_file = tmp.join("model.safetensors");
+    let mut store = SafetensorsStore::from_file(&model_file);
+    model
+        .save_into(&mut store)
+        .map_err(|e| TrainError::io(&model_file, e))?;
+    let optimizer_file = tmp.join("optimizer.safetensors");
+    write_tensors(&optimizer_file, optimizer_tensors(model, ast))?;
+    let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
+    write_atomic(&tmp.join("state.json"), &state_json)?;
+    sync_file(&model_file)?;
+
+    let target = root.join(&name);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+    write_atomic(&root.join("latest"), name.as_bytes())?;
+    prune_old(&root, &name)?;
+    Ok(target)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TrainError::io(path, e))
+}
+
+fn prune_old(root: &Path, current: &str) -> Result<()> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map_err(|e| TrainError::io(root, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("epoch-") && n.as_str() <= current)
+        .collect();
+    names.sort();
+    let excess = names.len().saturating_sub(KEEP);
+    for n in &names[..excess] {
+        let p = root.join(n);
+        std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = checkpoints_dir(run_dir).join("latest");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => Ok(Some(checkpoints_dir(run_dir).join(name.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TrainError::io(&pointer, e)),
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
+pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    model: M,
+    ast: &mut AstStep<B>,
+) -> Result<(M, TrainerState)> {
+    if !dir.is_dir() {
+        return Err(corrupt(dir, "checkpoint directory does not exist"));
+    }
+    let state_file = dir.join("state.json");
+    let text =
+        std::fs::read_to_string(&state_file).map_err(|e| corrupt(&state_file, e.to_string()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| corrupt(&state_file, format!("unreadable state: {e}")))?;
+
+    let model_file = dir.join("model.safetensors");
+    if !model_file.is_file() {
+        return Err(corrupt(&model_file, "file is missing"));
+    }
+    let mut model = model;
+    let mut store = SafetensorsStore::from_file(&model_file);
+    let applied = model
+        .load_from(&mut store)
+        .map_err(|e| corrupt(&model_file, e.to_string()))?;
+    if !applied.errors.is_empty() || !applied.missing.is_empty() {
+        return Err(corrupt(
+            &model_file,
+            format!(
+                "does not fit the model ({} errors, {} tensors missing{})",
+                applied.errors.len(),
+                applied.missing.len(),
+                applied
+                    .missing
+                    .first()
+                    .map(|(p, _)| format!(", e.g. `{p}`"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+
+    let optimizer_file = dir.join("optimizer.safetensors");
+    let bytes =
+        std::fs::read(&optimizer_file).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
+    let tensors =
+        SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
+    restore_optimizer(&model, ast, &tensors).map_err(|reason| corrupt(&optimizer_file, reason))?;
+    ast.set_iteration(state.iteration);
+    Ok((model, state))
+}
+
+type Named = Vec<(String, Vec<f32>)>;
+
+fn host(t: Tensor<impl Backend, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 data")
+}
+
+fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    ast: &AstStep<B>,
+) -> Named {
+    let paths = param_paths(model);
+    let mut out: Named = Vec::new();
+    for id in ast.velocity_ids() {
+        if let (Some(path), Some(v)) = (paths.get(&id), ast.velocity(id)) {
+            out.push((format!("velocity/{path}"), host(v)));
+        }
+    }
+    let correction = ast.correction_state();
+    for (layer, h) in ast.layers().iter().zip(&correction.previous) {
+        if let Some(h) = h {
+            out.push((format!("previous/{}", layer.path), host(h.clone())));
+        }
+    }
+    for (k, per_layer) in correction.ema.iter().enumerate() {
+        for (layer, m) in ast.layers().iter().zip(per_layer) {
+            if let Some(m) = m {
+                out.push((format!("ema/{k}/{}", layer.path), host(m.clone())));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn write_tensors(path: &Path, tensors: Named) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+        .into_iter()
+        .map(|(name, v)| {
+            let n = v.len();
+            (name, v.into_iter().flat_map(f32::to_le_bytes).collect(), n)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, b, n)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, vec![*n], b).expect("consistent view"),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).map_err(|e| TrainError::io(path, e))?;
+    write_atomic(path, &data)
+}
+
+fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    ast: &mut AstStep<B>,
+    tensors: &SafeTensors<'_>,
+) -> core::result::Result<(), String> {
+    let ids: HashMap<String, ParamId> = param_paths(model)
+        .into_iter()
+        .map(|(id, p)| (p, id))
+        .collect();
+    let layer_index: HashMap<String, usize> = ast
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.path.clone(), i))
+        .collect();
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    for (name, view) in tensors.tensors() {
+        if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
+            return Err(format!("tensor `{name}` is not a flat f32 tensor"));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n = values.len();
+        let tensor = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(values, [n]), &device);
+        let layer = |path: &str| {
+            layer_index
+                .get(path)
+                .copied()
+                .ok_or_else(|| format!("unknown layer `{path}`"))
+        };
+        if let Some(path) = name.strip_prefix("velocity/") {
+            let id = ids
+                .get(path)
+                .ok_or_else(|| format!("unknown parameter `{path}`"))?;
+            ast.set_velocity(*id, tensor);
+        } else if let Some(path) = name.strip_prefix("previous/") {
+            let l = layer(path)?;
+            ast.correction_state_mut().previous[l] = Some(tensor);
+        } else if let Some(rest) = name.strip_prefix("ema/") {
+            let (k, path) = rest
+                .split_once('/')
+                .ok_or_else(|| format!("bad tensor name `{name}`"))?;
+            let k: usize = k.parse().map_err(|_| format!("bad tensor name `{name}`"))?;
+            let l = layer(path)?;
+            let ema = &mut ast.correction_state_mut().ema;
+            if k >= ema.len() {
+                return Err(format!(
+                    "tensor `{name}`: no EMA for sub-net {k} in this configuration"
+                ));
+            }
+            ema[k][l] = Some(tensor);
+        } else {
+            return Err(format!("unexpected tensor `{name}`"));
+        }
+    }
+    Ok(())
+}

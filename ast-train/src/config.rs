@@ -1,0 +1,263 @@
+//! The configuration of a training run: a serde type saved in the run directory, read from
+//! JSON recipes and overridden by CLI flags.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use ast_core::AstConfig;
+use ast_models::ModelKind;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// The datasets a run can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// Fashion-MNIST IDX files (gzipped or not).
+    FashionMnist,
+    /// MNIST IDX files.
+    Mnist,
+    /// CIFAR-10 binary batches.
+    Cifar10,
+    /// CIFAR-100 binary files, fine labels (100 classes).
+    Cifar100,
+    /// CIFAR-100 binary files, coarse labels (20 classes).
+    Cifar100Coarse,
+    /// An ImageNet-style folder with `train/<class>/` and `val/<class>/`.
+    Imagenet,
+}
+
+impl DatasetKind {
+    /// Every dataset with its CLI name.
+    pub const ALL: [(DatasetKind, &'static str); 6] = [
+        (DatasetKind::FashionMnist, "fashion-mnist"),
+        (DatasetKind::Mnist, "mnist"),
+        (DatasetKind::Cifar10, "cifar10"),
+        (DatasetKind::Cifar100, "cifar100"),
+        (DatasetKind::Cifar100Coarse, "cifar100-coarse"),
+        (DatasetKind::Imagenet, "imagenet"),
+    ];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        DatasetKind::ALL
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
+    }
+}
+
+impl FromStr for DatasetKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> core::result::Result<Self, String> {
+        DatasetKind::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(k, _)| *k)
+            .ok_or_else(|| {
+                let names: Vec<&str> = DatasetKind::ALL.iter().map(|(_, n)| *n).collect();
+                format!("unknown dataset `{s}` (valid: {})", names.join(", "))
+            })
+    }
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Which dataset.
+    pub kind: DatasetKind,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Train on the first this-many training images only.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on the first this-many test images only.
+    #[serde(default)]
+    pub test_subset: Option<usize>,
+}
+
+/// The learning-rate schedule, applied per epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// `lr·(1 + cos(π·epoch/epochs))/2`: from `lr` at epoch 0 towards 0.
+    Cosine,
+    /// `lr·gamma^(milestones passed)`; milestones are epochs (from 0).
+    Step {
+        /// Epochs at which the rate is multiplied by `gamma`.
+        milestones: Vec<usize>,
+        /// The factor.
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+    },
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+
+impl LrSchedule {
+    /// The step schedule with milestones at 50 % and 75 % of the epochs.
+    pub fn half_and_three_quarters(epochs: usize) -> Self {
+        LrSchedule::Step {
+            milestones: vec![epochs / 2, epochs * 3 / 4],
+            gamma: 0.1,
+        }
+    }
+
+    /// The learning rate of `epoch` (from 0) of `epochs`, from base rate `lr`.
+    pub fn lr(&self, lr: f64, epoch: usize, epochs: usize) -> f64 {
+        match self {
+            LrSchedule::Cosine => {
+                lr * 0.5
+                    * (1.0 + (core::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos())
+            }
+            LrSchedule::Step { milestones, gamma } => {
+                let passed = milestones.iter().filter(|&&m| epoch >= m).count() as i32;
+                lr * gamma.powi(passed)
+            }
+        }
+    }
+}
+
+fn default_eval_batch() -> usize {
+    256
+}
+
+fn default_every() -> usize {
+    1
+}
+
+/// A complete training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The architecture.
+    pub model: ModelKind,
+    /// The data.
+    pub data: DataConfig,
+    /// Epochs.
+    pub epochs: usize,
+    /// Training batch size.
+    pub batch_size: usize,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Label smoothing of the cross-entropy, in `[0, 1)`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Sub-nets, mask schedule, correction, SGD settings, mask seed.
+    pub ast: AstConfig,
+    /// Seed of weight initialisation and data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// Write a checkpoint every this many epochs (and always after the last).
+    #[serde(default = "default_every")]
+    pub checkpoint_every: usize,
+    /// Threads preparing batches (default: all cores).
+    #[serde(default)]
+    pub data_threads: Option<usize>,
+}
+
+impl TrainConfig {
+    /// Checks every field; the error names the first one out of range.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(TrainError::config("epochs", "must be ≥ 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainError::config("batch_size", "must be ≥ 1"));
+        }
+        if self.eval_batch_size == 0 {
+            return Err(TrainError::config("eval_batch_size", "must be ≥ 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(TrainError::config(
+                "lr",
+                format!("must be a finite number > 0, got {}", self.lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(TrainError::config(
+                "label_smoothing",
+                format!("must lie in [0, 1), got {}", self.label_smoothing),
+            ));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(TrainError::config("checkpoint_every", "must be ≥ 1"));
+        }
+        if let LrSchedule::Step { gamma, .. } = &self.lr_schedule {
+            if !(gamma.is_finite() && *gamma > 0.0) {
+                return Err(TrainError::config(
+                    "lr_schedule.gamma",
+                    format!("must be > 0, got {gamma}"),
+                ));
+            }
+        }
+        if self.data_threads == Some(0) {
+            return Err(TrainError::config("data_threads", "must be ≥ 1"));
+        }
+        if matches!(self.data.train_subset, Some(0)) || matches!(self.data.test_subset, Some(0)) {
+            return Err(TrainError::config(
+                "data.train_subset",
+                "subsets must hold at least one image",
+            ));
+        }
+        self.ast.validate()?;
+        let schedule = &self.ast.schedule;
+        if schedule.final_prune_epoch > self.epochs {
+            return Err(TrainError::config(
+                "ast.schedule.final_prune_epoch",
+                format!(
+                    "{} is after the last epoch ({} epochs)",
+                    schedule.final_prune_epoch, self.epochs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_and_step_learning_rates() {
+        let c = LrSchedule::Cosine;
+        assert_eq!(c.lr(0.1, 0, 10), 0.1);
+        assert!((c.lr(0.1, 5, 10) - 0.05).abs() < 1e-12);
+        assert!(c.lr(0.1, 9, 10) < 0.003);
+        let s = LrSchedule::half_and_three_quarters(200);
+        assert_eq!(
+            s,
+            LrSchedule::Step {
+                milestones: vec![100, 150],
+                gamma: 0.1
+            }
+        );
+        assert_eq!(s.lr(0.1, 99, 200), 0.1);
+        assert!((s.lr(0.1, 100, 200) - 0.01).abs() < 1e-12);
+        assert!((s.lr(0.1, 150, 200) - 0.001).abs() < 1e-12);
+    }
+
+    #[test]
+    fn dataset_names_round_trip() {
+        for (kind, name) in DatasetKind::ALL {
+            assert_eq!(name.parse::<DatasetKind>(), Ok(kind));
+            assert_eq!(kind.name(), name);
+        }
+        assert!("cifar11"
+            .parse::<DatasetKind>()
+            .unwrap_err()
+            .contains("valid: fashion-mnist"));
+    }
+}

@@ -1,0 +1,89 @@
+//! Errors of a training run, each a one-line message naming the problem.
+
+use std::path::PathBuf;
+
+use ast_core::AstError;
+
+use crate::data::DataError;
+
+/// Everything that can stop a run, evaluation or checkpoint operation.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A dataset could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The AST configuration or the model does not fit.
+    #[error(transparent)]
+    Ast(#[from] AstError),
+    /// A training-config field is out of range.
+    #[error("invalid config: `{field}` {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The output directory already holds a run.
+    #[error(
+        "{0} already holds a run (config.json); pass --resume to continue it or --overwrite to replace it"
+    )]
+    RunExists(PathBuf),
+    /// The output directory cannot be created or written.
+    #[error("cannot write to output directory {path}: {reason}")]
+    Unwritable {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// A checkpoint is missing, unreadable or does not fit the model.
+    #[error("cannot resume from {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint or run directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The loss stopped being a finite number.
+    #[error(
+        "loss became {value} at epoch {epoch}, iteration {iteration} (sub-net {subnet}); \
+         training stopped, the last good checkpoint is kept"
+    )]
+    NonFiniteLoss {
+        /// The loss value.
+        value: f32,
+        /// Epoch (from 0).
+        epoch: usize,
+        /// Global iteration.
+        iteration: usize,
+        /// Sub-net trained.
+        subnet: usize,
+    },
+    /// A file of the run could not be written or read.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            reason: err.to_string(),
+        }
+    }
+
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        TrainError::Config {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T> = core::result::Result<T, TrainError>;

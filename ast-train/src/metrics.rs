@@ -1,0 +1,269 @@
+//! Per-epoch metrics: top-k counting, the JSONL / CSV files of a run, and progress output.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// How many of `labels` are among the `k` largest logits of their row (`logits` is row-major
+/// `[rows, classes]`). Ties rank the lower class first.
+pub fn top_k_correct(logits: &[f32], classes: usize, labels: &[i64], k: usize) -> usize {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|&(row, &label)| {
+            let scores = &logits[row * classes..(row + 1) * classes];
+            let target = scores[label as usize];
+            let better = scores
+                .iter()
+                .enumerate()
+                .filter(|&(c, &s)| s > target || (s == target && c < label as usize))
+                .count();
+            better < k
+        })
+        .count()
+}
+
+/// Evaluation of one sub-net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubnetMetrics {
+    /// Sub-net index.
+    pub subnet: usize,
+    /// Density of its masks over all prunable weights.
+    pub density: f64,
+    /// Mean cross-entropy on the evaluation set.
+    pub loss: f64,
+    /// Top-1 accuracy in `[0, 1]`.
+    pub top1: f64,
+    /// Top-5 accuracy in `[0, 1]`.
+    pub top5: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Epoch (from 0).
+    pub epoch: usize,
+    /// Learning rate used in the epoch.
+    pub lr: f64,
+    /// Mean training loss of the epoch (over all sub-nets' iterations).
+    pub train_loss: f64,
+    /// Seconds the epoch took (training and evaluation).
+    pub seconds: f64,
+    /// Every sub-net's evaluation.
+    pub subnets: Vec<SubnetMetrics>,
+    /// Best top-1 so far of the sparsest sub-net.
+    pub best_sparsest_top1: f64,
+}
+
+/// Appends epoch records to `metrics.jsonl` and `metrics.csv` in a run directory.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    jsonl: PathBuf,
+    csv: PathBuf,
+}
+
+const CSV_HEADER: &str = "epoch,lr,train_loss,seconds,subnet,density,loss,top1,top5\n";
+
+impl MetricsWriter {
+    /// Writer for `dir`; keeps only the records of epochs before `keep_before` (a resumed run
+    /// drops what the interrupted run wrote after its last checkpoint).
+    pub fn open(dir: &Path, keep_before: usize) -> Result<Self> {
+        let writer = Self {
+            jsonl: dir.join("metrics.jsonl"),
+            csv: dir.join("metrics.csv"),
+        };
+        let kept: Vec<EpochRecord> = writer
+            .read()?
+            .into_iter()
+            .filter(|r| r.epoch < keep_before)
+            .collect();
+        let mut jsonl = String::new();
+        let mut csv = String::from(CSV_HEADER);
+        for r in &kept {
+            jsonl.push_str(&json_line(r));
+            csv.push_str(&csv_lines(r));
+        }
+        write_atomic(&writer.jsonl, jsonl.as_bytes())?;
+        write_atomic(&writer.csv, csv.as_bytes())?;
+        Ok(writer)
+    }
+
+    /// The records written so far.
+    pub fn read(&self) -> Result<Vec<EpochRecord>> {
+        let text = match std::fs::read_to_string(&self.jsonl) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(TrainError::io(&self.jsonl, e)),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::io(&self.jsonl, e)))
+            .collect()
+    }
+
+    /// Appends one epoch.
+    pub fn append(&self, record: &EpochRecord) -> Result<()> {
+        append(&self.jsonl, &json_line(record))?;
+        append(&self.csv, &csv_lines(record))
+    }
+}
+
+fn json_line(r: &EpochRecord) -> String {
+    let mut line = serde_json::to_string(r).expect("records serialise");
+    line.push('\n');
+    line
+}
+
+fn csv_lines(r: &EpochRecord) -> String {
+    r.subnets
+        .iter()
+        .map(|s| {
+            format!(
+                "{},{},{},{:.3},{},{},{},{},{}\n",
+                r.epoch, r.lr, r.train_loss, r.seconds, s.subnet, s.density, s.loss, s.top1, s.top5
+            )
+        })
+        .collect()
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| TrainError::io(path, e))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: a crash leaves the old or the
+/// new content, never a torn file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let mut file = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    file.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// Progress of an epoch: a redrawn bar with ETA on a terminal, a plain line every tenth of the
+/// epoch otherwise.
+#[derive(Debug)]
+pub struct Progress {
+    epoch: usize,
+    epochs: usize,
+    total: usize,
+    start: Instant,
+    done_at_start: usize,
+    terminal: bool,
+    enabled: bool,
+}
+
+impl Progress {
+    /// Progress of epoch `epoch` of `epochs` with `total` iterations, starting at `start`.
+    pub fn new(epoch: usize, epochs: usize, total: usize, start: usize, enabled: bool) -> Self {
+        Self {
+            epoch,
+            epochs,
+            total,
+            start: Instant::now(),
+            done_at_start: start,
+            terminal: std::io::stderr().is_terminal(),
+            enabled,
+        }
+    }
+
+    /// Reports that iteration `done` (1-based within the epoch) finished with `loss`.
+    pub fn update(&self, done: usize, loss: f32) {
+        if !self.enabled {
+            return;
+        }
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let rate = (done - self.done_at_start) as f64 / elapsed.max(1e-9);
+        let eta = (self.total - done) as f64 / rate.max(1e-9);
+        if self.terminal {
+            let width = 30;
+            let filled = width * done / self.total.max(1);
+            eprint!(
+                "\repoch {}/{} [{}{}] {done}/{} loss {loss:.4} {rate:.2} it/s ETA {eta:.0}s   ",
+                self.epoch + 1,
+                self.epochs,
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                self.total
+            );
+            if done == self.total {
+                eprintln!();
+            }
+        } else {
+            let step = (self.total / 10).max(1);
+            if done % step == 0 || done == self.total {
+                eprintln!(
+                    "epoch {}/{} iteration {done}/{} loss {loss:.4} {rate:.2} it/s ETA {eta:.0}s",
+                    self.epoch + 1,
+                    self.epochs,
+                    self.total
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_counts_hand_computed_rows() {
+        // Row 0: label 2 is the largest; row 1: label 0 is third; row 2: tie with a lower class.
+        let logits = [0.1, 0.2, 0.9, 0.5, 0.9, 0.7, 0.3, 0.3, 0.0];
+        let labels = [2, 0, 1];
+        assert_eq!(top_k_correct(&logits, 3, &labels, 1), 1);
+        assert_eq!(top_k_correct(&logits, 3, &labels, 2), 2);
+        assert_eq!(top_k_correct(&logits, 3, &labels, 3), 3);
+    }
+
+    #[test]
+    fn metrics_files_append_and_truncate_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = MetricsWriter::open(dir.path(), 0).unwrap();
+        for epoch in 0..3 {
+            w.append(&EpochRecord {
+                epoch,
+                lr: 0.1,
+                train_loss: 1.0,
+                seconds: 2.0,
+                subnets: vec![SubnetMetrics {
+                    subnet: 0,
+                    density: 0.5,
+                    loss: 0.3,
+                    top1: 0.9,
+                    top5: 1.0,
+                }],
+                best_sparsest_top1: 0.9,
+            })
+            .unwrap();
+        }
+        assert_eq!(w.read().unwrap().len(), 3);
+        let w = MetricsWriter::open(dir.path(), 2).unwrap();
+        assert_eq!(
+            w.read()
+                .unwrap()
+                .iter()
+                .map(|r| r.epoch)
+                .collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+        assert!(csv.starts_with("epoch,lr,train_loss"));
+    }
+}

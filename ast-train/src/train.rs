@@ -1,0 +1,469 @@
+//! The alternating training loop, evaluation of every sub-net, and the run directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ast_core::subnet::{density, sync_running_stats};
+use ast_core::{AstBackend, AstStep, SubnetTarget};
+use ast_models::{AstModel, ModelKind};
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{DatasetKind, TrainConfig};
+use crate::data::{
+    read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
+    FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader, SampleSource,
+};
+use crate::error::{Result, TrainError};
+use crate::metrics::{
+    top_k_correct, write_atomic, EpochRecord, MetricsWriter, Progress, SubnetMetrics,
+};
+
+/// Training and evaluation sources of a run.
+pub struct DataSources {
+    /// Training samples (augmented when the loader trains).
+    pub train: Arc<dyn SampleSource>,
+    /// Evaluation samples.
+    pub test: Arc<dyn SampleSource>,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl std::fmt::Debug for DataSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DataSources(train {}, test {}, {} classes)",
+            self.train.len(),
+            self.test.len(),
+            self.classes
+        )
+    }
+}
+
+fn subset(data: ImageDataset, n: Option<usize>) -> Arc<ImageDataset> {
+    Arc::new(match n {
+        Some(n) => data.subset(n),
+        None => data,
+    })
+}
+
+/// Reads the dataset of `config` and pairs it with the model's input pipeline.
+pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
+    let d = &config.data;
+    let wants = config.model.image_size();
+    let gives = if d.kind == DatasetKind::Imagenet {
+        224
+    } else {
+        32
+    };
+    if wants != gives {
+        return Err(TrainError::config(
+            "model",
+            format!(
+                "{} expects {wants}×{wants} inputs but {} gives {gives}×{gives}",
+                config.model.name(),
+                d.kind.name()
+            ),
+        ));
+    }
+    let cifar_like = |(train, test): (ImageDataset, ImageDataset), grey: bool| {
+        let classes = train.classes;
+        let transform = |t| {
+            if grey {
+                CifarTransform::fashion_mnist(t, 3)
+            } else {
+                CifarTransform::cifar(t)
+            }
+        };
+        DataSources {
+            train: Arc::new(CifarSource::new(
+                subset(train, d.train_subset),
+                transform(true),
+            )),
+            test: Arc::new(CifarSource::new(
+                subset(test, d.test_subset),
+                transform(false),
+            )),
+            classes,
+        }
+    };
+    Ok(match d.kind {
+        DatasetKind::FashionMnist | DatasetKind::Mnist => {
+            cifar_like(read_mnist_dir(&d.path)?, true)
+        }
+        DatasetKind::Cifar10 => cifar_like(read_cifar10(&d.path)?, false),
+        DatasetKind::Cifar100 => cifar_like(read_cifar100(&d.path, Cifar100Labels::Fine)?, false),
+        DatasetKind::Cifar100Coarse => {
+            cifar_like(read_cifar100(&d.path, Cifar100Labels::Coarse)?, false)
+        }
+        DatasetKind::Imagenet => {
+            let train = Arc::new(ImageFolder::open(d.path.join("train"))?);
+            let test = Arc::new(ImageFolder::open(d.path.join("val"))?);
+            DataSources {
+                classes: train.classes().len(),
+                train: Arc::new(FolderSource::new(train, ImagenetTransform::new(true))),
+                test: Arc::new(FolderSource::new(test, ImagenetTransform::new(false))),
+            }
+        }
+    })
+}
+
+/// How to treat the output directory.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Continue the run in `dir` from its last checkpoint.
+    pub resume: bool,
+    /// Replace a run already in `dir`.
+    pub overwrite: bool,
+    /// Print progress to stderr.
+    pub progress: bool,
+    /// Stop abruptly after this many global iterations, writing nothing more (as a kill would).
+    pub stop_after: Option<usize>,
+}
+
+/// The final state of every sub-net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Epochs completed.
+    pub epochs: usize,
+    /// The targets of the sub-nets.
+    pub targets: Vec<SubnetTarget>,
+    /// The last evaluation of every sub-net.
+    pub subnets: Vec<SubnetMetrics>,
+    /// Best top-1 of the sparsest sub-net over all epochs.
+    pub best_sparsest_top1: f64,
+    /// Wall-clock seconds of this invocation.
+    pub seconds: f64,
+    /// Whether the run stopped early on request (`stop_after`).
+    pub interrupted: bool,
+}
+
+const CONFIG_FILE: &str = "config.json";
+
+/// Creates (or checks) the run directory and returns the configuration to run: the given one
+/// for a new run, the saved one when resuming.
+pub fn prepare_run_dir(config: Option<TrainConfig>, opts: &RunOptions) -> Result<TrainConfig> {
+    let dir = &opts.dir;
+    let saved = dir.join(CONFIG_FILE);
+    if opts.resume {
+        let text = std::fs::read_to_string(&saved).map_err(|e| TrainError::Checkpoint {
+            path: dir.clone(),
+            reason: format!("no run to resume ({}: {e})", saved.display()),
+        })?;
+        let config: TrainConfig =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                path: saved.clone(),
+                reason: format!("unreadable config: {e}"),
+            })?;
+        config.validate()?;
+        return Ok(config);
+    }
+    let config =
+        config.ok_or_else(|| TrainError::config("recipe", "a new run needs a configuration"))?;
+    config.validate()?;
+    if saved.exists() && !opts.overwrite {
+        return Err(TrainError::RunExists(dir.clone()));
+    }
+    let unwritable = |e: std::io::Error| TrainError::Unwritable {
+        path: dir.clone(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(unwritable)?;
+    if opts.overwrite {
+        for stale in [
+            "checkpoints",
+            "metrics.jsonl",
+            "metrics.csv",
+            "summary.json",
+        ] {
+            let p = dir.join(stale);
+            let removed = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(e) = removed {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(TrainError::io(&p, e));
+                }
+            }
+        }
+    }
+    let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+    write_atomic(&saved, &json).map_err(|e| TrainError::Unwritable {
+        path: dir.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(config)
+}
+
+fn to_tensors<B: Backend>(
+    batch: HostBatch,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+    let n = batch.labels.len();
+    (
+        Tensor::from_data(TensorData::new(batch.images, batch.shape), device),
+        Tensor::from_data(TensorData::new(batch.labels, [n]), device),
+    )
+}
+
+fn data_threads(config: &TrainConfig) -> usize {
+    config.data_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+/// Evaluates every sub-net of `model` on `loader` (loss, top-1, top-5, density).
+pub fn evaluate<B: AstBackend>(
+    model: &AstModel<B>,
+    loader: &Loader,
+    device: &B::Device,
+) -> Result<Vec<SubnetMetrics>> {
+    sync_running_stats(model);
+    let k = ast_core::subnet::subnet_count(&ast_core::subnet::masked_layers(model))?;
+    let switch = model.switch().clone();
+    let active = switch.get();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut sums = vec![(0.0f64, 0usize, 0usize); k];
+    let mut seen = 0usize;
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let labels = batch.labels.clone();
+        let (x, y) = to_tensors::<B>(batch, device);
+        seen += labels.len();
+        for (s, sum) in sums.iter_mut().enumerate() {
+            switch.set(s);
+            let logits = model.forward(x.clone());
+            let classes = logits.dims()[1];
+            let loss: f32 = loss_fn
+                .forward(logits.clone(), y.clone())
+                .into_scalar()
+                .elem();
+            let host: Vec<f32> = logits
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 logits");
+            sum.0 += loss as f64 * labels.len() as f64;
+            sum.1 += top_k_correct(&host, classes, &labels, 1);
+            sum.2 += top_k_correct(&host, classes, &labels, 5.min(classes));
+        }
+    }
+    switch.set(active);
+    let seen = seen.max(1) as f64;
+    sums.iter()
+        .enumerate()
+        .map(|(s, (loss, top1, top5))| {
+            Ok(SubnetMetrics {
+                subnet: s,
+                density: density(model, s)?,
+                loss: loss / seen,
+                top1: *top1 as f64 / seen,
+                top5: *top5 as f64 / seen,
+            })
+        })
+        .collect()
+}
+
+/// Index of the sparsest sub-net (lowest target density; the first on ties).
+pub fn sparsest(targets: &[SubnetTarget]) -> usize {
+    (0..targets.len())
+        .min_by(|&a, &b| {
+            targets[a]
+                .density()
+                .total_cmp(&targets[b].density())
+                .then(a.cmp(&b))
+        })
+        .unwrap_or(0)
+}
+
+/// Runs (or resumes) a training run in `opts.dir` on backend `B`.
+pub fn train<B>(config: TrainConfig, opts: &RunOptions, device: &B::Device) -> Result<RunSummary>
+where
+    B: AutodiffBackend + AstBackend,
+    B::InnerBackend: AstBackend,
+{
+    let started = Instant::now();
+    let sources = load_data(&config)?;
+    let threads = data_threads(&config);
+    let train_loader = Loader::new(sources.train.clone(), config.batch_size, config.seed, true)
+        .with_threads(threads);
+    let test_loader = Loader::new(
+        sources.test.clone(),
+        config.eval_batch_size,
+        config.seed,
+        false,
+    )
+    .with_threads(threads);
+    let steps_per_epoch = train_loader.batches_per_epoch();
+    let total_steps = steps_per_epoch * config.epochs;
+    let subnets = config.ast.subnets.len();
+
+    B::seed(device, config.seed);
+    let model = AstModel::<B>::new(config.model, sources.classes, subnets, device);
+    let switch = model.switch().clone();
+    let mut ast = AstStep::<B>::new(
+        config.ast.clone(),
+        &model,
+        &switch,
+        steps_per_epoch,
+        total_steps,
+    )?;
+    let mut model = ast.init_masks(model);
+    let mut state = TrainerState {
+        next_epoch: 0,
+        iteration: 0,
+        best_sparsest_top1: 0.0,
+    };
+    if opts.resume {
+        let dir = checkpoint::latest(&opts.dir)?.ok_or_else(|| TrainError::Checkpoint {
+            path: opts.dir.clone(),
+            reason: "the run has no checkpoint yet".into(),
+        })?;
+        let (loaded, saved) = checkpoint::load(&dir, model, &mut ast)?;
+        model = loaded;
+        state = saved;
+    }
+    let metrics = MetricsWriter::open(&opts.dir, state.next_epoch)?;
+    let mut loss_fn = CrossEntropyLossConfig::new();
+    if config.label_smoothing > 0.0 {
+        loss_fn = loss_fn.with_smoothing(Some(config.label_smoothing as f32));
+    }
+    let loss_fn = loss_fn.init(device);
+    let sparsest = sparsest(&config.ast.subnets);
+    let mut last_eval = Vec::new();
+
+    for epoch in state.next_epoch..config.epochs {
+        let epoch_start = Instant::now();
+        let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
+        let first = state.iteration - epoch * steps_per_epoch;
+        let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, opts.progress);
+        let mut loss_sum = 0.0f64;
+        for (i, batch) in train_loader.epoch(epoch, first).enumerate() {
+            let t = ast.iteration();
+            if opts.stop_after == Some(t) {
+                return Ok(RunSummary {
+                    epochs: epoch,
+                    targets: config.ast.subnets.clone(),
+                    subnets: last_eval,
+                    best_sparsest_top1: state.best_sparsest_top1,
+                    seconds: started.elapsed().as_secs_f64(),
+                    interrupted: true,
+                });
+            }
+            let (x, y) = to_tensors::<B>(batch?, device);
+            let subnet = ast.begin();
+            let loss = loss_fn.forward(model.forward(x), y);
+            let value: f32 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    value,
+                    epoch,
+                    iteration: t,
+                    subnet,
+                });
+            }
+            loss_sum += value as f64;
+            model = ast.step(model, loss.backward(), lr).0;
+            progress.update(first + i + 1, value);
+        }
+        state.iteration = ast.iteration();
+        let eval_model = model.valid();
+        last_eval = evaluate(&eval_model, &test_loader, device)?;
+        state.best_sparsest_top1 = state.best_sparsest_top1.max(last_eval[sparsest].top1);
+        state.next_epoch = epoch + 1;
+        metrics.append(&EpochRecord {
+            epoch,
+            lr,
+            train_loss: loss_sum / (steps_per_epoch - first).max(1) as f64,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+            subnets: last_eval.clone(),
+            best_sparsest_top1: state.best_sparsest_top1,
+        })?;
+        if opts.progress {
+            for m in &last_eval {
+                eprintln!(
+                    "epoch {}/{} sub-net {} density {:.4} loss {:.4} top-1 {:.4} top-5 {:.4}",
+                    epoch + 1,
+                    config.epochs,
+                    m.subnet,
+                    m.density,
+                    m.loss,
+                    m.top1,
+                    m.top5
+                );
+            }
+        }
+        if state.next_epoch % config.checkpoint_every == 0 || state.next_epoch == config.epochs {
+            checkpoint::save(&opts.dir, &model, &ast, &state)?;
+        }
+    }
+
+    let summary = RunSummary {
+        epochs: config.epochs,
+        targets: config.ast.subnets.clone(),
+        subnets: last_eval,
+        best_sparsest_top1: state.best_sparsest_top1,
+        seconds: started.elapsed().as_secs_f64(),
+        interrupted: false,
+    };
+    let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+    write_atomic(&opts.dir.join("summary.json"), &json)?;
+    Ok(summary)
+}
+
+/// Loads the model of a finished or interrupted run from its last checkpoint.
+pub fn load_run_model<B>(
+    run_dir: &Path,
+    device: &B::Device,
+) -> Result<(TrainConfig, AstModel<B>, usize)>
+where
+    B: AutodiffBackend + AstBackend,
+    B::InnerBackend: AstBackend,
+{
+    let config = prepare_run_dir(
+        None,
+        &RunOptions {
+            dir: run_dir.to_path_buf(),
+            resume: true,
+            ..Default::default()
+        },
+    )?;
+    let dir = checkpoint::latest(run_dir)?.ok_or_else(|| TrainError::Checkpoint {
+        path: run_dir.to_path_buf(),
+        reason: "the run has no checkpoint".into(),
+    })?;
+    let classes = checkpoint_classes(&config)?;
+    let model = AstModel::<B>::new(config.model, classes, config.ast.subnets.len(), device);
+    let switch = model.switch().clone();
+    let mut ast = AstStep::<B>::new(config.ast.clone(), &model, &switch, 1, 1)?;
+    let (model, state) = checkpoint::load(&dir, model, &mut ast)?;
+    Ok((config, model, state.next_epoch))
+}
+
+fn checkpoint_classes(config: &TrainConfig) -> Result<usize> {
+    Ok(match config.data.kind {
+        DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
+        DatasetKind::Cifar100 => 100,
+        DatasetKind::Cifar100Coarse => 20,
+        DatasetKind::Imagenet => ImageFolder::open(config.data.path.join("train"))?
+            .classes()
+            .len(),
+    })
+}
+
+/// The model kind's expected input side, re-exported for the CLI.
+pub fn input_side(kind: ModelKind) -> usize {
+    kind.image_size()
+}
