@@ -1,1 +1,411 @@
-fn main() {}
+//! `ast-cli`: run, evaluate and inspect Alternating Sparse Training runs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ast_core::{CorrectionMode, SubnetTarget};
+use ast_train::{DatasetKind, LrSchedule, RunOptions, TrainConfig};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod backend;
+mod report;
+
+/// The recipes shipped with the binary: name → JSON.
+const RECIPES: [(&str, &str); 4] = [
+    ("quickstart", include_str!("../../recipes/quickstart.json")),
+    ("cifar-unstructured", include_str!("../../recipes/cifar-unstructured.json")),
+    ("cifar-nm", include_str!("../../recipes/cifar-nm.json")),
+    ("imagenet-unstructured", include_str!("../../recipes/imagenet-unstructured.json")),
+];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ast-cli",
+    version,
+    about = "Alternating Sparse Training: K sparse sub-nets sharing one set of weights",
+    after_help = "Examples:\n  ast-cli run --recipe quickstart\n  ast-cli run --recipe cifar-unstructured --data-path ~/cifar-10-batches-bin --out runs/wrn\n  ast-cli run --resume --out runs/wrn\n  ast-cli eval --run runs/wrn\n  ast-cli stats --run runs/wrn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train (or resume) a run.
+    Run(RunArgs),
+    /// Evaluate every sub-net of a run's last checkpoint.
+    Eval(EvalArgs),
+    /// Per-layer density of each sub-net and mask overlap between sub-nets.
+    Stats(StatsArgs),
+    /// List the shipped recipes.
+    Recipes,
+}
+
+/// Where to compute.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CPU, burn's Flex backend (default).
+    Flex,
+    /// CPU, burn's NdArray backend.
+    Ndarray,
+    /// NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+#[derive(Args, Debug, Clone)]
+struct BackendArgs {
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Flex)]
+    backend: BackendKind,
+    /// GPU index (CUDA only).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// A shipped recipe name (see `ast-cli recipes`) or a JSON file.
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Run directory (default: runs/<recipe name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// Replace a run already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    /// Stop abruptly after this many iterations, writing nothing more (tests a kill).
+    #[arg(long, hide = true)]
+    stop_after_iterations: Option<usize>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+/// Flags overriding the recipe (every hyper-parameter of the original scripts).
+#[derive(Args, Debug, Default)]
+struct Overrides {
+    /// Model: resnet20, resnet32, resnet56, wide-resnet32, resnet18, resnet50, mobilenetv1, resnet50-imagenet, small-cnn.
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset: fashion-mnist, mnist, cifar10, cifar100, cifar100-coarse, imagenet.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Dataset directory.
+    #[arg(long)]
+    data_path: Option<PathBuf>,
+    /// Train on the first N training images.
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// Evaluate on the first N test images.
+    #[arg(long)]
+    test_subset: Option<usize>,
+    /// Base learning rate.
+    #[arg(long, allow_hyphen_values = true)]
+    lr: Option<f64>,
+    /// LR schedule: cosine or step.
+    #[arg(long)]
+    lr_schedule: Option<String>,
+    /// Epochs of the step schedule's ×0.1 decays, comma-separated (default 50 % and 75 %).
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<usize>>,
+    /// SGD momentum.
+    #[arg(long, allow_hyphen_values = true)]
+    momentum: Option<f64>,
+    /// Weight decay.
+    #[arg(long, allow_hyphen_values = true)]
+    weight_decay: Option<f64>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Initial prune-and-regrow rate.
+    #[arg(long, allow_hyphen_values = true)]
+    prune_rate: Option<f64>,
+    /// Initial (ERK) density of every sub-net.
+    #[arg(long, allow_hyphen_values = true)]
+    init_density: Option<f64>,
+    /// Mask update every N of a sub-net's own iterations.
+    #[arg(long)]
+    update_frequency: Option<usize>,
+    /// First epoch of the density ramp.
+    #[arg(long)]
+    init_prune_epoch: Option<usize>,
+    /// Last epoch of the density ramp.
+    #[arg(long)]
+    final_prune_epoch: Option<usize>,
+    /// Sub-net k's schedule is delayed by k·N of its own iterations.
+    #[arg(long)]
+    subnet_offset: Option<usize>,
+    /// Unstructured sub-nets: final densities, comma-separated (e.g. 0.1,0.05,0.02).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, conflicts_with = "nm")]
+    densities: Option<Vec<f64>>,
+    /// N:M sub-nets, comma-separated (e.g. 2:4,1:4,1:8).
+    #[arg(long, value_delimiter = ',')]
+    nm: Option<Vec<String>>,
+    /// Gradient correction: off, projection, ema.
+    #[arg(long)]
+    correction: Option<String>,
+    /// EMA coefficient of the `ema` correction.
+    #[arg(long)]
+    ema_beta: Option<f64>,
+    /// Label smoothing.
+    #[arg(long, allow_hyphen_values = true)]
+    label_smoothing: Option<f64>,
+    /// Seed (weights, data order, masks).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every N epochs.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Threads preparing batches.
+    #[arg(long)]
+    data_threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Run directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// Evaluate on this dataset directory instead of the run's.
+    #[arg(long)]
+    data_path: Option<PathBuf>,
+    /// Write the results as JSON here (default: <run>/eval.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct StatsArgs {
+    /// Run directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// Write the per-layer table as CSV here (default: <run>/stats.csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+fn load_recipe(name: &str) -> Result<TrainConfig> {
+    let (text, origin) = match RECIPES.iter().find(|(n, _)| *n == name) {
+        Some((_, json)) => (json.to_string(), format!("recipe `{name}`")),
+        None if name.ends_with(".json") || Path::new(name).exists() => (
+            std::fs::read_to_string(name).with_context(|| format!("cannot read recipe file {name}"))?,
+            format!("recipe file {name}"),
+        ),
+        None => {
+            let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
+            bail!("unknown recipe `{name}` (shipped: {}; or give a .json file)", names.join(", "));
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| anyhow!("{origin} is not a valid configuration: {e}"))
+}
+
+fn parse_nm(s: &str) -> Result<SubnetTarget> {
+    let (n, m) = s.split_once(':').ok_or_else(|| anyhow!("--nm `{s}`: expected N:M, e.g. 2:4"))?;
+    let n: usize = n.trim().parse().map_err(|_| anyhow!("--nm `{s}`: N is not a number"))?;
+    let m: usize = m.trim().parse().map_err(|_| anyhow!("--nm `{s}`: M is not a number"))?;
+    Ok(SubnetTarget::Nm { n, m })
+}
+
+fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
+    if let Some(m) = o.model {
+        c.model = m.parse().map_err(|e| anyhow!("{e}"))?;
+    }
+    if let Some(d) = o.dataset {
+        c.data.kind = d.parse::<DatasetKind>().map_err(|e| anyhow!("{e}"))?;
+    }
+    if let Some(p) = o.data_path {
+        c.data.path = p;
+    }
+    if o.train_subset.is_some() {
+        c.data.train_subset = o.train_subset;
+    }
+    if o.test_subset.is_some() {
+        c.data.test_subset = o.test_subset;
+    }
+    if let Some(v) = o.lr {
+        c.lr = v;
+    }
+    if let Some(v) = o.epochs {
+        c.epochs = v;
+    }
+    match o.lr_schedule.as_deref() {
+        None => {}
+        Some("cosine") => c.lr_schedule = LrSchedule::Cosine,
+        Some("step") => c.lr_schedule = LrSchedule::half_and_three_quarters(c.epochs),
+        Some(other) => bail!("unknown LR schedule `{other}` (valid: cosine, step)"),
+    }
+    if let Some(milestones) = o.milestones {
+        c.lr_schedule = LrSchedule::Step { milestones, gamma: 0.1 };
+    }
+    if let Some(v) = o.momentum {
+        c.ast.sgd.momentum = v;
+    }
+    if let Some(v) = o.weight_decay {
+        c.ast.sgd.weight_decay = v;
+    }
+    if let Some(v) = o.batch_size {
+        c.batch_size = v;
+    }
+    let s = &mut c.ast.schedule;
+    if let Some(v) = o.prune_rate {
+        s.prune_rate = v;
+    }
+    if let Some(v) = o.init_density {
+        s.init_density = v;
+    }
+    if let Some(v) = o.update_frequency {
+        s.update_frequency = v;
+    }
+    if let Some(v) = o.init_prune_epoch {
+        s.init_prune_epoch = v;
+    }
+    if let Some(v) = o.final_prune_epoch {
+        s.final_prune_epoch = v;
+    }
+    if let Some(v) = o.subnet_offset {
+        s.subnet_offset = v;
+    }
+    if let Some(d) = o.densities {
+        c.ast.subnets = d.into_iter().map(SubnetTarget::Density).collect();
+    }
+    if let Some(nm) = o.nm {
+        c.ast.subnets = nm.iter().map(|s| parse_nm(s)).collect::<Result<_>>()?;
+    }
+    let beta = o.ema_beta.unwrap_or(0.9);
+    match o.correction.as_deref() {
+        None => {
+            if let (Some(b), CorrectionMode::Ema { .. }) = (o.ema_beta, c.ast.correction) {
+                c.ast.correction = CorrectionMode::Ema { beta: b };
+            }
+        }
+        Some("off") => c.ast.correction = CorrectionMode::Off,
+        Some("projection") => c.ast.correction = CorrectionMode::Projection,
+        Some("ema") => c.ast.correction = CorrectionMode::Ema { beta },
+        Some(other) => bail!("unknown correction mode `{other}` (valid: off, projection, ema)"),
+    }
+    if let Some(v) = o.label_smoothing {
+        c.label_smoothing = v;
+    }
+    if let Some(v) = o.seed {
+        c.seed = v;
+        c.ast.seed = v;
+    }
+    if let Some(v) = o.checkpoint_every {
+        c.checkpoint_every = v;
+    }
+    if o.data_threads.is_some() {
+        c.data_threads = o.data_threads;
+    }
+    Ok(c)
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let out = match (&args.out, &args.recipe) {
+        (Some(out), _) => out.clone(),
+        (None, Some(recipe)) if !args.resume => {
+            let stem = Path::new(recipe).file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+            PathBuf::from("runs").join(stem)
+        }
+        _ => bail!("--out is required (the run directory)"),
+    };
+    let config = if args.resume {
+        None
+    } else {
+        let recipe = args.recipe.as_deref().unwrap_or("quickstart");
+        Some(apply_overrides(load_recipe(recipe)?, args.overrides)?)
+    };
+    let opts = RunOptions {
+        dir: out,
+        resume: args.resume,
+        overwrite: args.overwrite,
+        progress: !args.quiet,
+        stop_after: args.stop_after_iterations,
+    };
+    let config = ast_train::prepare_run_dir(config, &opts)?;
+    if !args.quiet {
+        eprintln!(
+            "run {}: {} on {} ({}), {} sub-nets, {} epochs, backend {:?}",
+            opts.dir.display(),
+            config.model,
+            config.data.kind.name(),
+            config.data.path.display(),
+            config.ast.subnets.len(),
+            config.epochs,
+            args.backend.backend
+        );
+    }
+    let summary = backend::train(&args.backend, config, &opts)?;
+    if summary.interrupted {
+        eprintln!("stopped after the requested number of iterations");
+        return Ok(());
+    }
+    report::print_summary(&summary);
+    println!("run directory: {}", opts.dir.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Eval(args) => backend::eval(&args.backend, &args.run, args.data_path.as_deref(), args.json.as_deref()),
+        Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
+        Command::Recipes => {
+            for (name, json) in RECIPES {
+                let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");
+                println!("{name:<22} {} on {}, {} sub-nets, {} epochs", c.model, c.data.kind.name(), c.ast.subnets.len(), c.epochs);
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_recipes_parse_and_validate() {
+        for (name, json) in RECIPES {
+            let c: TrainConfig = serde_json::from_str(json).unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn flags_override_the_recipe() {
+        let o = Overrides {
+            nm: Some(vec!["2:4".into(), "1:8".into()]),
+            lr: Some(0.05),
+            correction: Some("ema".into()),
+            ema_beta: Some(0.5),
+            ..Default::default()
+        };
+        let c = apply_overrides(load_recipe("quickstart").unwrap(), o).unwrap();
+        assert_eq!(c.ast.subnets, vec![SubnetTarget::Nm { n: 2, m: 4 }, SubnetTarget::Nm { n: 1, m: 8 }]);
+        assert_eq!(c.lr, 0.05);
+        assert_eq!(c.ast.correction, CorrectionMode::Ema { beta: 0.5 });
+        assert!(parse_nm("2-4").unwrap_err().to_string().contains("expected N:M"));
+    }
+}

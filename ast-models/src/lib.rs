@@ -26,6 +26,7 @@ mod build;
 pub mod mobilenet;
 pub mod resnet;
 pub mod resnet_cifar;
+pub mod small_cnn;
 
 use core::fmt;
 use core::str::FromStr;
@@ -37,6 +38,7 @@ use burn::prelude::*;
 pub use mobilenet::{MobileNetV1, MobileNetV1Config};
 pub use resnet::{ResNet, ResNetConfig};
 pub use resnet_cifar::{CifarResNet, CifarResNetConfig};
+pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
 /// The models, by their command-line names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -58,11 +60,13 @@ pub enum ModelKind {
     Mobilenetv1,
     /// ResNet-50 with the ImageNet stem (`resnet50-imagenet`).
     Resnet50Imagenet,
+    /// A small CNN for quick runs, not from the paper (`small-cnn`).
+    SmallCnn,
 }
 
 impl ModelKind {
     /// Every model, in declaration order.
-    pub const ALL: [ModelKind; 8] = [
+    pub const ALL: [ModelKind; 9] = [
         ModelKind::Resnet20,
         ModelKind::Resnet32,
         ModelKind::Resnet56,
@@ -71,6 +75,7 @@ impl ModelKind {
         ModelKind::Resnet50,
         ModelKind::Mobilenetv1,
         ModelKind::Resnet50Imagenet,
+        ModelKind::SmallCnn,
     ];
 
     /// The command-line name.
@@ -84,6 +89,7 @@ impl ModelKind {
             ModelKind::Resnet50 => "resnet50",
             ModelKind::Mobilenetv1 => "mobilenetv1",
             ModelKind::Resnet50Imagenet => "resnet50-imagenet",
+            ModelKind::SmallCnn => "small-cnn",
         }
     }
 
@@ -106,7 +112,7 @@ impl fmt::Display for ModelKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "unknown model `{0}`; valid models: resnet20, resnet32, resnet56, wide-resnet32, \
-     resnet18, resnet50, mobilenetv1, resnet50-imagenet"
+     resnet18, resnet50, mobilenetv1, resnet50-imagenet, small-cnn"
 )]
 pub struct UnknownModel(pub String);
 
@@ -130,6 +136,8 @@ pub enum AstModel<B: Backend> {
     ResNet(ResNet<B>),
     /// MobileNet-V1.
     MobileNet(MobileNetV1<B>),
+    /// The small quick-run CNN.
+    SmallCnn(SmallCnn<B>),
 }
 
 impl<B: Backend> AstModel<B> {
@@ -155,6 +163,7 @@ impl<B: Backend> AstModel<B> {
             ModelKind::Resnet50Imagenet => {
                 Self::ResNet(ResNetConfig::resnet50_imagenet(n, k).init(device))
             }
+            ModelKind::SmallCnn => Self::SmallCnn(SmallCnnConfig::new(n, k).init(device)),
         }
     }
 
@@ -164,6 +173,7 @@ impl<B: Backend> AstModel<B> {
             Self::CifarResNet(m) => m.switch(),
             Self::ResNet(m) => m.switch(),
             Self::MobileNet(m) => m.switch(),
+            Self::SmallCnn(m) => m.switch(),
         }
     }
 }
@@ -179,6 +189,7 @@ impl<B: AstBackend> AstModel<B> {
             Self::CifarResNet(m) => m.forward(x),
             Self::ResNet(m) => m.forward(x),
             Self::MobileNet(m) => m.forward(x),
+            Self::SmallCnn(m) => m.forward(x),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! BatchNorm; the stem is plain (shared by all sub-nets). The CIFAR variants end in a masked
 //! linear layer, the ImageNet variant in a plain one.
 
+use ast_core::layers::batch_norm_2d;
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
@@ -35,7 +36,7 @@ impl<B: Backend> Norm<B> {
     /// - input `[batch, channels, H, W]`, output the same.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         match self {
-            Norm::Shared(bn) => bn.forward(x),
+            Norm::Shared(bn) => batch_norm_2d(bn, x),
             Norm::Switchable(bn) => bn.forward(x),
         }
     }
@@ -421,7 +422,7 @@ impl<B: AstBackend> ResNet<B> {
     ///   ([`Stem::ImageNet`]): the final average pooling expects a 4×4 resp. 7×7 map
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = relu(batch_norm_2d(&self.bn1, self.conv1.forward(x)));
         let x = match self.stem {
             Stem::Cifar => x,
             Stem::ImageNet => max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false),

@@ -7,6 +7,7 @@
 //! (wide ResNet-32); global average pooling feeds a masked linear classifier. Convolutions are
 //! Kaiming-normal with fan-out.
 
+use ast_core::layers::batch_norm_2d;
 use ast_core::{AstBackend, MaskedLinear, SubnetSwitch};
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
@@ -112,7 +113,7 @@ impl<B: AstBackend> CifarResNet<B> {
     /// - input `[batch, 3, H, W]` (32×32 for CIFAR; pooling is global)
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = relu(batch_norm_2d(&self.bn1, self.conv1.forward(x)));
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         self.linear
             .forward(adaptive_avg_pool2d(x, [1, 1]).flatten(1, 3))

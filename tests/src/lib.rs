@@ -1,1 +1,85 @@
-//! Workspace-level integration tests live in `tests/tests/`.
+//! Helpers shared by the workspace-level tests in `tests/tests/`: locating and running the
+//! `ast-cli` binary, and writing small datasets in the real file formats.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `ast-cli` binary that `cargo test --workspace` built next to the test executables.
+///
+/// # Panics
+/// If the binary is missing (run the tests through `cargo test --workspace`).
+pub fn cli_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let bin = dir.join(format!("ast-cli{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} is missing: run `cargo test --workspace`", bin.display());
+    bin
+}
+
+/// Runs `ast-cli` with `args` and returns its output.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(cli_path()).args(args).output().expect("ast-cli runs")
+}
+
+/// stderr of an output as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Where Debian's `dataset-fashion-mnist` package installs the IDX files.
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Whether the real Fashion-MNIST files are installed (CI installs them).
+pub fn fashion_mnist_available() -> bool {
+    Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz").exists()
+}
+
+/// A tiny deterministic pixel pattern: `n` images of `c×h×w` whose class is visible.
+pub fn pattern_images(n: usize, c: usize, h: usize, w: usize, classes: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut pixels = Vec::with_capacity(n * c * h * w);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let label = (i % classes) as u8;
+        for ch in 0..c {
+            for r in 0..h {
+                for col in 0..w {
+                    let on = (r + col + ch) % classes == label as usize;
+                    pixels.push(if on { 220 } else { (i * 7 + r * 3 + col) as u8 % 40 });
+                }
+            }
+        }
+        labels.push(label);
+    }
+    (pixels, labels)
+}
+
+/// Writes an IDX image file (magic 0x803) and a label file (magic 0x801).
+pub fn write_idx(dir: &Path, prefix: &str, n: usize, side: usize) {
+    let (pixels, labels) = pattern_images(n, 1, side, side, 10);
+    let mut images = Vec::new();
+    for v in [0x0803u32, n as u32, side as u32, side as u32] {
+        images.extend_from_slice(&v.to_be_bytes());
+    }
+    images.extend_from_slice(&pixels);
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+    let mut lab = Vec::new();
+    for v in [0x0801u32, n as u32] {
+        lab.extend_from_slice(&v.to_be_bytes());
+    }
+    lab.extend_from_slice(&labels);
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), lab).unwrap();
+}
+
+/// Writes a CIFAR-10 binary directory with `per_file` records in each of the six files.
+pub fn write_cifar10(dir: &Path, per_file: usize) {
+    let names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"];
+    for (f, name) in names.iter().enumerate() {
+        let (pixels, labels) = pattern_images(per_file, 3, 32, 32, 10);
+        let mut bytes = Vec::new();
+        for i in 0..per_file {
+            bytes.push(labels[(i + f) % per_file]);
+            bytes.extend_from_slice(&pixels[i * 3072..(i + 1) * 3072]);
+        }
+        std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
+    }
+}

@@ -1,10 +1,12 @@
 //! Modules: masked convolution and linear layers, switchable BatchNorm, the sub-net switch.
 
+mod batch_norm;
 mod masked_conv2d;
 mod masked_linear;
 mod switch;
 mod switch_norm;
 
+pub use batch_norm::batch_norm_2d;
 pub use masked_conv2d::{MaskedConv2d, MaskedConv2dConfig};
 pub use masked_linear::{MaskedLinear, MaskedLinearConfig};
 pub use switch::SubnetSwitch;

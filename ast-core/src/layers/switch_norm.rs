@@ -3,7 +3,7 @@
 use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 
-use super::SubnetSwitch;
+use super::{SubnetSwitch, batch_norm_2d};
 
 /// Configuration of a [`SwitchableBatchNorm`].
 #[derive(Config, Debug)]
@@ -62,18 +62,18 @@ impl<B: Backend> SwitchableBatchNorm<B> {
     /// Normalises with the active sub-net's BatchNorm.
     ///
     /// # Shapes
-    /// - input `[batch, channels, ...]`, output the same.
+    /// - input `[batch, channels, height, width]`, output the same.
     ///
     /// # Panics
     /// If the active sub-net index is not below the number of BatchNorms.
-    pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
         let k = self.switch.get();
         assert!(
             k < self.norms.len(),
             "sub-net {k} is active but the layer has {} BatchNorms",
             self.norms.len()
         );
-        self.norms[k].forward(input)
+        batch_norm_2d(&self.norms[k], input)
     }
 }
 
