@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{bail, Result};
 use ast_core::AstBackend;
 use ast_train::train::{evaluate, load_run_model};
 use ast_train::{RunOptions, RunSummary, TrainConfig};
@@ -18,13 +18,41 @@ fn not_compiled(name: &str) -> anyhow::Error {
     )
 }
 
+/// Checks that the chosen backend is compiled in and (CUDA) that its device works, before
+/// anything is written.
+pub fn check(args: &BackendArgs) -> Result<()> {
+    match args.backend {
+        BackendKind::Flex => Ok(()),
+        BackendKind::Ndarray => {
+            #[cfg(feature = "ndarray")]
+            return Ok(());
+            #[cfg(not(feature = "ndarray"))]
+            Err(not_compiled("ndarray"))
+        }
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            return cuda::device(args.device).map(|_| ());
+            #[cfg(not(feature = "cuda"))]
+            Err(not_compiled("cuda"))
+        }
+    }
+}
+
 /// Trains `config` on the chosen backend.
 pub fn train(args: &BackendArgs, config: TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     match args.backend {
-        BackendKind::Flex => Ok(ast_train::train::<Autodiff<Flex>>(config, opts, &Default::default())?),
+        BackendKind::Flex => Ok(ast_train::train::<Autodiff<Flex>>(
+            config,
+            opts,
+            &Default::default(),
+        )?),
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
-            return Ok(ast_train::train::<Autodiff<burn::backend::NdArray>>(config, opts, &Default::default())?);
+            return Ok(ast_train::train::<Autodiff<burn::backend::NdArray>>(
+                config,
+                opts,
+                &Default::default(),
+            )?);
             #[cfg(not(feature = "ndarray"))]
             Err(not_compiled("ndarray"))
         }
@@ -32,7 +60,9 @@ pub fn train(args: &BackendArgs, config: TrainConfig, opts: &RunOptions) -> Resu
             #[cfg(feature = "cuda")]
             {
                 let device = cuda::device(args.device)?;
-                return Ok(ast_train::train::<Autodiff<burn::backend::Cuda>>(config, opts, &device)?);
+                return Ok(ast_train::train::<Autodiff<burn::backend::Cuda>>(
+                    config, opts, &device,
+                )?);
             }
             #[cfg(not(feature = "cuda"))]
             Err(not_compiled("cuda"))
@@ -40,7 +70,12 @@ pub fn train(args: &BackendArgs, config: TrainConfig, opts: &RunOptions) -> Resu
     }
 }
 
-fn eval_on<B>(run: &Path, data_path: Option<&Path>, json: Option<&Path>, device: &B::Device) -> Result<()>
+fn eval_on<B>(
+    run: &Path,
+    data_path: Option<&Path>,
+    json: Option<&Path>,
+    device: &B::Device,
+) -> Result<()>
 where
     B: AutodiffBackend + AstBackend,
     B::InnerBackend: AstBackend,
@@ -50,11 +85,14 @@ where
         config.data.path = p.to_path_buf();
     }
     let sources = ast_train::load_data(&config)?;
-    let loader = ast_train::data::Loader::new(sources.test, config.eval_batch_size, config.seed, false);
+    let loader =
+        ast_train::data::Loader::new(sources.test, config.eval_batch_size, config.seed, false);
     let inner = burn::module::AutodiffModule::valid(&model);
     let metrics = evaluate(&inner, &loader, device)?;
     report::print_eval(&config, epochs, &metrics);
-    let out = json.map(Path::to_path_buf).unwrap_or_else(|| run.join("eval.json"));
+    let out = json
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| run.join("eval.json"));
     let text = serde_json::to_string_pretty(&serde_json::json!({
         "run": run,
         "epochs": epochs,
@@ -62,18 +100,29 @@ where
         "targets": config.ast.subnets,
         "subnets": metrics,
     }))?;
-    std::fs::write(&out, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    std::fs::write(&out, text)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     println!("results written to {}", out.display());
     Ok(())
 }
 
 /// Evaluates every sub-net of a run's last checkpoint.
-pub fn eval(args: &BackendArgs, run: &Path, data_path: Option<&Path>, json: Option<&Path>) -> Result<()> {
+pub fn eval(
+    args: &BackendArgs,
+    run: &Path,
+    data_path: Option<&Path>,
+    json: Option<&Path>,
+) -> Result<()> {
     match args.backend {
         BackendKind::Flex => eval_on::<Autodiff<Flex>>(run, data_path, json, &Default::default()),
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
-            return eval_on::<Autodiff<burn::backend::NdArray>>(run, data_path, json, &Default::default());
+            return eval_on::<Autodiff<burn::backend::NdArray>>(
+                run,
+                data_path,
+                json,
+                &Default::default(),
+            );
             #[cfg(not(feature = "ndarray"))]
             Err(not_compiled("ndarray"))
         }
@@ -96,24 +145,27 @@ pub fn stats(run: &Path, csv: Option<&Path>) -> Result<()> {
     if k == 0 {
         bail!("the run has no sub-nets");
     }
-    let out = csv.map(Path::to_path_buf).unwrap_or_else(|| run.join("stats.csv"));
+    let out = csv
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| run.join("stats.csv"));
     let text = report::stats(&model, k)?;
-    std::fs::write(&out, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    std::fs::write(&out, text)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     println!("per-layer table written to {}", out.display());
     Ok(())
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use anyhow::{Result, anyhow};
-    use burn::backend::Cuda;
+    use anyhow::{anyhow, Result};
     use burn::backend::cuda::CudaDevice;
+    use burn::backend::Cuda;
     use burn::prelude::*;
 
     /// The CUDA device `index`, checked by a tiny computation: without a GPU or driver burn
     /// panics during initialisation, which becomes an error here.
     pub fn device(index: usize) -> Result<CudaDevice> {
-        let device = CudaDevice::new(index);
+        let device = CudaDevice { index };
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let probe = std::panic::catch_unwind(|| {
@@ -131,7 +183,9 @@ mod cuda {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "unknown error".into());
                 let first = reason.lines().next().unwrap_or("").to_string();
-                Err(anyhow!("CUDA device {index} is not usable (no NVIDIA GPU or driver?): {first}"))
+                Err(anyhow!(
+                    "CUDA device {index} is not usable (no NVIDIA GPU or driver?): {first}"
+                ))
             }
         }
     }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context, Result};
 use ast_core::{CorrectionMode, SubnetTarget};
 use ast_train::{DatasetKind, LrSchedule, RunOptions, TrainConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,9 +14,15 @@ mod report;
 /// The recipes shipped with the binary: name → JSON.
 const RECIPES: [(&str, &str); 4] = [
     ("quickstart", include_str!("../../recipes/quickstart.json")),
-    ("cifar-unstructured", include_str!("../../recipes/cifar-unstructured.json")),
+    (
+        "cifar-unstructured",
+        include_str!("../../recipes/cifar-unstructured.json"),
+    ),
     ("cifar-nm", include_str!("../../recipes/cifar-nm.json")),
-    ("imagenet-unstructured", include_str!("../../recipes/imagenet-unstructured.json")),
+    (
+        "imagenet-unstructured",
+        include_str!("../../recipes/imagenet-unstructured.json"),
+    ),
 ];
 
 #[derive(Parser, Debug)]
@@ -148,7 +154,12 @@ struct Overrides {
     #[arg(long)]
     subnet_offset: Option<usize>,
     /// Unstructured sub-nets: final densities, comma-separated (e.g. 0.1,0.05,0.02).
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, conflicts_with = "nm")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        conflicts_with = "nm"
+    )]
     densities: Option<Vec<f64>>,
     /// N:M sub-nets, comma-separated (e.g. 2:4,1:4,1:8).
     #[arg(long, value_delimiter = ',')]
@@ -171,6 +182,9 @@ struct Overrides {
     /// Threads preparing batches.
     #[arg(long)]
     data_threads: Option<usize>,
+    /// Refresh BatchNorm statistics with N forward passes per sub-net before each evaluation.
+    #[arg(long)]
+    bn_recalibration_batches: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -202,21 +216,33 @@ fn load_recipe(name: &str) -> Result<TrainConfig> {
     let (text, origin) = match RECIPES.iter().find(|(n, _)| *n == name) {
         Some((_, json)) => (json.to_string(), format!("recipe `{name}`")),
         None if name.ends_with(".json") || Path::new(name).exists() => (
-            std::fs::read_to_string(name).with_context(|| format!("cannot read recipe file {name}"))?,
+            std::fs::read_to_string(name)
+                .with_context(|| format!("cannot read recipe file {name}"))?,
             format!("recipe file {name}"),
         ),
         None => {
             let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
-            bail!("unknown recipe `{name}` (shipped: {}; or give a .json file)", names.join(", "));
+            bail!(
+                "unknown recipe `{name}` (shipped: {}; or give a .json file)",
+                names.join(", ")
+            );
         }
     };
     serde_json::from_str(&text).map_err(|e| anyhow!("{origin} is not a valid configuration: {e}"))
 }
 
 fn parse_nm(s: &str) -> Result<SubnetTarget> {
-    let (n, m) = s.split_once(':').ok_or_else(|| anyhow!("--nm `{s}`: expected N:M, e.g. 2:4"))?;
-    let n: usize = n.trim().parse().map_err(|_| anyhow!("--nm `{s}`: N is not a number"))?;
-    let m: usize = m.trim().parse().map_err(|_| anyhow!("--nm `{s}`: M is not a number"))?;
+    let (n, m) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--nm `{s}`: expected N:M, e.g. 2:4"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--nm `{s}`: N is not a number"))?;
+    let m: usize = m
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("--nm `{s}`: M is not a number"))?;
     Ok(SubnetTarget::Nm { n, m })
 }
 
@@ -249,7 +275,10 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
         Some(other) => bail!("unknown LR schedule `{other}` (valid: cosine, step)"),
     }
     if let Some(milestones) = o.milestones {
-        c.lr_schedule = LrSchedule::Step { milestones, gamma: 0.1 };
+        c.lr_schedule = LrSchedule::Step {
+            milestones,
+            gamma: 0.1,
+        };
     }
     if let Some(v) = o.momentum {
         c.ast.sgd.momentum = v;
@@ -310,14 +339,21 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     if o.data_threads.is_some() {
         c.data_threads = o.data_threads;
     }
+    if let Some(v) = o.bn_recalibration_batches {
+        c.bn_recalibration_batches = v;
+    }
     Ok(c)
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    backend::check(&args.backend)?;
     let out = match (&args.out, &args.recipe) {
         (Some(out), _) => out.clone(),
         (None, Some(recipe)) if !args.resume => {
-            let stem = Path::new(recipe).file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+            let stem = Path::new(recipe)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("run");
             PathBuf::from("runs").join(stem)
         }
         _ => bail!("--out is required (the run directory)"),
@@ -362,12 +398,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Eval(args) => backend::eval(&args.backend, &args.run, args.data_path.as_deref(), args.json.as_deref()),
+        Command::Eval(args) => backend::check(&args.backend).and_then(|()| {
+            backend::eval(
+                &args.backend,
+                &args.run,
+                args.data_path.as_deref(),
+                args.json.as_deref(),
+            )
+        }),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Recipes => {
             for (name, json) in RECIPES {
                 let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");
-                println!("{name:<22} {} on {}, {} sub-nets, {} epochs", c.model, c.data.kind.name(), c.ast.subnets.len(), c.epochs);
+                println!(
+                    "{name:<22} {} on {}, {} sub-nets, {} epochs",
+                    c.model,
+                    c.data.kind.name(),
+                    c.ast.subnets.len(),
+                    c.epochs
+                );
             }
             Ok(())
         }
@@ -388,7 +437,8 @@ mod tests {
     #[test]
     fn shipped_recipes_parse_and_validate() {
         for (name, json) in RECIPES {
-            let c: TrainConfig = serde_json::from_str(json).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let c: TrainConfig =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{name}: {e}"));
             c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
@@ -403,9 +453,18 @@ mod tests {
             ..Default::default()
         };
         let c = apply_overrides(load_recipe("quickstart").unwrap(), o).unwrap();
-        assert_eq!(c.ast.subnets, vec![SubnetTarget::Nm { n: 2, m: 4 }, SubnetTarget::Nm { n: 1, m: 8 }]);
+        assert_eq!(
+            c.ast.subnets,
+            vec![
+                SubnetTarget::Nm { n: 2, m: 4 },
+                SubnetTarget::Nm { n: 1, m: 8 }
+            ]
+        );
         assert_eq!(c.lr, 0.05);
         assert_eq!(c.ast.correction, CorrectionMode::Ema { beta: 0.5 });
-        assert!(parse_nm("2-4").unwrap_err().to_string().contains("expected N:M"));
+        assert!(parse_nm("2-4")
+            .unwrap_err()
+            .to_string()
+            .contains("expected N:M"));
     }
 }

@@ -1,8 +1,8 @@
 //! Tables printed by the CLI.
 
 use anyhow::Result;
-use ast_core::SubnetTarget;
 use ast_core::subnet::{layer_densities, overlap};
+use ast_core::SubnetTarget;
 use ast_train::metrics::SubnetMetrics;
 use ast_train::{RunSummary, TrainConfig};
 use burn::prelude::*;
@@ -15,7 +15,10 @@ fn target(t: &SubnetTarget) -> String {
 }
 
 fn table(targets: &[SubnetTarget], metrics: &[SubnetMetrics]) {
-    println!("{:<7} {:<14} {:>9} {:>9} {:>8} {:>8} {:>8}", "sub-net", "target", "density", "sparsity", "loss", "top-1", "top-5");
+    println!(
+        "{:<7} {:<14} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "sub-net", "target", "density", "sparsity", "loss", "top-1", "top-5"
+    );
     for m in metrics {
         println!(
             "{:<7} {:<14} {:>9.4} {:>8.2}% {:>8.4} {:>7.2}% {:>7.2}%",
@@ -34,20 +37,34 @@ fn table(targets: &[SubnetTarget], metrics: &[SubnetMetrics]) {
 pub fn print_summary(s: &RunSummary) {
     println!("after {} epochs ({:.0} s):", s.epochs, s.seconds);
     table(&s.targets, &s.subnets);
-    println!("best top-1 of the sparsest sub-net: {:.2}%", 100.0 * s.best_sparsest_top1);
+    println!(
+        "best top-1 of the sparsest sub-net: {:.2}%",
+        100.0 * s.best_sparsest_top1
+    );
 }
 
 /// The table of `ast-cli eval`.
 pub fn print_eval(config: &TrainConfig, epochs: usize, metrics: &[SubnetMetrics]) {
-    println!("{} on {} after {epochs} epochs:", config.model, config.data.path.display());
+    println!(
+        "{} on {} after {epochs} epochs:",
+        config.model,
+        config.data.path.display()
+    );
     table(&config.ast.subnets, metrics);
 }
 
 /// Prints per-layer densities and overlaps; returns the CSV text.
 pub fn stats<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<String> {
-    let per_subnet = (0..k).map(|s| layer_densities(model, s)).collect::<Result<Vec<_>, _>>()?;
-    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|a| (a + 1..k).map(move |b| (a, b))).collect();
-    let overlaps = pairs.iter().map(|&(a, b)| overlap(model, a, b)).collect::<Result<Vec<_>, _>>()?;
+    let per_subnet = (0..k)
+        .map(|s| layer_densities(model, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pairs: Vec<(usize, usize)> = (0..k)
+        .flat_map(|a| (a + 1..k).map(move |b| (a, b)))
+        .collect();
+    let overlaps = pairs
+        .iter()
+        .map(|&(a, b)| overlap(model, a, b))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut csv = String::from("layer,weights");
     let mut header = format!("{:<40} {:>9}", "layer", "weights");
     for s in 0..k {

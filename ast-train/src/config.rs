@@ -165,6 +165,12 @@ pub struct TrainConfig {
     /// Threads preparing batches (default: all cores).
     #[serde(default)]
     pub data_threads: Option<usize>,
+    /// Before each evaluation, refresh every sub-net's BatchNorm running statistics with this
+    /// many training-mode forward passes (0: off). A sub-net's statistics are only updated in
+    /// its own iterations while the other sub-nets keep moving the shared weights, so with a
+    /// high learning rate and few epochs they lag behind the weights they normalise.
+    #[serde(default)]
+    pub bn_recalibration_batches: usize,
 }
 
 impl TrainConfig {

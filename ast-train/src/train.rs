@@ -276,6 +276,30 @@ pub fn evaluate<B: AstBackend>(
         .collect()
 }
 
+/// Refreshes every sub-net's BatchNorm running statistics with `batches` training-mode forward
+/// passes over batches of `epoch` (no weight changes); see
+/// [`TrainConfig::bn_recalibration_batches`].
+pub fn recalibrate_batch_norms<B: AutodiffBackend + AstBackend>(
+    model: &AstModel<B>,
+    loader: &Loader,
+    epoch: usize,
+    batches: usize,
+    device: &B::Device,
+) -> Result<()> {
+    let switch = model.switch().clone();
+    let active = switch.get();
+    let subnets = ast_core::subnet::subnet_count(&ast_core::subnet::masked_layers(model))?;
+    for k in 0..subnets {
+        switch.set(k);
+        for b in 0..batches.min(loader.batches_per_epoch()) {
+            let (x, _) = to_tensors::<B>(loader.batch(epoch, b)?, device);
+            let _ = model.forward(x);
+        }
+    }
+    switch.set(active);
+    Ok(())
+}
+
 /// Index of the sparsest sub-net (lowest target density; the first on ties).
 pub fn sparsest(targets: &[SubnetTarget]) -> usize {
     (0..targets.len())
@@ -379,6 +403,15 @@ where
             progress.update(first + i + 1, value);
         }
         state.iteration = ast.iteration();
+        if config.bn_recalibration_batches > 0 {
+            recalibrate_batch_norms(
+                &model,
+                &train_loader,
+                epoch,
+                config.bn_recalibration_batches,
+                device,
+            )?;
+        }
         let eval_model = model.valid();
         last_eval = evaluate(&eval_model, &test_loader, device)?;
         state.best_sparsest_top1 = state.best_sparsest_top1.max(last_eval[sparsest].top1);

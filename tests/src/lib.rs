@@ -10,15 +10,25 @@ use std::process::{Command, Output};
 /// If the binary is missing (run the tests through `cargo test --workspace`).
 pub fn cli_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
     let bin = dir.join(format!("ast-cli{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} is missing: run `cargo test --workspace`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
 /// Runs `ast-cli` with `args` and returns its output.
 pub fn cli(args: &[&str]) -> Output {
-    Command::new(cli_path()).args(args).output().expect("ast-cli runs")
+    Command::new(cli_path())
+        .args(args)
+        .output()
+        .expect("ast-cli runs")
 }
 
 /// stderr of an output as text.
@@ -31,11 +41,19 @@ pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Whether the real Fashion-MNIST files are installed (CI installs them).
 pub fn fashion_mnist_available() -> bool {
-    Path::new(FASHION_MNIST).join("train-images-idx3-ubyte.gz").exists()
+    Path::new(FASHION_MNIST)
+        .join("train-images-idx3-ubyte.gz")
+        .exists()
 }
 
 /// A tiny deterministic pixel pattern: `n` images of `c×h×w` whose class is visible.
-pub fn pattern_images(n: usize, c: usize, h: usize, w: usize, classes: usize) -> (Vec<u8>, Vec<u8>) {
+pub fn pattern_images(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    classes: usize,
+) -> (Vec<u8>, Vec<u8>) {
     let mut pixels = Vec::with_capacity(n * c * h * w);
     let mut labels = Vec::with_capacity(n);
     for i in 0..n {
@@ -44,7 +62,11 @@ pub fn pattern_images(n: usize, c: usize, h: usize, w: usize, classes: usize) ->
             for r in 0..h {
                 for col in 0..w {
                     let on = (r + col + ch) % classes == label as usize;
-                    pixels.push(if on { 220 } else { (i * 7 + r * 3 + col) as u8 % 40 });
+                    pixels.push(if on {
+                        220
+                    } else {
+                        (i * 7 + r * 3 + col) as u8 % 40
+                    });
                 }
             }
         }
@@ -72,7 +94,14 @@ pub fn write_idx(dir: &Path, prefix: &str, n: usize, side: usize) {
 
 /// Writes a CIFAR-10 binary directory with `per_file` records in each of the six files.
 pub fn write_cifar10(dir: &Path, per_file: usize) {
-    let names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"];
+    let names = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ];
     for (f, name) in names.iter().enumerate() {
         let (pixels, labels) = pattern_images(per_file, 3, 32, 32, 10);
         let mut bytes = Vec::new();

@@ -2,7 +2,7 @@
 //! IDX, image folders), read through ast-train's public API.
 
 use ast_tests::{pattern_images, write_cifar10, write_idx};
-use ast_train::data::{Cifar100Labels, ImageFolder, read_cifar10, read_cifar100, read_mnist_dir};
+use ast_train::data::{read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, ImageFolder};
 
 #[test]
 fn cifar10_records_round_trip() {
@@ -10,7 +10,10 @@ fn cifar10_records_round_trip() {
     write_cifar10(dir.path(), 4);
     let (train, test) = read_cifar10(dir.path()).unwrap();
     assert_eq!((train.len(), test.len()), (20, 4));
-    assert_eq!((train.channels, train.height, train.width, train.classes), (3, 32, 32, 10));
+    assert_eq!(
+        (train.channels, train.height, train.width, train.classes),
+        (3, 32, 32, 10)
+    );
     let (pixels, _) = pattern_images(4, 3, 32, 32, 10);
     assert_eq!(test.image(2), &pixels[2 * 3072..3 * 3072]);
 }
@@ -38,10 +41,16 @@ fn idx_plain_files_round_trip() {
     write_idx(dir.path(), "train", 12, 28);
     write_idx(dir.path(), "t10k", 5, 28);
     let (train, test) = read_mnist_dir(dir.path()).unwrap();
-    assert_eq!((train.len(), test.len(), train.height, train.channels), (12, 5, 28, 1));
+    assert_eq!(
+        (train.len(), test.len(), train.height, train.channels),
+        (12, 5, 28, 1)
+    );
     let (pixels, labels) = pattern_images(12, 1, 28, 28, 10);
     assert_eq!(train.images, pixels);
-    assert_eq!(train.labels, labels.iter().map(|&l| l as u16).collect::<Vec<_>>());
+    assert_eq!(
+        train.labels,
+        labels.iter().map(|&l| l as u16).collect::<Vec<_>>()
+    );
 }
 
 #[test]

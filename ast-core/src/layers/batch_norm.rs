@@ -21,7 +21,12 @@ pub fn batch_norm_2d<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B
     let rows = x.reshape([n * c, h * w]);
     let (mean, var) = if B::ad_enabled(&device) {
         let count = (n * h * w) as f64;
-        let sum = rows.clone().sum_dim(1).reshape([n, c]).sum_dim(0).reshape([c]);
+        let sum = rows
+            .clone()
+            .sum_dim(1)
+            .reshape([n, c])
+            .sum_dim(0)
+            .reshape([c]);
         let sum_sq = (rows.clone() * rows.clone())
             .sum_dim(1)
             .reshape([n, c])
@@ -53,7 +58,7 @@ pub fn batch_norm_2d<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{TestBackend, device};
+    use crate::tests::{device, TestBackend};
     use burn::nn::BatchNormConfig;
     use burn::tensor::Tolerance;
 
@@ -86,11 +91,14 @@ mod tests {
         let x = Tensor::<AD, 4>::random([4, 3, 5, 5], burn::tensor::Distribution::Default, &device)
             .require_grad();
         let ours = batch_norm_2d(&bn, x.clone());
-        let theirs = BatchNormConfig::new(3).init::<AD>(&device).forward(x.clone());
+        let theirs = BatchNormConfig::new(3)
+            .init::<AD>(&device)
+            .forward(x.clone());
         ours.clone()
             .into_data()
             .assert_approx_eq::<f32>(&theirs.clone().into_data(), Tolerance::absolute(1e-4));
-        let weights = Tensor::<AD, 4>::random([4, 3, 5, 5], burn::tensor::Distribution::Default, &device);
+        let weights =
+            Tensor::<AD, 4>::random([4, 3, 5, 5], burn::tensor::Distribution::Default, &device);
         let g_ours = x.grad(&(ours * weights.clone()).sum().backward()).unwrap();
         let g_theirs = x.grad(&(theirs * weights).sum().backward()).unwrap();
         g_ours
@@ -105,8 +113,9 @@ mod tests {
         let x = Tensor::<TestBackend, 4>::from_floats([[[[1.0, 3.0]]]], &device);
         // Running mean 0, var 1: y = x / √(1 + 1e-5).
         let s = (1.0f32 + 1e-5).sqrt();
-        batch_norm_2d(&bn, x)
-            .into_data()
-            .assert_approx_eq::<f32>(&TensorData::from([[[[1.0 / s, 3.0 / s]]]]), Tolerance::absolute(1e-6));
+        batch_norm_2d(&bn, x).into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[[[1.0 / s, 3.0 / s]]]]),
+            Tolerance::absolute(1e-6),
+        );
     }
 }

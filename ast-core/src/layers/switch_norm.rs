@@ -3,7 +3,7 @@
 use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 
-use super::{SubnetSwitch, batch_norm_2d};
+use super::{batch_norm_2d, SubnetSwitch};
 
 /// Configuration of a [`SwitchableBatchNorm`].
 #[derive(Config, Debug)]

@@ -1,0 +1,327 @@
+//! Bad input gets one clear error line naming the problem, a non-zero exit, no panic, and
+//! leaves what the user had untouched. Table-driven over the CLI.
+
+use std::path::Path;
+
+use ast_tests::{cli, stderr, write_cifar10, write_idx};
+
+struct Case {
+    name: &'static str,
+    args: Vec<String>,
+    expect: &'static str,
+}
+
+fn case(name: &'static str, args: &[&str], expect: &'static str) -> Case {
+    Case {
+        name,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        expect,
+    }
+}
+
+fn check(case: &Case) {
+    let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+    let output = cli(&args);
+    let err = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "{}: exited with success\n{err}",
+        case.name
+    );
+    assert!(!err.contains("panicked"), "{}: panicked\n{err}", case.name);
+    assert!(
+        err.contains(case.expect),
+        "{}: expected `{}` in\n{err}",
+        case.name,
+        case.expect
+    );
+}
+
+/// Arguments of a tiny quickstart run on `data` into `out`; `extra` flags replace the defaults.
+fn quick(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        ("--epochs", "1"),
+        ("--final-prune-epoch", "1"),
+        ("--train-subset", "32"),
+        ("--test-subset", "16"),
+        ("--batch-size", "16"),
+    ];
+    let mut args: Vec<String> = ["run", "--recipe", "quickstart", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+    }
+    args.extend([
+        "--data-path".into(),
+        data.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn with_args(name: &'static str, args: Vec<String>, expect: &'static str) -> Case {
+    Case { name, args, expect }
+}
+
+#[test]
+fn every_bad_input_is_one_clear_error() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // A good IDX dataset, and broken copies of it.
+    let good = w.join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    write_idx(&good, "train", 40, 28);
+    write_idx(&good, "t10k", 20, 28);
+    let bad_magic = w.join("bad_magic");
+    std::fs::create_dir_all(&bad_magic).unwrap();
+    write_idx(&bad_magic, "train", 40, 28);
+    write_idx(&bad_magic, "t10k", 20, 28);
+    let mut bytes = std::fs::read(bad_magic.join("train-images-idx3-ubyte")).unwrap();
+    bytes[3] = 0x02;
+    std::fs::write(bad_magic.join("train-images-idx3-ubyte"), &bytes).unwrap();
+    let truncated = w.join("truncated");
+    std::fs::create_dir_all(&truncated).unwrap();
+    write_idx(&truncated, "train", 40, 28);
+    write_idx(&truncated, "t10k", 20, 28);
+    let bytes = std::fs::read(truncated.join("t10k-images-idx3-ubyte")).unwrap();
+    std::fs::write(
+        truncated.join("t10k-images-idx3-ubyte"),
+        &bytes[..bytes.len() - 100],
+    )
+    .unwrap();
+    // CIFAR with a torn file.
+    let cifar = w.join("cifar");
+    std::fs::create_dir_all(&cifar).unwrap();
+    write_cifar10(&cifar, 2);
+    std::fs::write(cifar.join("data_batch_3.bin"), vec![0u8; 3073 + 10]).unwrap();
+    // Image folders: no classes; an undecodable image.
+    let empty = w.join("empty_folder");
+    std::fs::create_dir_all(empty.join("train")).unwrap();
+    std::fs::create_dir_all(empty.join("val")).unwrap();
+    let garbage = w.join("garbage_folder");
+    for split in ["train", "val"] {
+        std::fs::create_dir_all(garbage.join(split).join("cat")).unwrap();
+        std::fs::write(
+            garbage.join(split).join("cat").join("x.JPEG"),
+            b"not a jpeg",
+        )
+        .unwrap();
+    }
+    // An output path below a regular file cannot be created.
+    let file = w.join("a_file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = |n: &str| w.join("runs").join(n);
+
+    let cases = vec![
+        with_args(
+            "missing data directory",
+            quick(&w.join("nope"), &out("a"), &[]),
+            "does not exist",
+        ),
+        with_args(
+            "CIFAR size",
+            quick(
+                &cifar,
+                &out("b"),
+                &["--dataset", "cifar10", "--model", "resnet20"],
+            ),
+            "not a whole number",
+        ),
+        with_args("IDX magic", quick(&bad_magic, &out("c"), &[]), "magic"),
+        with_args(
+            "IDX truncated",
+            quick(&truncated, &out("d"), &[]),
+            "truncated",
+        ),
+        with_args(
+            "folder without classes",
+            quick(
+                &empty,
+                &out("e"),
+                &["--dataset", "imagenet", "--model", "resnet50-imagenet"],
+            ),
+            "no class",
+        ),
+        with_args(
+            "unreadable image",
+            quick(
+                &garbage,
+                &out("f"),
+                &[
+                    "--dataset",
+                    "imagenet",
+                    "--model",
+                    "resnet50-imagenet",
+                    "--batch-size",
+                    "1",
+                    "--train-subset",
+                    "1",
+                ],
+            ),
+            "cannot decode image",
+        ),
+        case(
+            "unknown model",
+            &["run", "--model", "resnet7", "--out", "/tmp/x"],
+            "unknown model `resnet7`",
+        ),
+        case(
+            "unknown dataset",
+            &["run", "--dataset", "svhn", "--out", "/tmp/x"],
+            "unknown dataset `svhn`",
+        ),
+        case(
+            "unknown recipe",
+            &["run", "--recipe", "imagenet-22k"],
+            "unknown recipe `imagenet-22k`",
+        ),
+        case(
+            "unknown backend",
+            &["run", "--backend", "tpu"],
+            "invalid value 'tpu'",
+        ),
+        with_args(
+            "backend not compiled",
+            quick(&good, &out("g"), &["--backend", "cuda"]),
+            "not compiled",
+        ),
+        with_args(
+            "density 0",
+            quick(&good, &out("h"), &["--densities", "0.5,0"]),
+            "`subnets.density` must lie in (0, 1], got 0",
+        ),
+        with_args(
+            "density above 1",
+            quick(&good, &out("i"), &["--densities", "1.5"]),
+            "`subnets.density` must lie in (0, 1], got 1.5",
+        ),
+        with_args(
+            "N above M",
+            quick(&good, &out("j"), &["--nm", "5:4"]),
+            "1 ≤ N ≤ M, got 5:4",
+        ),
+        with_args(
+            "negative lr",
+            quick(&good, &out("k"), &["--lr", "-0.1"]),
+            "`lr` must be a finite number > 0",
+        ),
+        with_args(
+            "zero epochs",
+            quick(&good, &out("l"), &["--epochs", "0"]),
+            "`epochs` must be ≥ 1",
+        ),
+        with_args(
+            "final prune epoch after the end",
+            quick(&good, &out("m"), &["--final-prune-epoch", "5"]),
+            "final_prune_epoch` 5 is after the last epoch",
+        ),
+        with_args(
+            "unwritable output",
+            quick(&good, &file.join("run"), &[]),
+            "cannot write to output directory",
+        ),
+        case(
+            "resume without a run",
+            &[
+                "run",
+                "--resume",
+                "--out",
+                w.join("runs/none").to_str().unwrap(),
+            ],
+            "cannot resume",
+        ),
+        with_args(
+            "N:M on an indivisible layer",
+            quick(&good, &out("n"), &["--model", "mobilenetv1", "--nm", "1:4"]),
+            "is not divisible by M = 4",
+        ),
+    ];
+    for case in &cases {
+        check(case);
+    }
+}
+
+#[test]
+fn an_existing_run_is_never_overwritten_without_consent() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 32, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    let first = cli(&quick(&data, &out, &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let config = std::fs::read(out.join("config.json")).unwrap();
+    let model = std::fs::read(out.join("checkpoints/epoch-0001/model.safetensors")).unwrap();
+
+    check(&with_args(
+        "run exists",
+        quick(&data, &out, &["--lr", "0.5"]),
+        "already holds a run",
+    ));
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), config);
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/epoch-0001/model.safetensors")).unwrap(),
+        model
+    );
+
+    // A corrupt checkpoint is refused on resume, and named.
+    let ckpt = out.join("checkpoints/epoch-0001/model.safetensors");
+    std::fs::write(&ckpt, b"garbage").unwrap();
+    check(&case(
+        "corrupt checkpoint",
+        &["run", "--resume", "--out", out.to_str().unwrap()],
+        "cannot resume from",
+    ));
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 64, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    // Epoch 1 trains normally and checkpoints; resumed with lr 1e30 the loss overflows within
+    // a few iterations, and the run stops without writing a checkpoint after it.
+    let first = cli(&quick(&data, &out, &["--epochs", "2"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let config = out.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["lr"] = serde_json::json!(1e30);
+    value["epochs"] = serde_json::json!(4);
+    std::fs::write(&config, serde_json::to_string(&value).unwrap()).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/epoch-0002")).unwrap();
+    std::fs::write(out.join("checkpoints/latest"), "epoch-0001").unwrap();
+    check(&case(
+        "non-finite loss",
+        &["run", "--resume", "--out", out.to_str().unwrap()],
+        "loss became",
+    ));
+    // The run stopped before its end; the checkpoint `latest` names is complete and good.
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert!(
+        ["epoch-0001", "epoch-0002", "epoch-0003"].contains(&latest.as_str()),
+        "{latest}"
+    );
+    assert!(out
+        .join("checkpoints")
+        .join(&latest)
+        .join("model.safetensors")
+        .exists());
+    assert!(!out.join("checkpoints/epoch-0004").exists());
+}

@@ -1,0 +1,89 @@
+//! `ast-cli` end to end on real Fashion-MNIST (Debian's `dataset-fashion-mnist`, installed by
+//! `.ci/run`): a short AST run with three sub-nets, then `eval` and `stats` on its run directory.
+
+use ast_tests::{cli, fashion_mnist_available, stderr, FASHION_MNIST};
+
+#[test]
+fn run_eval_and_stats_on_real_fashion_mnist() {
+    if !fashion_mnist_available() {
+        eprintln!(
+            "skipping: {FASHION_MNIST} is not installed (`apt-get install dataset-fashion-mnist`)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let output = cli(&[
+        "run",
+        "--recipe",
+        "quickstart",
+        "--out",
+        out_s,
+        "--quiet",
+        "--train-subset",
+        "1536",
+        "--test-subset",
+        "500",
+        "--epochs",
+        "2",
+        "--final-prune-epoch",
+        "1",
+        "--update-frequency",
+        "4",
+        "--subnet-offset",
+        "1",
+        "--densities",
+        "0.5,0.2,0.1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("sub-net"), "{stdout}");
+
+    // Every sub-net reached its density and learned something (10 classes: chance is 10 %).
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let subnets = summary["subnets"].as_array().unwrap();
+    assert_eq!(subnets.len(), 3);
+    for (s, target) in subnets.iter().zip([0.5, 0.2, 0.1]) {
+        let density = s["density"].as_f64().unwrap();
+        assert!((density - target).abs() < 0.01, "{s}");
+        assert!(s["top1"].as_f64().unwrap() > 0.4, "{s}");
+    }
+    // Per-epoch metrics, both formats; the resolved config; checkpoints.
+    let jsonl = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 2);
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 3);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["epochs"], 2);
+    assert_eq!(config["ast"]["schedule"]["update_frequency"], 4);
+    assert!(out
+        .join("checkpoints/epoch-0002/model.safetensors")
+        .exists());
+
+    let output = cli(&["eval", "--run", out_s]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    for (e, s) in eval["subnets"].as_array().unwrap().iter().zip(subnets) {
+        assert_eq!(
+            e["top1"], s["top1"],
+            "eval of the checkpoint reproduces the run's last evaluation"
+        );
+    }
+
+    let output = cli(&["stats", "--run", out_s]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stats = std::fs::read_to_string(out.join("stats.csv")).unwrap();
+    assert!(
+        stats.starts_with("layer,weights,density_0,density_1,density_2,iou_0_1"),
+        "{stats}"
+    );
+    assert_eq!(
+        stats.lines().count(),
+        1 + 4,
+        "header + the 4 masked layers of small-cnn"
+    );
+}
