@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train (or resume) a run.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Evaluate every sub-net of a run's last checkpoint.
     Eval(EvalArgs),
     /// Per-layer density of each sub-net and mask overlap between sub-nets.
@@ -397,7 +397,7 @@ fn run(args: RunArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Eval(args) => backend::check(&args.backend).and_then(|()| {
             backend::eval(
                 &args.backend,
