@@ -12,6 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use crate::report;
 use crate::{BackendArgs, BackendKind};
 
+#[cfg_attr(all(feature = "ndarray", feature = "cuda"), allow(dead_code))]
 fn not_compiled(name: &str) -> anyhow::Error {
     anyhow::anyhow!(
         "backend `{name}` is not compiled into this binary; rebuild with `cargo build --release -p ast-cli --features {name}`"
