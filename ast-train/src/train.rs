@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use ast_core::subnet::{density, sync_running_stats};
 use ast_core::{AstBackend, AstStep, SubnetTarget};
-use ast_models::{AstModel, ModelKind};
+use ast_models::AstModel;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
@@ -494,9 +494,4 @@ fn checkpoint_classes(config: &TrainConfig) -> Result<usize> {
             .classes()
             .len(),
     })
-}
-
-/// The model kind's expected input side, re-exported for the CLI.
-pub fn input_side(kind: ModelKind) -> usize {
-    kind.image_size()
 }
