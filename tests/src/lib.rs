@@ -6,8 +6,12 @@ use std::process::{Command, Output};
 
 /// The `ast-cli` binary that `cargo test --workspace` built next to the test executables.
 ///
+/// Cargo builds a package's binaries only for that package's own integration tests; the
+/// `ast-cli/tests/binary.rs` test is what makes `cargo test --workspace` build this one.
+///
 /// # Panics
-/// If the binary is missing (run the tests through `cargo test --workspace`).
+/// If the binary is missing (run the tests through `cargo test --workspace`, not `-p ast-tests`
+/// alone on a clean checkout).
 pub fn cli_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
