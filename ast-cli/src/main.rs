@@ -47,6 +47,8 @@ enum Command {
     Stats(StatsArgs),
     /// List the shipped recipes.
     Recipes,
+    /// Images/s of the AST training step (random inputs and masks; no run directory).
+    Bench(BenchArgs),
 }
 
 /// Where to compute.
@@ -210,6 +212,84 @@ struct StatsArgs {
     /// Write the per-layer table as CSV here (default: <run>/stats.csv).
     #[arg(long)]
     csv: Option<PathBuf>,
+}
+
+/// Gradient correction in the timed step.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchCorrection {
+    /// No correction (as the PyTorch baseline).
+    Off,
+    /// Projection onto the previous sub-net's gradient.
+    Projection,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Model (as in `run --model`).
+    #[arg(long, default_value = "resnet32")]
+    model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Timed steps; the median is reported.
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Untimed steps first (CUDA compiles and tunes kernels on the first ones).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Number of sub-nets K.
+    #[arg(long, default_value_t = 3)]
+    subnets: usize,
+    /// Density of every sub-net's random mask.
+    #[arg(long, default_value_t = 0.05, allow_hyphen_values = true)]
+    density: f64,
+    /// Gradient correction.
+    #[arg(long, value_enum, default_value_t = BenchCorrection::Off)]
+    correction: BenchCorrection,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the timings as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let model: ast_models::ModelKind = args.model.parse()?;
+    let job = ast_train::bench::StepBench {
+        model,
+        batch: args.batch,
+        steps: args.steps,
+        warmup: args.warmup,
+        subnets: args.subnets,
+        density: args.density,
+        correction: match args.correction {
+            BenchCorrection::Off => CorrectionMode::Off,
+            BenchCorrection::Projection => CorrectionMode::Projection,
+        },
+        seed: args.seed,
+    };
+    let timing = backend::dispatch(&args.backend, backend::Bench(job))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "model={} batch={} backend={:?} threads={threads} median_step_s={:.4} images_per_s={:.1} \
+         (forward {:.4} s, backward {:.4} s, update {:.4} s)",
+        timing.model,
+        timing.batch,
+        args.backend.backend,
+        timing.median_step_s,
+        timing.images_per_s,
+        timing.median_forward_s,
+        timing.median_backward_s,
+        timing.median_update_s
+    );
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&timing)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn load_recipe(name: &str) -> Result<TrainConfig> {
@@ -384,7 +464,13 @@ fn run(args: RunArgs) -> Result<()> {
             args.backend.backend
         );
     }
-    let summary = backend::train(&args.backend, config, &opts)?;
+    let summary = backend::dispatch(
+        &args.backend,
+        backend::Train {
+            config,
+            opts: &opts,
+        },
+    )?;
     if summary.interrupted {
         eprintln!("stopped after the requested number of iterations");
         return Ok(());
@@ -398,14 +484,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Eval(args) => backend::check(&args.backend).and_then(|()| {
-            backend::eval(
-                &args.backend,
-                &args.run,
-                args.data_path.as_deref(),
-                args.json.as_deref(),
-            )
-        }),
+        Command::Eval(args) => backend::dispatch(
+            &args.backend,
+            backend::Eval {
+                run: &args.run,
+                data_path: args.data_path.as_deref(),
+                json: args.json.as_deref(),
+            },
+        ),
+        Command::Bench(args) => bench(args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Recipes => {
             for (name, json) in RECIPES {

@@ -516,7 +516,7 @@ mod tests {
     use crate::config::{CorrectionMode, MaskScheduleConfig};
     use crate::layers::{mask_param, MaskedLinear, MaskedLinearConfig};
     use crate::subnet::{density, read_masks, replace_masks};
-    use crate::testing::{synthetic_batch, TinyNet};
+    use crate::testing::{tiny_config, train_tiny, TinyNet};
     use crate::tests::{device, TestBackend};
     use burn::optim::momentum::MomentumConfig;
     use burn::optim::{Optimizer, SgdConfig};
@@ -707,47 +707,12 @@ mod tests {
             .contains("layer `fc`: input size 6 is not divisible by M = 4"));
     }
 
-    fn tiny_config(subnets: Vec<SubnetTarget>) -> AstConfig {
-        let mut config = AstConfig::new(subnets);
-        config.schedule = MaskScheduleConfig {
-            update_frequency: 4,
-            init_prune_epoch: 0,
-            final_prune_epoch: 3,
-            subnet_offset: 2,
-            ..MaskScheduleConfig::default()
-        };
-        config.sgd.weight_decay = 1e-4;
-        config.seed = 11;
-        config
-    }
-
-    /// Trains `TinyNet` for `steps` AST iterations (10 per epoch); returns the model, the losses
-    /// and the reports.
     fn train(
         config: AstConfig,
         steps: usize,
         seed: u64,
     ) -> (TinyNet<AD>, Vec<f32>, Vec<StepReport>) {
-        let device = device();
-        TestBackend::seed(&device, seed);
-        let switch = SubnetSwitch::new();
-        let k = config.subnets.len();
-        let model = TinyNet::<AD>::new(k, &switch, &device);
-        let mut ast = AstStep::new(config, &model, &switch, 10, steps).unwrap();
-        let mut model = ast.init_masks(model);
-        let (mut losses, mut reports) = (Vec::new(), Vec::new());
-        for t in 0..steps {
-            ast.begin();
-            let (x, y) = synthetic_batch::<AD>(16, t as u64, &device);
-            let loss = burn::nn::loss::CrossEntropyLossConfig::new()
-                .init(&device)
-                .forward(model.forward(x), y);
-            losses.push(loss.clone().into_scalar());
-            let (m, report) = ast.step(model, loss.backward(), 0.05);
-            model = m;
-            reports.push(report);
-        }
-        (model, losses, reports)
+        train_tiny::<AD>(config, steps, seed, &device())
     }
 
     #[test]
@@ -785,39 +750,6 @@ mod tests {
             })
             .count();
         assert!(ramps >= 6, "{ramps} ramp events");
-    }
-
-    #[test]
-    fn same_seed_same_run_bit_for_bit() {
-        let targets = vec![
-            SubnetTarget::Density(0.5),
-            SubnetTarget::Density(0.2),
-            SubnetTarget::Nm { n: 2, m: 4 },
-        ];
-        let (a, la, _) = train(tiny_config(targets.clone()), 50, 5);
-        let (b, lb, _) = train(tiny_config(targets), 50, 5);
-        assert_eq!(
-            la.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
-            lb.iter().map(|l| l.to_bits()).collect::<Vec<_>>()
-        );
-        let wa = crate::subnet::read_params(
-            &a,
-            &crate::subnet::masked_layers(&a)
-                .iter()
-                .map(|l| l.weight_id)
-                .collect::<Vec<_>>(),
-        );
-        let wb = crate::subnet::read_params(
-            &b,
-            &crate::subnet::masked_layers(&b)
-                .iter()
-                .map(|l| l.weight_id)
-                .collect::<Vec<_>>(),
-        );
-        assert_eq!(wa, wb);
-        for k in 0..3 {
-            assert_eq!(read_masks(&a, k).unwrap(), read_masks(&b, k).unwrap());
-        }
     }
 
     #[test]

@@ -4,16 +4,21 @@
 //! method quickly and deterministically.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
 
 use crate::backend::AstBackend;
+use crate::config::{AstConfig, MaskScheduleConfig, SubnetTarget};
 use crate::layers::{
     MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
     SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
 use crate::rng::MaskRng;
+use crate::step::{AstStep, StepReport};
 
 /// Side of the synthetic images.
 pub const SIDE: usize = 8;
@@ -97,4 +102,50 @@ pub fn synthetic_batch<B: Backend>(
         Tensor::from_data(TensorData::new(pixels, [batch, 1, SIDE, SIDE]), device),
         Tensor::from_data(TensorData::new(labels, [batch]), device),
     )
+}
+
+/// The AST config of the tiny-model tests: a ramp over epochs 0..3, mask events every 4 own
+/// iterations, sub-net offset 2, weight decay 1e-4, mask seed 11.
+pub fn tiny_config(subnets: Vec<SubnetTarget>) -> AstConfig {
+    let mut config = AstConfig::new(subnets);
+    config.schedule = MaskScheduleConfig {
+        update_frequency: 4,
+        init_prune_epoch: 0,
+        final_prune_epoch: 3,
+        subnet_offset: 2,
+        ..MaskScheduleConfig::default()
+    };
+    config.sgd.weight_decay = 1e-4;
+    config.seed = 11;
+    config
+}
+
+/// Trains [`TinyNet`] for `steps` AST iterations (10 per epoch, batch 16, lr 0.05) after seeding
+/// the backend with `seed`; returns the model, the losses and the step reports.
+///
+/// The weights are drawn from the backend's process-wide generator: two runs are bit-identical
+/// only if nothing else draws from it meanwhile (run such comparisons in their own process).
+pub fn train_tiny<B: AutodiffBackend + AstBackend>(
+    config: AstConfig,
+    steps: usize,
+    seed: u64,
+    device: &B::Device,
+) -> (TinyNet<B>, Vec<f32>, Vec<StepReport>) {
+    B::seed(device, seed);
+    let switch = SubnetSwitch::new();
+    let model = TinyNet::<B>::new(config.subnets.len(), &switch, device);
+    let mut ast = AstStep::new(config, &model, &switch, 10, steps).expect("valid tiny config");
+    let mut model = ast.init_masks(model);
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let (mut losses, mut reports) = (Vec::new(), Vec::new());
+    for t in 0..steps {
+        ast.begin();
+        let (x, y) = synthetic_batch::<B>(16, t as u64, device);
+        let loss = loss_fn.forward(model.forward(x), y);
+        losses.push(loss.clone().into_scalar().elem::<f32>());
+        let (m, report) = ast.step(model, loss.backward(), 0.05);
+        model = m;
+        reports.push(report);
+    }
+    (model, losses, reports)
 }

@@ -23,6 +23,9 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// The compute device failed.
+    #[error("device error: {0}")]
+    Device(String),
     /// The output directory already holds a run.
     #[error(
         "{0} already holds a run (config.json); pass --resume to continue it or --overwrite to replace it"

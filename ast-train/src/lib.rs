@@ -7,6 +7,7 @@
 //! bit-identically.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

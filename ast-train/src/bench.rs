@@ -1,0 +1,167 @@
+//! Throughput of the AST training step on any backend: switch to sub-net `t mod K`, forward,
+//! cross-entropy, backward, gradient masking, masked SGD — the counterpart of the PyTorch
+//! baseline `torch_ast_step.py` (same models, random masks of one density, random inputs).
+//!
+//! Mask updates are not timed: they run once per ~1000 iterations in a real run.
+
+use std::time::Instant;
+
+use ast_core::{AstBackend, AstConfig, AstStep, CorrectionMode, MaskScheduleConfig, SubnetTarget};
+use ast_models::{AstModel, ModelKind};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Distribution;
+use serde::Serialize;
+
+use crate::error::{Result, TrainError};
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    /// The model.
+    pub model: ModelKind,
+    /// Images per step.
+    pub batch: usize,
+    /// Timed steps (the median is reported).
+    pub steps: usize,
+    /// Untimed steps first (CUDA compiles and tunes its kernels on the first ones).
+    pub warmup: usize,
+    /// Number of sub-nets K.
+    pub subnets: usize,
+    /// Density of every sub-net's random (ERK) mask.
+    pub density: f64,
+    /// Gradient correction mode.
+    pub correction: CorrectionMode,
+    /// Seed of the weights, masks and inputs.
+    pub seed: u64,
+}
+
+/// Timings of [`StepBench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    /// The model's name.
+    pub model: String,
+    /// Images per step.
+    pub batch: usize,
+    /// Seconds of every timed step, in order.
+    pub step_s: Vec<f64>,
+    /// Median seconds per step.
+    pub median_step_s: f64,
+    /// Median seconds of the forward pass and loss.
+    pub median_forward_s: f64,
+    /// Median seconds of the backward pass.
+    pub median_backward_s: f64,
+    /// Median seconds of the AST update (gradient masking, correction, masked SGD).
+    pub median_update_s: f64,
+    /// `batch / median_step_s`.
+    pub images_per_s: f64,
+}
+
+/// Runs `bench.warmup + bench.steps` AST steps of `bench.model` on `device` and times each one
+/// up to the end of its device work.
+pub fn step_throughput<B>(bench: &StepBench, device: &B::Device) -> Result<StepTiming>
+where
+    B: AutodiffBackend + AstBackend,
+{
+    for (field, value) in [
+        ("batch", bench.batch),
+        ("steps", bench.steps),
+        ("subnets", bench.subnets),
+    ] {
+        if value == 0 {
+            return Err(TrainError::Config {
+                field,
+                reason: "must be ≥ 1".into(),
+            });
+        }
+    }
+    B::seed(device, bench.seed);
+    let classes = 10;
+    let side = bench.model.image_size();
+    let model = AstModel::<B>::new(bench.model, classes, bench.subnets, device);
+    let switch = model.switch().clone();
+    let mut config = AstConfig::new(vec![SubnetTarget::Density(bench.density); bench.subnets]);
+    config.correction = bench.correction;
+    config.seed = bench.seed;
+    config.schedule = MaskScheduleConfig {
+        init_density: bench.density,
+        update_frequency: usize::MAX,
+        ..Default::default()
+    };
+    let total = bench.warmup + bench.steps;
+    let mut ast = AstStep::<B>::new(config, &model, &switch, total, total)?;
+    let mut model = ast.init_masks(model);
+    let x = Tensor::<B, 4>::random([bench.batch, 3, side, side], Distribution::Default, device);
+    let labels: Vec<i64> = (0..bench.batch as i64)
+        .map(|i| i % classes as i64)
+        .collect();
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [bench.batch]), device);
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let sync = || B::sync(device).map_err(|e| TrainError::Device(format!("{e:?}")));
+    // Per timed step: [total, forward, backward, update] seconds.
+    let mut phases: Vec<[f64; 4]> = Vec::with_capacity(bench.steps);
+    for i in 0..total {
+        let start = Instant::now();
+        ast.begin();
+        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+        sync()?;
+        let forward = start.elapsed().as_secs_f64();
+        let grads = loss.backward();
+        sync()?;
+        let backward = start.elapsed().as_secs_f64();
+        model = ast.step(model, grads, 0.1).0;
+        sync()?;
+        let end = start.elapsed().as_secs_f64();
+        if i >= bench.warmup {
+            phases.push([end, forward, backward - forward, end - backward]);
+        }
+    }
+    let median = |phase: usize| {
+        let mut v: Vec<f64> = phases.iter().map(|p| p[phase]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let median_step_s = median(0);
+    Ok(StepTiming {
+        model: bench.model.to_string(),
+        batch: bench.batch,
+        step_s: phases.iter().map(|p| p[0]).collect(),
+        median_step_s,
+        median_forward_s: median(1),
+        median_backward_s: median(2),
+        median_update_s: median(3),
+        images_per_s: bench.batch as f64 / median_step_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    #[test]
+    fn times_every_requested_step_and_rejects_empty_work() {
+        let bench = StepBench {
+            model: ModelKind::SmallCnn,
+            batch: 4,
+            steps: 3,
+            warmup: 1,
+            subnets: 2,
+            density: 0.2,
+            correction: CorrectionMode::Projection,
+            seed: 1,
+        };
+        let t = step_throughput::<Autodiff<Flex>>(&bench, &Default::default()).unwrap();
+        assert_eq!(t.step_s.len(), 3);
+        assert!(t.step_s.iter().all(|&s| s > 0.0));
+        assert!(t.step_s.contains(&t.median_step_s));
+        assert!((t.images_per_s - 4.0 / t.median_step_s).abs() < 1e-9);
+        let longest = t.step_s.iter().copied().fold(0.0, f64::max);
+        for part in [t.median_forward_s, t.median_backward_s, t.median_update_s] {
+            assert!(part > 0.0 && part <= longest, "{t:?}");
+        }
+        let empty = StepBench { steps: 0, ..bench };
+        assert!(step_throughput::<Autodiff<Flex>>(&empty, &Default::default()).is_err());
+    }
+}
