@@ -515,8 +515,9 @@ mod tests {
     use super::*;
     use crate::config::{CorrectionMode, MaskScheduleConfig};
     use crate::layers::{mask_param, MaskedLinear, MaskedLinearConfig};
-    use crate::subnet::{density, read_masks, replace_masks};
-    use crate::testing::{tiny_config, train_tiny, TinyNet};
+    use crate::schedule::MaskEvent;
+    use crate::subnet::{density, mask_vec, read_masks, replace_masks};
+    use crate::testing::{synthetic_batch, tiny_config, train_tiny, TinyNet};
     use crate::tests::{device, TestBackend};
     use burn::optim::momentum::MomentumConfig;
     use burn::optim::{Optimizer, SgdConfig};
@@ -750,6 +751,100 @@ mod tests {
             })
             .count();
         assert!(ramps >= 6, "{ramps} ramp events");
+    }
+
+    struct FreshLeaves;
+
+    impl ModuleMapper<AD> for FreshLeaves {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+            p.map(|t| t.detach().require_grad())
+        }
+    }
+
+    #[test]
+    fn momentum_reset_zeroes_only_the_velocity_of_regrown_weights() {
+        // Two identical runs, one with `reset_momentum_on_regrow`; at the first post-ramp
+        // regrow event the step updates v ← μ·v + d on active positions, so at a regrown
+        // position v_off − v_on = μ·v_before, and everywhere else both runs agree bit for bit.
+        let device = device();
+        TestBackend::seed(&device, 3);
+        // No ramp (masks start at their density), so the first mask event is a regrow and the
+        // two runs are identical up to it; the two sub-nets' masks differ, so weights inactive
+        // in one carry momentum from the other.
+        let mut config = tiny_config(vec![SubnetTarget::Density(0.5); 2]);
+        config.schedule.init_density = 0.5;
+        config.schedule.final_prune_epoch = 0;
+        let switch = SubnetSwitch::new();
+        let model = TinyNet::<AD>::new(2, &switch, &device);
+        let mut on_config = config.clone();
+        on_config.reset_momentum_on_regrow = true;
+        let mut off = AstStep::new(config, &model, &switch, 10, 200).unwrap();
+        let mut on = AstStep::new(on_config, &model, &switch, 10, 200).unwrap();
+        // burn initialises parameters lazily, per copy: materialise them before cloning. The
+        // copy gets fresh autodiff leaves (two graphs sharing leaves would be merged).
+        let model = model.map(&mut FreshLeaves);
+        let copy = model.clone().map(&mut FreshLeaves);
+        let (mut m_off, mut m_on) = (off.init_masks(model), on.init_masks(copy));
+        let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
+        let ids: Vec<ParamId> = off.layers().iter().map(|l| l.weight_id).collect();
+        let flat = |ast: &AstStep<AD>, id| -> Vec<f32> {
+            ast.velocity(id)
+                .map_or_else(Vec::new, |v| v.into_data().to_vec().unwrap())
+        };
+        let mut checked = 0;
+        for t in 0..200 {
+            let k = off.begin();
+            let (x, y) = synthetic_batch::<AD>(16, t as u64, &device);
+            let before_masks = read_masks(&m_off, k).unwrap();
+            let before: Vec<Vec<f32>> = ids.iter().map(|&id| flat(&off, id)).collect();
+            let grads_off = loss_fn
+                .forward(m_off.forward(x.clone()), y.clone())
+                .backward();
+            let (next_off, report) = off.step(m_off, grads_off, 0.05);
+            on.begin();
+            let grads_on = loss_fn.forward(m_on.forward(x), y).backward();
+            m_on = on.step(m_on, grads_on, 0.05).0;
+            m_off = next_off;
+            let regrow = matches!(
+                report.mask_update,
+                Some(MaskUpdate { event: MaskEvent::Regrow, changed, .. }) if changed > 0
+            );
+            if !regrow {
+                continue;
+            }
+            let after_masks = read_masks(&m_off, k).unwrap();
+            for (l, &id) in ids.iter().enumerate() {
+                let (v_off, v_on) = (flat(&off, id), flat(&on, id));
+                let was = mask_vec(before_masks[l].clone());
+                let now = mask_vec(after_masks[l].clone());
+                for i in 0..v_off.len() {
+                    let v_before = before[l].get(i).copied().unwrap_or(0.0);
+                    if now[i] && !was[i] {
+                        let expected = 0.9 * v_before;
+                        assert!(
+                            (v_off[i] - v_on[i] - expected).abs() <= 1e-6 + 1e-4 * expected.abs(),
+                            "layer {l} position {i}: off {} on {} before {v_before}",
+                            v_off[i],
+                            v_on[i]
+                        );
+                        if v_before.abs() > 1e-5 {
+                            checked += 1;
+                        }
+                    } else if !now[i] {
+                        assert_eq!(v_off[i].to_bits(), v_on[i].to_bits());
+                        assert_eq!(
+                            v_off[i].to_bits(),
+                            v_before.to_bits(),
+                            "layer {l} position {i} was {} off {} before {v_before}",
+                            was[i],
+                            v_off[i]
+                        );
+                    }
+                }
+            }
+            break;
+        }
+        assert!(checked > 0, "no regrown weight with a non-zero velocity");
     }
 
     #[test]
