@@ -258,6 +258,14 @@ struct BenchArgs {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let model: ast_models::ModelKind = args.model.parse()?;
+    if let Some(dir) = args.json.as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            bail!(
+                "cannot write the timings: {} is not a directory",
+                dir.display()
+            );
+        }
+    }
     let job = ast_train::bench::StepBench {
         model,
         batch: args.batch,

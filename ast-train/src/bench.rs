@@ -76,11 +76,12 @@ where
             });
         }
     }
-    B::seed(device, bench.seed);
-    let classes = 10;
-    let side = bench.model.image_size();
-    let model = AstModel::<B>::new(bench.model, classes, bench.subnets, device);
-    let switch = model.switch().clone();
+    if !(bench.density > 0.0 && bench.density <= 1.0) {
+        return Err(TrainError::Config {
+            field: "density",
+            reason: format!("must lie in (0, 1], got {}", bench.density),
+        });
+    }
     let mut config = AstConfig::new(vec![SubnetTarget::Density(bench.density); bench.subnets]);
     config.correction = bench.correction;
     config.seed = bench.seed;
@@ -89,6 +90,12 @@ where
         update_frequency: usize::MAX,
         ..Default::default()
     };
+    config.validate()?;
+    B::seed(device, bench.seed);
+    let classes = 10;
+    let side = bench.model.image_size();
+    let model = AstModel::<B>::new(bench.model, classes, bench.subnets, device);
+    let switch = model.switch().clone();
     let total = bench.warmup + bench.steps;
     let mut ast = AstStep::<B>::new(config, &model, &switch, total, total)?;
     let mut model = ast.init_masks(model);

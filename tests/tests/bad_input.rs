@@ -241,6 +241,35 @@ fn every_bad_input_is_one_clear_error() {
             quick(&good, &out("n"), &["--model", "mobilenetv1", "--nm", "1:4"]),
             "is not divisible by M = 4",
         ),
+        case(
+            "bench: unknown model",
+            &["bench", "--model", "resnet33"],
+            "unknown model `resnet33`",
+        ),
+        case(
+            "bench: density 0",
+            &["bench", "--model", "small-cnn", "--density", "0"],
+            "`density` must lie in (0, 1], got 0",
+        ),
+        case(
+            "bench: zero batch",
+            &["bench", "--batch", "0"],
+            "`batch` must be ≥ 1",
+        ),
+        case(
+            "bench: timings into a missing directory",
+            &[
+                "bench",
+                "--json",
+                w.join("nowhere/t.json").to_str().unwrap(),
+            ],
+            "is not a directory",
+        ),
+        case(
+            "bench: backend not compiled in",
+            &["bench", "--backend", "cuda"],
+            "not compiled into this binary",
+        ),
     ];
     for case in &cases {
         check(case);
