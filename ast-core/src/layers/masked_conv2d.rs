@@ -129,13 +129,7 @@ impl<B: Backend> MaskedConv2d<B> {
     /// # Panics
     /// If the active sub-net index is not below the number of masks.
     pub fn active_mask(&self) -> Tensor<B, 4, Bool> {
-        let k = self.switch.get();
-        assert!(
-            k < self.masks.len(),
-            "sub-net {k} is active but the layer has {} masks",
-            self.masks.len()
-        );
-        self.masks[k].val()
+        super::active_mask(&self.switch, &self.masks)
     }
 }
 

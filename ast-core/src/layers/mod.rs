@@ -32,3 +32,20 @@ pub fn mask_param<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D, Bool>> {
     Param::initialized(ParamId::new(), mask)
 }
+
+/// The mask of the sub-net `switch` selects.
+///
+/// # Panics
+/// If the active sub-net index is not below the number of masks.
+pub(crate) fn active_mask<B: Backend, const D: usize>(
+    switch: &SubnetSwitch,
+    masks: &[Param<Tensor<B, D, Bool>>],
+) -> Tensor<B, D, Bool> {
+    let k = switch.get();
+    assert!(
+        k < masks.len(),
+        "sub-net {k} is active but the layer has {} masks",
+        masks.len()
+    );
+    masks[k].val()
+}
