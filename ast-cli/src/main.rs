@@ -334,6 +334,13 @@ fn parse_nm(s: &str) -> Result<SubnetTarget> {
     Ok(SubnetTarget::Nm { n, m })
 }
 
+/// `*slot = value` when a flag gave one.
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
 fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     if let Some(m) = o.model {
         c.model = m.parse().map_err(|e| anyhow!("{e}"))?;
@@ -341,21 +348,11 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     if let Some(d) = o.dataset {
         c.data.kind = d.parse::<DatasetKind>().map_err(|e| anyhow!("{e}"))?;
     }
-    if let Some(p) = o.data_path {
-        c.data.path = p;
-    }
-    if o.train_subset.is_some() {
-        c.data.train_subset = o.train_subset;
-    }
-    if o.test_subset.is_some() {
-        c.data.test_subset = o.test_subset;
-    }
-    if let Some(v) = o.lr {
-        c.lr = v;
-    }
-    if let Some(v) = o.epochs {
-        c.epochs = v;
-    }
+    set(&mut c.data.path, o.data_path);
+    set(&mut c.data.train_subset, o.train_subset.map(Some));
+    set(&mut c.data.test_subset, o.test_subset.map(Some));
+    set(&mut c.lr, o.lr);
+    set(&mut c.epochs, o.epochs);
     match o.lr_schedule.as_deref() {
         None => {}
         Some("cosine") => c.lr_schedule = LrSchedule::Cosine,
@@ -368,34 +365,16 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
             gamma: 0.1,
         };
     }
-    if let Some(v) = o.momentum {
-        c.ast.sgd.momentum = v;
-    }
-    if let Some(v) = o.weight_decay {
-        c.ast.sgd.weight_decay = v;
-    }
-    if let Some(v) = o.batch_size {
-        c.batch_size = v;
-    }
+    set(&mut c.ast.sgd.momentum, o.momentum);
+    set(&mut c.ast.sgd.weight_decay, o.weight_decay);
+    set(&mut c.batch_size, o.batch_size);
     let s = &mut c.ast.schedule;
-    if let Some(v) = o.prune_rate {
-        s.prune_rate = v;
-    }
-    if let Some(v) = o.init_density {
-        s.init_density = v;
-    }
-    if let Some(v) = o.update_frequency {
-        s.update_frequency = v;
-    }
-    if let Some(v) = o.init_prune_epoch {
-        s.init_prune_epoch = v;
-    }
-    if let Some(v) = o.final_prune_epoch {
-        s.final_prune_epoch = v;
-    }
-    if let Some(v) = o.subnet_offset {
-        s.subnet_offset = v;
-    }
+    set(&mut s.prune_rate, o.prune_rate);
+    set(&mut s.init_density, o.init_density);
+    set(&mut s.update_frequency, o.update_frequency);
+    set(&mut s.init_prune_epoch, o.init_prune_epoch);
+    set(&mut s.final_prune_epoch, o.final_prune_epoch);
+    set(&mut s.subnet_offset, o.subnet_offset);
     if let Some(d) = o.densities {
         c.ast.subnets = d.into_iter().map(SubnetTarget::Density).collect();
     }
@@ -414,22 +393,14 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
         Some("ema") => c.ast.correction = CorrectionMode::Ema { beta },
         Some(other) => bail!("unknown correction mode `{other}` (valid: off, projection, ema)"),
     }
-    if let Some(v) = o.label_smoothing {
-        c.label_smoothing = v;
-    }
+    set(&mut c.label_smoothing, o.label_smoothing);
     if let Some(v) = o.seed {
         c.seed = v;
         c.ast.seed = v;
     }
-    if let Some(v) = o.checkpoint_every {
-        c.checkpoint_every = v;
-    }
-    if o.data_threads.is_some() {
-        c.data_threads = o.data_threads;
-    }
-    if let Some(v) = o.bn_recalibration_batches {
-        c.bn_recalibration_batches = v;
-    }
+    set(&mut c.checkpoint_every, o.checkpoint_every);
+    set(&mut c.data_threads, o.data_threads.map(Some));
+    set(&mut c.bn_recalibration_batches, o.bn_recalibration_batches);
     Ok(c)
 }
 

@@ -33,6 +33,19 @@ pub fn mask_param<B: Backend, const D: usize>(
     Param::initialized(ParamId::new(), mask)
 }
 
+/// The index of the active sub-net, checked against the `count` copies a layer holds.
+///
+/// # Panics
+/// If the active sub-net index is not below `count`.
+pub(crate) fn active_index(switch: &SubnetSwitch, count: usize, what: &str) -> usize {
+    let k = switch.get();
+    assert!(
+        k < count,
+        "sub-net {k} is active but the layer has {count} {what}"
+    );
+    k
+}
+
 /// The mask of the sub-net `switch` selects.
 ///
 /// # Panics
@@ -41,11 +54,5 @@ pub(crate) fn active_mask<B: Backend, const D: usize>(
     switch: &SubnetSwitch,
     masks: &[Param<Tensor<B, D, Bool>>],
 ) -> Tensor<B, D, Bool> {
-    let k = switch.get();
-    assert!(
-        k < masks.len(),
-        "sub-net {k} is active but the layer has {} masks",
-        masks.len()
-    );
-    masks[k].val()
+    masks[active_index(switch, masks.len(), "masks")].val()
 }

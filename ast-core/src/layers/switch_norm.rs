@@ -3,7 +3,7 @@
 use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 
-use super::{batch_norm_2d, SubnetSwitch};
+use super::{active_index, batch_norm_2d, SubnetSwitch};
 
 /// Configuration of a [`SwitchableBatchNorm`].
 #[derive(Config, Debug)]
@@ -67,12 +67,7 @@ impl<B: Backend> SwitchableBatchNorm<B> {
     /// # Panics
     /// If the active sub-net index is not below the number of BatchNorms.
     pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
-        let k = self.switch.get();
-        assert!(
-            k < self.norms.len(),
-            "sub-net {k} is active but the layer has {} BatchNorms",
-            self.norms.len()
-        );
+        let k = active_index(&self.switch, self.norms.len(), "BatchNorms");
         batch_norm_2d(&self.norms[k], input)
     }
 }
