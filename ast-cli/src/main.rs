@@ -143,7 +143,7 @@ struct Overrides {
     /// Initial (ERK) density of every sub-net.
     #[arg(long, allow_hyphen_values = true)]
     init_density: Option<f64>,
-    /// Mask update every N of a sub-net's own iterations.
+    /// Mask update every N global iterations of a sub-net's prune counter (as the original).
     #[arg(long)]
     update_frequency: Option<usize>,
     /// First epoch of the density ramp.
@@ -152,7 +152,7 @@ struct Overrides {
     /// Last epoch of the density ramp.
     #[arg(long)]
     final_prune_epoch: Option<usize>,
-    /// Sub-net k's schedule is delayed by k·N of its own iterations.
+    /// Sub-net k's prune counter is delayed by k·(K·N + 1) global iterations (as the original).
     #[arg(long)]
     subnet_offset: Option<usize>,
     /// Unstructured sub-nets: final densities, comma-separated (e.g. 0.1,0.05,0.02).

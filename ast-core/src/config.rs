@@ -53,13 +53,13 @@ pub struct MaskScheduleConfig {
     pub init_density: f64,
     /// Exponent applied to the ERK raw scores.
     pub erk_power_scale: f64,
-    /// A sub-net updates its mask every this many of its *own* iterations.
+    /// Mask events every this many *global* iterations of a sub-net's prune counter (the original clock).
     pub update_frequency: usize,
     /// First epoch of the density ramp.
     pub init_prune_epoch: usize,
     /// Epoch at which the ramp reaches the final density.
     pub final_prune_epoch: usize,
-    /// Sub-net `k`'s schedule is delayed by `k · subnet_offset` of its own iterations.
+    /// Sub-net `k`'s prune counter is delayed by `k·(K·subnet_offset + 1)` global iterations.
     pub subnet_offset: usize,
     /// Initial prune-and-regrow rate, in `[0, 1)`.
     pub prune_rate: f64,

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ast_core::schedule::check_reaches_final_density;
 use ast_core::subnet::{density, sync_running_stats};
 use ast_core::{AstBackend, AstStep, SubnetTarget};
 use ast_models::AstModel;
@@ -344,6 +345,14 @@ where
         steps_per_epoch,
         total_steps,
     )?;
+    let schedule = &config.ast.schedule;
+    let pruned: Vec<usize> = (0..subnets)
+        .filter(|&k| match config.ast.subnets[k] {
+            SubnetTarget::Density(d) => d < schedule.init_density,
+            SubnetTarget::Nm { .. } => true,
+        })
+        .collect();
+    check_reaches_final_density(schedule, subnets, &pruned, steps_per_epoch, total_steps)?;
     let mut model = ast.init_masks(model);
     let mut state = TrainerState {
         next_epoch: 0,
