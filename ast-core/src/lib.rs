@@ -24,6 +24,8 @@ pub mod correction;
 pub mod criteria;
 pub mod density;
 pub mod error;
+#[cfg(feature = "flex")]
+pub mod kernels;
 pub mod layers;
 pub mod mask;
 pub mod rng;

@@ -184,9 +184,22 @@ impl<B: AutodiffBackend> AstStep<B> {
     }
 
     /// Switches the model to the sub-net of the coming iteration, `t mod K`, and returns it.
+    ///
+    /// It also tells the masked layers whether this iteration's backward pass must give the
+    /// dense weight gradient at every position: only on a mask event, where growth ranks the
+    /// inactive positions; otherwise the gradient inside the mask is all the update reads.
     pub fn begin(&self) -> usize {
-        let k = self.iteration % self.subnets();
+        let t = self.iteration;
+        let k = t % self.subnets();
         self.switch.set(k);
+        let event = mask_event(
+            &self.config.schedule,
+            self.subnets(),
+            k,
+            t,
+            self.steps_per_epoch,
+        );
+        self.switch.set_dense_weight_grad(event.is_some());
         k
     }
 
@@ -217,6 +230,10 @@ impl<B: AutodiffBackend> AstStep<B> {
             t,
             self.steps_per_epoch,
         ) {
+            assert!(
+                self.switch.dense_weight_grad(),
+                "AstStep::step at a mask event without AstStep::begin before the forward pass"
+            );
             let (updated, report, positions) = self.update_masks(model, k, t, event, &dense);
             model = updated;
             mask_update = Some(report);
@@ -723,8 +740,8 @@ mod tests {
             SubnetTarget::Density(0.2),
             SubnetTarget::Density(0.1),
         ];
-        // Ramp over own iterations 0..10 (3 epochs · 10/3), events every 4, offsets 2 and 4:
-        // each sub-net's last ramp event is by own iteration 16 (global ≤ 50).
+        // Ramp over s ∈ (0, 30] (3 epochs of 10), events every 3, sub-net k's counter delayed by
+        // k·(3·2 + 1) = 7k: each sub-net's last ramp event (s = 30) is at t = 30 + 7k ≤ 44.
         let (model, _, reports) = train(tiny_config(targets.clone()), 60, 1);
         assert_eq!(
             reports.iter().take(6).map(|r| r.subnet).collect::<Vec<_>>(),

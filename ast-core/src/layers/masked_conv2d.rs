@@ -119,6 +119,7 @@ impl<B: AstBackend> MaskedConv2d<B> {
             mask,
             self.bias.as_ref().map(Param::val),
             options,
+            self.switch.dense_weight_grad(),
         )
     }
 }

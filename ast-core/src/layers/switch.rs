@@ -1,7 +1,7 @@
 //! The handle that selects the active sub-net in every layer of a model at once.
 
 use core::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Which sub-net a model computes with. One handle is shared (cloned) by every masked layer and
@@ -10,9 +10,24 @@ use std::sync::Arc;
 ///
 /// The handle is not part of the module's record (it holds no learned state). Cloning a module
 /// clones the handle, so a clone (e.g. `model.valid()` for evaluation) follows the same switch.
-#[derive(Clone, Default)]
+///
+/// The handle also says whether the coming backward pass must give masked weights their
+/// gradient at *every* position (growth ranks inactive positions by it) or only at the active
+/// ones (enough for an update inside the mask, and cheaper for a sparse kernel). It starts at
+/// "every position"; [`crate::AstStep::begin`] asks for it only on mask-event iterations.
+#[derive(Clone)]
 pub struct SubnetSwitch {
     active: Arc<AtomicUsize>,
+    dense_weight_grad: Arc<AtomicBool>,
+}
+
+impl Default for SubnetSwitch {
+    fn default() -> Self {
+        Self {
+            active: Arc::default(),
+            dense_weight_grad: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 impl SubnetSwitch {
@@ -29,6 +44,16 @@ impl SubnetSwitch {
     /// The active sub-net.
     pub fn get(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether the next backward pass needs the masked weights' gradient at every position.
+    pub fn dense_weight_grad(&self) -> bool {
+        self.dense_weight_grad.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`SubnetSwitch::dense_weight_grad`] for every layer sharing this handle.
+    pub fn set_dense_weight_grad(&self, dense: bool) {
+        self.dense_weight_grad.store(dense, Ordering::Relaxed);
     }
 
     /// Whether two handles switch the same layers.

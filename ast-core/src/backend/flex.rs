@@ -1,0 +1,191 @@
+//! Flex: the masked convolution on our CPU kernels, with its own backward.
+//!
+//! Forward, input gradient and weight gradient run on [`MaskedConvPlan`] (sparse below
+//! [`crate::kernels::conv::SPARSE_BELOW_DENSITY`], else im2col + GEMM). The weight gradient is
+//! computed at every position only when the caller asks for it (mask-event iterations, where
+//! growth ranks inactive positions), else only at the active positions. Geometries or dtypes
+//! the kernels do not cover take the generic path.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, TensorPrimitive};
+
+use super::{generic_masked_conv2d, AstBackend};
+use crate::kernels::conv::{ConvGeometry, MaskedConvPlan};
+
+impl AstBackend for Flex {
+    fn masked_conv2d(
+        x: Tensor<Self, 4>,
+        weight: Tensor<Self, 4>,
+        mask: Tensor<Self, 4, Bool>,
+        bias: Option<Tensor<Self, 1>>,
+        options: ConvOptions<2>,
+        _dense_weight_grad: bool,
+    ) -> Tensor<Self, 4> {
+        let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
+            return generic_masked_conv2d(x, weight, mask, bias, options);
+        };
+        let x = contiguous(x.into_primitive().tensor());
+        let plan = plan(
+            geometry,
+            &weight.into_primitive().tensor(),
+            mask.into_primitive(),
+        );
+        let y = Tensor::from_primitive(TensorPrimitive::Float(output(&plan, &x)));
+        add_bias(y, bias)
+    }
+
+    fn autodiff_masked_conv2d<C: CheckpointStrategy>(
+        x: Tensor<Autodiff<Self, C>, 4>,
+        weight: Tensor<Autodiff<Self, C>, 4>,
+        mask: Tensor<Autodiff<Self, C>, 4, Bool>,
+        bias: Option<Tensor<Autodiff<Self, C>, 1>>,
+        options: ConvOptions<2>,
+        dense_weight_grad: bool,
+    ) -> Tensor<Autodiff<Self, C>, 4> {
+        let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
+            return generic_masked_conv2d(x, weight, mask, bias, options);
+        };
+        let x = x.into_primitive().tensor();
+        let weight = weight.into_primitive().tensor();
+        let plan = Arc::new(plan(geometry, &weight.primitive, mask.into_primitive()));
+        let input = contiguous(x.primitive);
+        let y = output(&plan, &input);
+        let y = match MaskedConvBackward
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                BackwardState {
+                    plan,
+                    input,
+                    dense_weight_grad,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        add_bias(Tensor::from_primitive(TensorPrimitive::Float(y)), bias)
+    }
+}
+
+/// The kernels' geometry for these shapes, or `None` for what they do not cover (non-f32
+/// data, unsupported hyper-parameters): the generic path runs instead.
+fn geometry(
+    x: &[usize; 4],
+    weight: &[usize; 4],
+    options: &ConvOptions<2>,
+    dtype: DType,
+) -> Option<ConvGeometry> {
+    let [batch, c_in, h, w] = *x;
+    let [c_out, cin_g, kh, kw] = *weight;
+    let geometry = ConvGeometry {
+        batch,
+        c_in,
+        in_hw: [h, w],
+        c_out,
+        kernel: [kh, kw],
+        stride: options.stride,
+        padding: options.padding,
+        dilation: options.dilation,
+        groups: options.groups,
+    };
+    let fits = dtype == DType::F32
+        && options.groups >= 1
+        && cin_g * options.groups == c_in
+        && geometry.supported();
+    fits.then_some(geometry)
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("made contiguous f32 before")
+}
+
+fn plan(geometry: ConvGeometry, weight: &FlexTensor, mask: FlexTensor) -> MaskedConvPlan {
+    let weight = contiguous(weight.clone());
+    let mask: Vec<bool> = mask.into_data().to_vec().expect("a bool mask");
+    MaskedConvPlan::new(geometry, f32s(&weight), &mask)
+}
+
+fn output(plan: &MaskedConvPlan, x: &FlexTensor) -> FlexTensor {
+    let g = &plan.geometry;
+    let [ho, wo] = g.out_hw().expect("supported geometry");
+    let y = plan.forward(f32s(x));
+    FlexTensor::from_data(TensorData::new(y, [g.batch, g.c_out, ho, wo]))
+}
+
+fn add_bias<B: Backend>(y: Tensor<B, 4>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 4> {
+    match bias {
+        Some(b) => {
+            let c = b.dims()[0];
+            y + b.reshape([1, c, 1, 1])
+        }
+        None => y,
+    }
+}
+
+#[derive(Debug)]
+struct MaskedConvBackward;
+
+#[derive(Debug, Clone)]
+struct BackwardState {
+    plan: Arc<MaskedConvPlan>,
+    input: FlexTensor,
+    dense_weight_grad: bool,
+}
+
+impl Backward<Flex, 2> for MaskedConvBackward {
+    type State = BackwardState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_weight] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let BackwardState {
+            plan,
+            input,
+            dense_weight_grad,
+        } = ops.state;
+        let g = &plan.geometry;
+        if let Some(node) = node_x {
+            let dx = plan.input_grad(f32s(&dy));
+            let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
+        }
+        if let Some(node) = node_weight {
+            let dw = plan.weight_grad(f32s(&input), f32s(&dy), dense_weight_grad);
+            let shape = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, shape)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_kernels_do_not_cover_is_left_to_the_generic_path() {
+        let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        assert!(geometry(&[1, 2, 5, 5], &[4, 2, 3, 3], &options, DType::F32).is_some());
+        assert!(geometry(&[1, 2, 5, 5], &[4, 2, 3, 3], &options, DType::F64).is_none());
+        assert!(geometry(&[1, 2, 2, 2], &[4, 2, 3, 3], &options, DType::F32).is_none());
+        assert!(geometry(&[1, 3, 5, 5], &[4, 2, 3, 3], &options, DType::F32).is_none());
+    }
+}

@@ -1,0 +1,222 @@
+//! The kernels against burn's generic convolution on Flex (`generic_masked_conv2d`):
+//! forward, input gradient and weight gradient on random shapes and densities.
+
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::ops::ConvOptions;
+
+use super::conv::{ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight};
+use crate::backend::{generic_masked_conv2d, AstBackend};
+use crate::rng::MaskRng;
+
+type AD = Autodiff<Flex>;
+
+struct Case {
+    geometry: ConvGeometry,
+    density: f64,
+    bias: bool,
+}
+
+fn values(rng: &mut MaskRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
+/// Largest |a − b| relative to the largest |b| (so that near-zero entries do not dominate).
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn vec_of<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+/// Runs the fast and the generic path on the same data; returns the max relative errors of
+/// (output, input gradient, weight gradient at active positions, dense weight gradient).
+fn compare(case: &Case, seed: u64) -> [f32; 4] {
+    let g = case.geometry;
+    let device = Default::default();
+    let mut rng = MaskRng::new(seed, 1);
+    let x = values(&mut rng, g.batch * g.in_len());
+    let w = values(&mut rng, g.weight_len());
+    let b = values(&mut rng, g.c_out);
+    let mask: Vec<bool> = (0..g.weight_len())
+        .map(|_| rng.next_f64() < case.density)
+        .collect();
+    let wdims = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
+    let options = ConvOptions::new(g.stride, g.padding, g.dilation, g.groups);
+    let [ho, wo] = g.out_hw().unwrap();
+    let dy = values(&mut rng, g.batch * g.c_out * ho * wo);
+
+    let run = |fast: bool, dense_grad: bool| {
+        let xt = Tensor::<AD, 4>::from_data(
+            TensorData::new(x.clone(), [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]]),
+            &device,
+        )
+        .require_grad();
+        let wt =
+            Tensor::<AD, 4>::from_data(TensorData::new(w.clone(), wdims), &device).require_grad();
+        let mt = Tensor::<AD, 4, Bool>::from_data(TensorData::new(mask.clone(), wdims), &device);
+        let bt = case
+            .bias
+            .then(|| Tensor::<AD, 1>::from_data(TensorData::new(b.clone(), [g.c_out]), &device));
+        let y = if fast {
+            AD::masked_conv2d(xt.clone(), wt.clone(), mt, bt, options.clone(), dense_grad)
+        } else {
+            generic_masked_conv2d(xt.clone(), wt.clone(), mt, bt, options.clone())
+        };
+        let dyt = Tensor::<AD, 4>::from_data(
+            TensorData::new(dy.clone(), [g.batch, g.c_out, ho, wo]),
+            &device,
+        );
+        let grads = (y.clone() * dyt).sum().backward();
+        (
+            vec_of(y.inner()),
+            vec_of(xt.grad(&grads).unwrap()),
+            vec_of(wt.grad(&grads).unwrap()),
+        )
+    };
+    let (y0, dx0, dw0) = run(false, true);
+    let (y1, dx1, dw1) = run(true, false);
+    let (_, _, dw_dense) = run(true, true);
+    let active = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .zip(&mask)
+            .map(|(&x, &m)| if m { x } else { 0.0 })
+            .collect()
+    };
+    [
+        rel_err(&y1, &y0),
+        rel_err(&dx1, &dx0),
+        rel_err(&active(&dw1), &active(&dw0)),
+        rel_err(&dw_dense, &dw0),
+    ]
+}
+
+fn geometry(
+    batch: usize,
+    [c_in, c_out]: [usize; 2],
+    hw: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> ConvGeometry {
+    ConvGeometry {
+        batch,
+        c_in,
+        in_hw: [hw, hw + 1],
+        c_out,
+        kernel: [kernel, kernel],
+        stride: [stride, stride],
+        padding: [padding, padding],
+        dilation: [1, 1],
+        groups,
+    }
+}
+
+#[test]
+fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
+    let mut shapes = vec![
+        geometry(4, [16, 16], 8, 3, 1, 1, 1),
+        geometry(3, [16, 32], 9, 3, 2, 1, 1),
+        geometry(2, [32, 64], 6, 1, 2, 0, 1),
+        geometry(5, [8, 8], 7, 1, 1, 0, 1),
+        geometry(2, [3, 16], 10, 3, 1, 0, 1),
+        geometry(2, [32, 32], 8, 3, 1, 1, 32),
+        geometry(3, [16, 16], 9, 3, 2, 1, 16),
+        geometry(2, [8, 16], 6, 3, 1, 1, 2),
+        geometry(1, [128, 128], 4, 3, 1, 1, 1),
+        geometry(64, [16, 16], 5, 3, 1, 1, 1),
+        ConvGeometry {
+            dilation: [2, 2],
+            ..geometry(2, [8, 8], 9, 3, 1, 2, 1)
+        },
+    ];
+    // Random shapes: batch 1–64, channels 3–128, stride 1/2, padding 0/1, 1×1/3×3.
+    let mut rng = MaskRng::new(7, 2);
+    let mut pick = |n: u64| (rng.next_u64() % n) as usize;
+    for _ in 0..6 {
+        let kernel = [1, 3][pick(2)];
+        shapes.push(geometry(
+            1 + pick(64),
+            [3 + pick(126), 3 + pick(30)],
+            kernel + 2 + pick(8),
+            kernel,
+            1 + pick(2),
+            pick(2),
+            1,
+        ));
+    }
+    for (i, geometry) in shapes.into_iter().enumerate() {
+        for density in [1.0, 0.5, 0.05, 0.0] {
+            let case = Case {
+                geometry,
+                density,
+                bias: i % 2 == 0,
+            };
+            let errs = compare(&case, i as u64);
+            assert!(
+                errs.iter().all(|&e| e <= 1e-4),
+                "{geometry:?} at density {density}: relative errors {errs:?} \
+                 (output, input grad, active weight grad, dense weight grad)"
+            );
+        }
+    }
+}
+
+#[test]
+fn plans_pick_the_sparse_form_below_the_crossover_and_for_depthwise() {
+    let g = geometry(1, [4, 4], 5, 3, 1, 1, 1);
+    let w = vec![1.0; g.weight_len()];
+    let dense = MaskedConvPlan::new(g, &w, &vec![true; g.weight_len()]);
+    assert!(matches!(dense.weights, PlanWeights::Dense(_)));
+    let few: Vec<bool> = (0..g.weight_len()).map(|i| i % 10 == 0).collect();
+    assert!(matches!(
+        MaskedConvPlan::new(g, &w, &few).weights,
+        PlanWeights::Sparse(_)
+    ));
+    let dw = geometry(1, [4, 4], 5, 3, 1, 1, 4);
+    let all = vec![true; dw.weight_len()];
+    assert!(matches!(
+        MaskedConvPlan::new(dw, &vec![1.0; dw.weight_len()], &all).weights,
+        PlanWeights::Sparse(_)
+    ));
+}
+
+#[test]
+fn sparse_weight_by_hand() {
+    // Two output channels of one 1×2 input-channel pair (kernel 1×1, 2 inputs):
+    // w = [[1, 2], [3, 4]], mask = [[true, false], [false, true]].
+    let g = ConvGeometry {
+        in_hw: [1, 1],
+        ..geometry(1, [2, 2], 1, 1, 1, 0, 1)
+    };
+    let s = SparseWeight::new(&g, &[1.0, 2.0, 3.0, 4.0], &[true, false, false, true]);
+    assert_eq!(s.row_start, vec![0, 1, 2]);
+    assert_eq!(s.index, vec![0, 3]);
+    assert_eq!(s.value, vec![1.0, 4.0]);
+    // x = [5, 7] (1×1 pixels): y = [1·5, 4·7].
+    let plan = MaskedConvPlan {
+        geometry: g,
+        weights: PlanWeights::Sparse(s),
+    };
+    assert_eq!(plan.forward(&[5.0, 7.0]), vec![5.0, 28.0]);
+    // dy = [1, 1]: dx = [1, 4]; sampled dw = [x0·dy0, 0, 0, x1·dy1] = [5, 0, 0, 7].
+    assert_eq!(plan.input_grad(&[1.0, 1.0]), vec![1.0, 4.0]);
+    assert_eq!(
+        plan.weight_grad(&[5.0, 7.0], &[1.0, 1.0], false),
+        vec![5.0, 0.0, 0.0, 7.0]
+    );
+    // The dense gradient has every position: dw[co][ci] = dy[co]·x[ci].
+    assert_eq!(
+        plan.weight_grad(&[5.0, 7.0], &[1.0, 1.0], true),
+        vec![5.0, 7.0, 5.0, 7.0]
+    );
+}
