@@ -254,10 +254,15 @@ struct BenchArgs {
     /// Also write the timings as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Flex: time burn's generic convolution instead of our masked-convolution kernels.
+    #[arg(long)]
+    generic_conv: bool,
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
     let model: ast_models::ModelKind = args.model.parse()?;
+    #[cfg(feature = "flex")]
+    ast_core::kernels::set_flex_kernels(!args.generic_conv);
     if let Some(dir) = args.json.as_deref().and_then(Path::parent) {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
             bail!(
@@ -283,7 +288,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "model={} batch={} backend={:?} threads={threads} median_step_s={:.4} images_per_s={:.1} \
-         (forward {:.4} s, backward {:.4} s, update {:.4} s)",
+         (forward {:.4} s, backward {:.4} s, update {:.4} s; dense-gradient step {:.4} s)",
         timing.model,
         timing.batch,
         args.backend.backend,
@@ -291,7 +296,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         timing.images_per_s,
         timing.median_forward_s,
         timing.median_backward_s,
-        timing.median_update_s
+        timing.median_update_s,
+        timing.median_dense_grad_step_s
     );
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&timing)?)

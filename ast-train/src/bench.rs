@@ -56,6 +56,10 @@ pub struct StepTiming {
     pub median_update_s: f64,
     /// `batch / median_step_s`.
     pub images_per_s: f64,
+    /// Median seconds of a step whose backward pass gives the masked weights their gradient at
+    /// every position (the mask-event iterations, once per `update_frequency`), mask update
+    /// itself not included.
+    pub median_dense_grad_step_s: f64,
 }
 
 /// Runs `bench.warmup + bench.steps` AST steps of `bench.model` on `device` and times each one
@@ -108,9 +112,14 @@ where
     let sync = || B::sync(device).map_err(|e| TrainError::Device(format!("{e:?}")));
     // Per timed step: [total, forward, backward, update] seconds.
     let mut phases: Vec<[f64; 4]> = Vec::with_capacity(bench.steps);
-    for i in 0..total {
+    let mut dense_grad_steps = Vec::new();
+    let dense_grad_from = total;
+    for i in 0..total + bench.steps.min(3) {
         let start = Instant::now();
         ast.begin();
+        if i >= dense_grad_from {
+            switch.set_dense_weight_grad(true);
+        }
         let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
         sync()?;
         let forward = start.elapsed().as_secs_f64();
@@ -120,25 +129,28 @@ where
         model = ast.step(model, grads, 0.1).0;
         sync()?;
         let end = start.elapsed().as_secs_f64();
-        if i >= bench.warmup {
+        if i >= dense_grad_from {
+            dense_grad_steps.push(end);
+        } else if i >= bench.warmup {
             phases.push([end, forward, backward - forward, end - backward]);
         }
     }
-    let median = |phase: usize| {
-        let mut v: Vec<f64> = phases.iter().map(|p| p[phase]).collect();
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let median_step_s = median(0);
+    let phase = |i: usize| median(phases.iter().map(|p| p[i]).collect());
+    let median_step_s = phase(0);
     Ok(StepTiming {
         model: bench.model.to_string(),
         batch: bench.batch,
         step_s: phases.iter().map(|p| p[0]).collect(),
         median_step_s,
-        median_forward_s: median(1),
-        median_backward_s: median(2),
-        median_update_s: median(3),
+        median_forward_s: phase(1),
+        median_backward_s: phase(2),
+        median_update_s: phase(3),
         images_per_s: bench.batch as f64 / median_step_s,
+        median_dense_grad_step_s: median(dense_grad_steps),
     })
 }
 

@@ -20,6 +20,7 @@ use burn::tensor::{DType, TensorPrimitive};
 
 use super::{generic_masked_conv2d, AstBackend};
 use crate::kernels::conv::{ConvGeometry, MaskedConvPlan};
+use crate::kernels::flex_kernels_enabled;
 
 impl AstBackend for Flex {
     fn masked_conv2d(
@@ -79,13 +80,17 @@ impl AstBackend for Flex {
 }
 
 /// The kernels' geometry for these shapes, or `None` for what they do not cover (non-f32
-/// data, unsupported hyper-parameters): the generic path runs instead.
+/// data, unsupported hyper-parameters) or when they are switched off
+/// ([`crate::kernels::set_flex_kernels`]): the generic path runs instead.
 fn geometry(
     x: &[usize; 4],
     weight: &[usize; 4],
     options: &ConvOptions<2>,
     dtype: DType,
 ) -> Option<ConvGeometry> {
+    if !flex_kernels_enabled() {
+        return None;
+    }
     let [batch, c_in, h, w] = *x;
     let [c_out, cin_g, kh, kw] = *weight;
     let geometry = ConvGeometry {

@@ -9,6 +9,63 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
 
+/// Which per-sample sparse kernel a [`SparseSample`] runs.
+#[derive(Clone, Copy)]
+enum SparseKernel {
+    Forward,
+    InputGrad,
+    WeightGrad,
+}
+
+/// One sample's sparse kernel with its buffers, run through `pulp`'s dispatch so that the
+/// loops are compiled for the widest SIMD set this CPU has (AVX-512, AVX2+FMA, …), chosen at
+/// run time. The kernels and their helpers are `#[inline(always)]` so that they are compiled
+/// inside the dispatched function.
+struct SparseSample<'a> {
+    kernel: SparseKernel,
+    g: &'a ConvGeometry,
+    w: &'a SparseWeight,
+    /// The input `x` (forward, weight gradient) or `dy` (input gradient).
+    input: &'a [f32],
+    /// `dy` (weight gradient only).
+    dy: &'a [f32],
+    /// `y`, `dx`, or the weight-gradient accumulator.
+    out: &'a mut [f32],
+    padded: &'a mut [f32],
+    wide: &'a mut [f32],
+}
+
+impl pulp::WithSimd for SparseSample<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            kernel,
+            g,
+            w,
+            input,
+            dy,
+            out,
+            padded,
+            wide,
+        } = self;
+        match kernel {
+            SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
+            SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
+            SparseKernel::WeightGrad => {
+                weight_grad_sparse_sample(g, input, dy, w, out, padded, wide)
+            }
+        }
+    }
+}
+
+impl SparseSample<'_> {
+    fn run(self) {
+        pulp::Arch::new().dispatch(self);
+    }
+}
+
 /// Samples per partial sum of a weight gradient: the batch is cut into chunks of this many
 /// samples (independent of the thread count, so the sum order is fixed).
 const GRAD_CHUNK: usize = 8;
@@ -91,6 +148,31 @@ impl ConvGeometry {
         self.c_out * self.out_plane()
     }
 
+    /// Height and width of the zero-padded input.
+    pub fn padded_hw(&self) -> [usize; 2] {
+        [
+            self.in_hw[0] + 2 * self.padding[0],
+            self.in_hw[1] + 2 * self.padding[1],
+        ]
+    }
+
+    fn padded_len(&self) -> usize {
+        let [hp, wp] = self.padded_hw();
+        self.c_in * hp * wp
+    }
+
+    /// One output plane with the padded input's row pitch: `H_out × (W + 2p_w)`.
+    fn wide_len(&self) -> usize {
+        let [ho, _] = self.out_hw().expect("supported geometry");
+        ho * self.padded_hw()[1]
+    }
+
+    /// Positions of a wide output plane that hold outputs: `(H_out − 1)·(W + 2p_w) + W_out`.
+    fn span_len(&self) -> usize {
+        let [ho, wo] = self.out_hw().expect("supported geometry");
+        (ho - 1) * self.padded_hw()[1] + wo
+    }
+
     /// A 1×1, stride-1, unpadded convolution: its im2col is the input itself.
     fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
@@ -117,8 +199,15 @@ impl ConvGeometry {
 }
 
 /// The active weights of a masked convolution, row-compressed by output channel: for output
-/// channel `co`, entries `row_start[co]..row_start[co + 1]` hold the active positions (input
-/// channel within the group, kernel row, kernel column) and their values.
+/// channel `co`, entries `row_start[co]..row_start[co + 1]` hold the active positions and
+/// their values.
+///
+/// The kernels run on the zero-padded input `[C_in, H + 2p_h, W + 2p_w]` and on output planes
+/// laid out with the same row pitch `W + 2p_w` ("wide" planes, extra columns unused). Then the
+/// output position `j = oy·(W + 2p_w) + ox` of an active weight at input channel `ci`, kernel
+/// offset `(ky, kx)` reads padded input position `j·stride + offset` with
+/// `offset = ci·plane + ky·d_h·(W + 2p_w) + kx·d_w`: each active weight is one long strided
+/// product over the plane, whatever the padding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparseWeight {
     /// Offsets of each output channel's entries (`C_out + 1` values).
@@ -127,13 +216,17 @@ pub struct SparseWeight {
     pub index: Vec<usize>,
     /// Each entry's value.
     pub value: Vec<f32>,
+    /// Each entry's position in the padded input of one sample (see above).
+    pub offset: Vec<usize>,
+    geometry: ConvGeometry,
 }
 
 impl SparseWeight {
     /// Compresses the positions of `weight` where `mask` is true.
     ///
     /// # Panics
-    /// If the weight or mask length is not the geometry's weight count.
+    /// If the weight or mask length is not the geometry's weight count, or the strides along
+    /// the two axes differ.
     pub fn new(geometry: &ConvGeometry, weight: &[f32], mask: &[bool]) -> Self {
         let len = geometry.weight_len();
         assert!(
@@ -141,6 +234,10 @@ impl SparseWeight {
             "SparseWeight: weight {} and mask {} values, expected {len}",
             weight.len(),
             mask.len()
+        );
+        assert_eq!(
+            geometry.stride[0], geometry.stride[1],
+            "SparseWeight: unequal strides"
         );
         let row = geometry.row_len();
         let mut row_start = Vec::with_capacity(geometry.c_out + 1);
@@ -151,11 +248,28 @@ impl SparseWeight {
             row_start.push(index.len());
         }
         let value = index.iter().map(|&i| weight[i]).collect();
+        let [kh, kw] = geometry.kernel;
+        let [hp, wp] = geometry.padded_hw();
+        let offset = index
+            .iter()
+            .map(|&i| {
+                let (co, within) = (i / row, i % row);
+                let ci = within / (kh * kw) + co / geometry.cout_g() * geometry.cin_g();
+                let (ky, kx) = (within / kw % kh, within % kw);
+                ci * hp * wp + ky * geometry.dilation[0] * wp + kx * geometry.dilation[1]
+            })
+            .collect();
         Self {
             row_start,
             index,
             value,
+            offset,
+            geometry: *geometry,
         }
+    }
+
+    fn check(&self, g: &ConvGeometry) {
+        assert_eq!(&self.geometry, g, "SparseWeight built for another geometry");
     }
 
     /// Number of active weights.
@@ -164,17 +278,9 @@ impl SparseWeight {
     }
 }
 
-/// One active weight, unpacked: input channel (absolute), kernel row, kernel column.
-fn unpack(g: &ConvGeometry, co: usize, flat: usize) -> (usize, usize, usize) {
-    let [kh, kw] = g.kernel;
-    let within = flat % g.row_len();
-    let ci = within / (kh * kw) + (co / g.cout_g()) * g.cin_g();
-    (ci, within / kw % kh, within % kw)
-}
-
 /// Runs `f(o, i, len)` for every output row and input row that kernel offset `(ky, kx)`
 /// connects: output plane positions `o..o + len` read input plane positions `i, i + sw, …`.
-#[inline]
+#[inline(always)]
 fn for_rows(g: &ConvGeometry, ky: usize, kx: usize, mut f: impl FnMut(usize, usize, usize)) {
     let [ho, wo] = g.out_hw().expect("geometry checked by `supported`");
     let (oy0, oy1, iy0) = g.valid(0, ky, ho);
@@ -188,20 +294,7 @@ fn for_rows(g: &ConvGeometry, ky: usize, kx: usize, mut f: impl FnMut(usize, usi
     }
 }
 
-/// `out[i] += w · inp[i·stride]` for `i < len`.
-#[inline]
-fn axpy_gather(out: &mut [f32], inp: &[f32], w: f32, stride: usize) {
-    if stride == 1 {
-        for (o, &x) in out.iter_mut().zip(inp) {
-            *o += w * x;
-        }
-    } else {
-        for (o, &x) in out.iter_mut().zip(inp.iter().step_by(stride)) {
-            *o += w * x;
-        }
-    }
-}
-
+#[inline(always)]
 /// Writes sample `x`'s columns for group `grp` into `col` (`row_len × H_out·W_out`).
 fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, col: &mut [f32]) {
     let [kh, kw] = g.kernel;
@@ -228,6 +321,7 @@ fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, col: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 /// Adds the columns `col` of group `grp` back into sample gradient `dx` (the adjoint of
 /// [`im2col`]).
 fn col2im(g: &ConvGeometry, col: &[f32], grp: usize, dx: &mut [f32]) {
@@ -353,85 +447,185 @@ fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+/// Sample `x`'s input channels zero-padded, `[C_in, H + 2p_h, W + 2p_w]`, into `padded`.
+fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
+    let [h, w] = g.in_hw;
+    let [hp, wp] = g.padded_hw();
+    let [ph, pw] = g.padding;
+    padded.fill(0.0);
+    for (src, dst) in x.chunks_exact(h * w).zip(padded.chunks_exact_mut(hp * wp)) {
+        for (row, dst_row) in src.chunks_exact(w).zip(dst[ph * wp..].chunks_exact_mut(wp)) {
+            dst_row[pw..pw + w].copy_from_slice(row);
+        }
+    }
+}
+
+#[inline(always)]
+/// One output plane `[H_out, W_out]` laid out with the padded input's row pitch `W + 2p_w`
+/// (the columns past `W_out` are zero), so that each active weight's contribution is one long
+/// strided product (see [`SparseWeight`]).
+fn widen(g: &ConvGeometry, plane: &[f32], wide: &mut [f32]) {
+    let [_, wo] = g.out_hw().expect("supported geometry");
+    let wp = g.padded_hw()[1];
+    wide.fill(0.0);
+    for (src, dst) in plane.chunks_exact(wo).zip(wide.chunks_mut(wp)) {
+        dst[..wo].copy_from_slice(src);
+    }
+}
+
+/// `out[j] += v · inp[j·stride]` for `j < out.len()`.
+#[inline(always)]
+fn axpy_strided(out: &mut [f32], inp: &[f32], v: f32, stride: usize) {
+    if stride == 1 {
+        let inp = &inp[..out.len()];
+        for (o, &x) in out.iter_mut().zip(inp) {
+            *o += v * x;
+        }
+    } else {
+        for (o, &x) in out.iter_mut().zip(inp.iter().step_by(stride)) {
+            *o += v * x;
+        }
+    }
+}
+
 /// Sparse forward: `y = conv(x, w)` using only the active weights.
 pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f32]) {
     check(g, x.len(), g.weight_len(), y.len());
-    let p = g.out_plane();
-    let plane = g.in_hw[0] * g.in_hw[1];
+    w.check(g);
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
-        .for_each(|(y, x)| {
-            y.fill(0.0);
-            for co in 0..g.c_out {
-                let out = &mut y[co * p..][..p];
-                for e in w.row_start[co]..w.row_start[co + 1] {
-                    let (ci, ky, kx) = unpack(g, co, w.index[e]);
-                    let (v, src) = (w.value[e], &x[ci * plane..][..plane]);
-                    for_rows(g, ky, kx, |o, i, len| {
-                        axpy_gather(&mut out[o..o + len], &src[i..], v, g.stride[1]);
-                    });
+        .for_each_init(
+            || (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]),
+            |(padded, wide), (y, x)| {
+                SparseSample {
+                    kernel: SparseKernel::Forward,
+                    g,
+                    w,
+                    input: x,
+                    dy: &[],
+                    out: y,
+                    padded,
+                    wide,
                 }
-            }
-        });
+                .run()
+            },
+        );
+}
+
+#[inline(always)]
+fn forward_sparse_sample(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &SparseWeight,
+    y: &mut [f32],
+    padded: &mut [f32],
+    wide: &mut [f32],
+) {
+    let [_, wo] = g.out_hw().expect("supported geometry");
+    let (wp, len, s) = (g.padded_hw()[1], g.span_len(), g.stride[1]);
+    pad_input(g, x, padded);
+    for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
+        wide.fill(0.0);
+        for e in w.row_start[co]..w.row_start[co + 1] {
+            axpy_strided(&mut wide[..len], &padded[w.offset[e]..], w.value[e], s);
+        }
+        for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
+            dst.copy_from_slice(&src[..wo]);
+        }
+    }
 }
 
 /// Sparse input gradient: `dx = convᵀ(dy, w)` using only the active weights.
 pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mut [f32]) {
     check(g, dx.len(), g.weight_len(), dy.len());
-    let p = g.out_plane();
-    let plane = g.in_hw[0] * g.in_hw[1];
+    w.check(g);
     dx.par_chunks_mut(g.in_len())
         .zip(dy.par_chunks(g.out_len()))
-        .for_each(|(dx, dy)| {
-            dx.fill(0.0);
-            for co in 0..g.c_out {
-                let src = &dy[co * p..][..p];
-                for e in w.row_start[co]..w.row_start[co + 1] {
-                    let (ci, ky, kx) = unpack(g, co, w.index[e]);
-                    let (v, dst) = (w.value[e], &mut dx[ci * plane..][..plane]);
-                    let s = g.stride[1];
-                    for_rows(g, ky, kx, |o, i, len| {
-                        if s == 1 {
-                            for (d, &t) in dst[i..i + len].iter_mut().zip(&src[o..o + len]) {
-                                *d += v * t;
-                            }
-                        } else {
-                            for (j, &t) in src[o..o + len].iter().enumerate() {
-                                dst[i + j * s] += v * t;
-                            }
-                        }
-                    });
+        .for_each_init(
+            || (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]),
+            |(padded, wide), (dx, dy)| {
+                SparseSample {
+                    kernel: SparseKernel::InputGrad,
+                    g,
+                    w,
+                    input: dy,
+                    dy: &[],
+                    out: dx,
+                    padded,
+                    wide,
+                }
+                .run()
+            },
+        );
+}
+
+#[inline(always)]
+fn input_grad_sparse_sample(
+    g: &ConvGeometry,
+    dy: &[f32],
+    w: &SparseWeight,
+    dx: &mut [f32],
+    padded: &mut [f32],
+    wide: &mut [f32],
+) {
+    let [h, wi] = g.in_hw;
+    let [hp, wp] = g.padded_hw();
+    let [ph, pw] = g.padding;
+    let (len, s) = (g.span_len(), g.stride[1]);
+    padded.fill(0.0);
+    for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
+        widen(g, plane, wide);
+        for e in w.row_start[co]..w.row_start[co + 1] {
+            let (v, dst) = (w.value[e], &mut padded[w.offset[e]..]);
+            if s == 1 {
+                for (d, &t) in dst[..len].iter_mut().zip(&wide[..len]) {
+                    *d += v * t;
+                }
+            } else {
+                for (d, &t) in dst.iter_mut().step_by(s).zip(&wide[..len]) {
+                    *d += v * t;
                 }
             }
-        });
+        }
+    }
+    for (dst, src) in dx
+        .chunks_exact_mut(h * wi)
+        .zip(padded.chunks_exact(hp * wp))
+    {
+        for (row, src_row) in dst
+            .chunks_exact_mut(wi)
+            .zip(src[ph * wp..].chunks_exact(wp))
+        {
+            row.copy_from_slice(&src_row[pw..pw + wi]);
+        }
+    }
 }
 
 /// Sampled weight gradient: `dw` at the active positions of `w` (one value per entry, in the
 /// entries' order), `Σ_n Σ_pixels dy · x` over the pixels each weight touches.
 pub fn weight_grad_sparse(g: &ConvGeometry, x: &[f32], dy: &[f32], w: &SparseWeight) -> Vec<f32> {
     check(g, x.len(), g.weight_len(), dy.len());
-    let p = g.out_plane();
-    let plane = g.in_hw[0] * g.in_hw[1];
-    let s = g.stride[1];
+    w.check(g);
     let partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(GRAD_CHUNK))
         .into_par_iter()
         .map(|chunk| {
             let mut acc = vec![0.0; w.nnz()];
+            let (mut padded, mut wide) = (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]);
             for n in chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch) {
                 let xn = &x[n * g.in_len()..][..g.in_len()];
                 let dyn_ = &dy[n * g.out_len()..][..g.out_len()];
-                for co in 0..g.c_out {
-                    let d = &dyn_[co * p..][..p];
-                    for e in w.row_start[co]..w.row_start[co + 1] {
-                        let (ci, ky, kx) = unpack(g, co, w.index[e]);
-                        let src = &xn[ci * plane..][..plane];
-                        let mut sum = 0.0f32;
-                        for_rows(g, ky, kx, |o, i, len| {
-                            sum += dot_gather(&d[o..o + len], &src[i..], s);
-                        });
-                        acc[e] += sum;
-                    }
+                SparseSample {
+                    kernel: SparseKernel::WeightGrad,
+                    g,
+                    w,
+                    input: xn,
+                    dy: dyn_,
+                    out: &mut acc,
+                    padded: &mut padded,
+                    wide: &mut wide,
                 }
+                .run();
             }
             acc
         })
@@ -441,16 +635,37 @@ pub fn weight_grad_sparse(g: &ConvGeometry, x: &[f32], dy: &[f32], w: &SparseWei
     out
 }
 
-/// `Σ_i a[i] · b[i·stride]`, with 8 independent partial sums so that it vectorises.
-#[inline]
-fn dot_gather(a: &[f32], b: &[f32], stride: usize) -> f32 {
+#[inline(always)]
+fn weight_grad_sparse_sample(
+    g: &ConvGeometry,
+    x: &[f32],
+    dy: &[f32],
+    w: &SparseWeight,
+    acc: &mut [f32],
+    padded: &mut [f32],
+    wide: &mut [f32],
+) {
+    let (len, s) = (g.span_len(), g.stride[1]);
+    pad_input(g, x, padded);
+    for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
+        widen(g, plane, wide);
+        for e in w.row_start[co]..w.row_start[co + 1] {
+            acc[e] += dot_strided(&wide[..len], &padded[w.offset[e]..], s);
+        }
+    }
+}
+
+/// `Σ_j a[j] · b[j·stride]`, with 16 independent partial sums so that it vectorises (the same
+/// sums in the same order on every CPU).
+#[inline(always)]
+fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
     if stride == 1 {
         let b = &b[..a.len()];
-        let mut acc = [0.0f32; 8];
-        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let mut acc = [0.0f32; 16];
+        let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
         let (ar, br) = (ac.remainder(), bc.remainder());
         for (x, y) in ac.zip(bc) {
-            for j in 0..8 {
+            for j in 0..16 {
                 acc[j] += x[j] * y[j];
             }
         }
@@ -488,7 +703,8 @@ pub struct MaskedConvPlan {
 
 impl MaskedConvPlan {
     /// Chooses the sparse form below [`SPARSE_BELOW_DENSITY`] and for depthwise-like layers
-    /// (one input channel per group, where a GEMM has a single row), else the dense form.
+    /// (one input channel per group, where a GEMM has a single row), else the dense form; the
+    /// sparse form needs equal strides along both axes.
     ///
     /// # Panics
     /// If the geometry is not [`ConvGeometry::supported`] or the lengths do not match it.
@@ -499,7 +715,8 @@ impl MaskedConvPlan {
         );
         let active = mask.iter().filter(|&&m| m).count();
         let density = active as f64 / mask.len().max(1) as f64;
-        let weights = if density < SPARSE_BELOW_DENSITY || geometry.cin_g() == 1 {
+        let sparse = density < SPARSE_BELOW_DENSITY || geometry.cin_g() == 1;
+        let weights = if sparse && geometry.stride[0] == geometry.stride[1] {
             PlanWeights::Sparse(SparseWeight::new(&geometry, weight, mask))
         } else {
             assert_eq!(

@@ -5,7 +5,22 @@
 //!   forward, input gradient, and weight gradient at every or only the active positions;
 //! - [`gemm`]: the safe front of the GEMM they use.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 pub mod conv;
 pub mod gemm;
 #[cfg(test)]
 mod tests;
+
+static FLEX_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Whether Flex's masked layers run on these kernels (the default) or on burn's generic
+/// operations (the reference; for comparisons and benchmarks). Process-wide.
+pub fn flex_kernels_enabled() -> bool {
+    FLEX_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Turns Flex's use of these kernels on or off for the whole process.
+pub fn set_flex_kernels(enabled: bool) {
+    FLEX_KERNELS.store(enabled, Ordering::Relaxed);
+}

@@ -138,6 +138,11 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
             dilation: [2, 2],
             ..geometry(2, [8, 8], 9, 3, 1, 2, 1)
         },
+        ConvGeometry {
+            stride: [1, 2],
+            ..geometry(2, [8, 8], 9, 3, 1, 1, 1)
+        },
+        geometry(2, [8, 8], 9, 3, 3, 1, 8),
     ];
     // Random shapes: batch 1–64, channels 3–128, stride 1/2, padding 0/1, 1×1/3×3.
     let mut rng = MaskRng::new(7, 2);
