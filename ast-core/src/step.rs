@@ -740,7 +740,7 @@ mod tests {
             SubnetTarget::Density(0.2),
             SubnetTarget::Density(0.1),
         ];
-        // Ramp over s ∈ (0, 30] (3 epochs of 10), events every 3, sub-net k's counter delayed by
+        // Ramp over s ∈ (0, 30] (3 epochs of 10), events every 6, sub-net k's counter delayed by
         // k·(3·2 + 1) = 7k: each sub-net's last ramp event (s = 30) is at t = 30 + 7k ≤ 44.
         let (model, _, reports) = train(tiny_config(targets.clone()), 60, 1);
         assert_eq!(

@@ -109,7 +109,7 @@ pub fn synthetic_batch<B: Backend>(
 pub fn tiny_config(subnets: Vec<SubnetTarget>) -> AstConfig {
     let mut config = AstConfig::new(subnets);
     config.schedule = MaskScheduleConfig {
-        update_frequency: 3,
+        update_frequency: 6,
         init_prune_epoch: 0,
         final_prune_epoch: 3,
         subnet_offset: 2,

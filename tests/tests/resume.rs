@@ -25,7 +25,7 @@ fn run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "--epochs",
         "3",
         "--final-prune-epoch",
-        "2",
+        "1",
         "--update-frequency",
         "2",
         "--subnet-offset",
