@@ -49,6 +49,25 @@ enum Command {
     Recipes,
     /// Images/s of the AST training step (random inputs and masks; no run directory).
     Bench(BenchArgs),
+    /// Every mask event of a run (iteration, sub-net, ramp or regrow, target density, prune
+    /// rate), computed from the configuration alone: no data, no training.
+    Schedule(Box<ScheduleArgs>),
+}
+
+#[derive(Args, Debug)]
+struct ScheduleArgs {
+    /// A shipped recipe name (see `ast-cli recipes`) or a JSON file.
+    #[arg(long, default_value = "quickstart")]
+    recipe: String,
+    /// Training images per epoch (default: the recipe's train_subset, else the dataset's size:
+    /// CIFAR 50 000, ImageNet 1 281 167, (Fashion-)MNIST 60 000).
+    #[arg(long)]
+    train_size: Option<usize>,
+    /// One JSON object per event instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 /// Where to compute.
@@ -306,6 +325,66 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn schedule(args: ScheduleArgs) -> Result<()> {
+    let config = apply_overrides(load_recipe(&args.recipe)?, args.overrides)?;
+    config.validate()?;
+    let train_size = match args.train_size {
+        Some(0) => bail!("--train-size must be ≥ 1"),
+        Some(n) => n,
+        None => {
+            let full = config.data.kind.train_size();
+            config.data.train_subset.map_or(full, |n| n.min(full))
+        }
+    };
+    let steps_per_epoch = train_size.div_ceil(config.batch_size);
+    let total = steps_per_epoch * config.epochs;
+    let s = &config.ast.schedule;
+    let events = ast_core::schedule::timeline(s, &config.ast.subnets, steps_per_epoch, total);
+    let mut text = String::new();
+    if args.json {
+        for e in &events {
+            text += &serde_json::to_string(e)?;
+            text.push('\n');
+        }
+    } else {
+        text += &format!(
+            "{} epochs × {steps_per_epoch} iterations ({train_size} images, batch {}); \
+             {} mask events\n",
+            config.epochs,
+            config.batch_size,
+            events.len()
+        );
+        text += "iteration  sub-net  counter  event   progress  target density  prune rate\n";
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        for e in &events {
+            text += &format!(
+                "{:>9}  {:>7}  {:>7}  {:<6}  {:>8}  {:>14}  {:>10.6}\n",
+                e.iteration,
+                e.subnet,
+                e.prune_counter,
+                e.kind,
+                opt(e.progress),
+                opt(e.target_density),
+                e.prune_rate
+            );
+        }
+    }
+    // A closed pipe (`| head`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        written => written?,
+    }
+    let subnets = config.ast.subnets.len();
+    let pruned: Vec<usize> = (0..subnets)
+        .filter(|&k| match config.ast.subnets[k] {
+            SubnetTarget::Density(d) => d < s.init_density,
+            SubnetTarget::Nm { .. } => true,
+        })
+        .collect();
+    ast_core::schedule::check_reaches_final_density(s, subnets, &pruned, steps_per_epoch, total)?;
+    Ok(())
+}
+
 fn load_recipe(name: &str) -> Result<TrainConfig> {
     let (text, origin) = match RECIPES.iter().find(|(n, _)| *n == name) {
         Some((_, json)) => (json.to_string(), format!("recipe `{name}`")),
@@ -478,6 +557,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Bench(args) => bench(args),
+        Command::Schedule(args) => schedule(*args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Recipes => {
             for (name, json) in RECIPES {

@@ -1,6 +1,8 @@
 //! *When* masks change and *how much*: plain functions of the iteration (§4, §5).
 
-use crate::config::MaskScheduleConfig;
+use serde::Serialize;
+
+use crate::config::{MaskScheduleConfig, SubnetTarget};
 use crate::error::{invalid, Result};
 
 /// Density of the cubic ramp at progress `p ∈ [0, 1]`:
@@ -94,6 +96,66 @@ pub fn mask_event(
         1.0
     };
     Some(MaskEvent::Ramp { progress })
+}
+
+/// One mask event of a run's timeline (see [`timeline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ScheduledEvent {
+    /// Global iteration.
+    pub iteration: usize,
+    /// The sub-net whose mask changes.
+    pub subnet: usize,
+    /// Its prune counter `s` (see [`prune_counter`]).
+    pub prune_counter: usize,
+    /// `"ramp"` (recompute, then prune-and-regrow) or `"regrow"`.
+    pub kind: &'static str,
+    /// Ramp progress, for ramp events.
+    pub progress: Option<f64>,
+    /// The density the event aims at: the cubic ramp's, or for N:M sub-nets the density with a
+    /// fraction `q(p)` of the groups made N:M; `None` for regrow events (density unchanged).
+    pub target_density: Option<f64>,
+    /// The prune-and-regrow rate of the event.
+    pub prune_rate: f64,
+}
+
+/// Every mask event of a run of `total_steps` iterations, in order, without training.
+pub fn timeline(
+    config: &MaskScheduleConfig,
+    subnets: &[SubnetTarget],
+    steps_per_epoch: usize,
+    total_steps: usize,
+) -> Vec<ScheduledEvent> {
+    let count = subnets.len().max(1);
+    (0..total_steps)
+        .filter_map(|t| {
+            let k = t % count;
+            let event = mask_event(config, count, k, t, steps_per_epoch)?;
+            let progress = match event {
+                MaskEvent::Ramp { progress } => Some(progress),
+                MaskEvent::Regrow => None,
+            };
+            let target_density = progress.map(|p| match subnets[k] {
+                SubnetTarget::Density(d) => cubic_density(p, config.init_density, d),
+                SubnetTarget::Nm { n, m } => {
+                    1.0 - nm_sparse_fraction(p) * (1.0 - n as f64 / m as f64)
+                }
+            });
+            Some(ScheduledEvent {
+                iteration: t,
+                subnet: k,
+                prune_counter: prune_counter(config, count, k, t).unwrap_or(0),
+                kind: if progress.is_some() { "ramp" } else { "regrow" },
+                progress,
+                target_density,
+                prune_rate: cosine_prune_rate(
+                    t,
+                    total_steps,
+                    config.prune_rate,
+                    config.final_prune_rate,
+                ),
+            })
+        })
+        .collect()
 }
 
 /// The global iteration of sub-net `k`'s last ramp event, where it reaches its final density
@@ -345,5 +407,39 @@ mod tests {
         };
         assert_eq!(final_ramp_iteration(&rare, 1, 0, 10), None);
         assert!(check_reaches_final_density(&rare, 1, &[], 10, 1000).is_ok());
+    }
+
+    #[test]
+    fn the_timeline_lists_the_original_events() {
+        let config = MaskScheduleConfig {
+            init_density: 1.0,
+            update_frequency: 12,
+            init_prune_epoch: 1,
+            final_prune_epoch: 6,
+            subnet_offset: 2,
+            prune_rate: 0.5,
+            final_prune_rate: 0.005,
+            ..MaskScheduleConfig::default()
+        };
+        let subnets = [0.5, 0.2, 0.1].map(SubnetTarget::Density);
+        let events = timeline(&config, &subnets, 10, 100);
+        assert_eq!(events.len(), ORIGINAL_EVENTS.len());
+        for (e, want) in events.iter().zip(&ORIGINAL_EVENTS) {
+            assert_eq!(
+                (e.iteration, e.subnet, e.prune_counter),
+                (want.0, want.1, want.2)
+            );
+            assert_eq!(e.kind, if want.3.is_some() { "ramp" } else { "regrow" });
+            if let (Some(d), Some(s)) = (e.target_density, want.3) {
+                assert!((1.0 - d - s).abs() < 1e-6);
+            }
+        }
+        // N:M at full progress: every group N:M, density N/M.
+        let nm = [SubnetTarget::Nm { n: 1, m: 4 }];
+        let last = timeline(&config, &nm, 10, 100)
+            .into_iter()
+            .filter_map(|e| e.target_density)
+            .next_back();
+        assert_eq!(last, Some(0.25));
     }
 }

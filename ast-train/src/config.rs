@@ -39,6 +39,15 @@ impl DatasetKind {
         (DatasetKind::Imagenet, "imagenet"),
     ];
 
+    /// Training images of the full dataset (ImageNet: ILSVRC-2012's train split).
+    pub fn train_size(self) -> usize {
+        match self {
+            DatasetKind::FashionMnist | DatasetKind::Mnist => 60_000,
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Cifar100Coarse => 50_000,
+            DatasetKind::Imagenet => 1_281_167,
+        }
+    }
+
     /// The CLI name.
     pub fn name(self) -> &'static str {
         DatasetKind::ALL

@@ -1,7 +1,7 @@
 //! Flex: the masked convolution on our CPU kernels, with its own backward.
 //!
-//! Forward, input gradient and weight gradient run on [`MaskedConvPlan`] (sparse below
-//! [`crate::kernels::conv::SPARSE_BELOW_DENSITY`], else im2col + GEMM). The weight gradient is
+//! Forward, input gradient and weight gradient run on [`MaskedConvPlan`] (sparse where
+//! [`crate::kernels::conv::sparse_is_faster`], else im2col + GEMM). The weight gradient is
 //! computed at every position only when the caller asks for it (mask-event iterations, where
 //! growth ranks inactive positions), else only at the active positions. Geometries or dtypes
 //! the kernels do not cover take the generic path.

@@ -138,7 +138,8 @@ impl ConvGeometry {
         self.c_in * self.in_hw[0] * self.in_hw[1]
     }
 
-    fn out_plane(&self) -> usize {
+    /// Positions of one output plane, `H_out · W_out`.
+    pub fn out_plane(&self) -> usize {
         let [h, w] = self.out_hw().expect("geometry checked by `supported`");
         h * w
     }
@@ -679,9 +680,24 @@ fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
     }
 }
 
-/// Below this density a masked convolution computes with its active weights only
-/// ([`SparseWeight`]); at or above it, with the masked dense weight (im2col + GEMM).
-pub const SPARSE_BELOW_DENSITY: f64 = 0.3;
+/// Whether the sparse form is expected to be faster than the dense form for `active` active
+/// weights, by a cost model fitted to `cargo bench -p ast-core --bench conv_kernels` (forward,
+/// input gradient and active-position weight gradient of the ResNet-32 / wide ResNet-32
+/// convolutions at batch 128, 2-core AMD EPYC with AVX-512):
+/// - sparse: `active · (L + 60)`, `L` the span of one strided product (≈ the output plane) and
+///   60 the fixed cost per active weight and sample, in element-steps;
+/// - dense: `0.3·√(P/64) · C_out·(C_in/groups·kh·kw)·P`, `P` the output plane: the GEMM's
+///   work, with im2col/col2im costing relatively more as the plane grows.
+///
+/// Measured crossovers: 16 ch at 32×32 sparse at every density, 32 ch 32×32 below ≈ 0.8,
+/// 32 ch 16×16 below ≈ 0.35, 64/128 ch at 8×8 below ≈ 0.1–0.14. The model picks the faster
+/// form at every density of that bench except 32 ch at 32×32 fully dense (sparse, 27 % slower).
+pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
+    let p = geometry.out_plane() as f64;
+    let sparse = active as f64 * (geometry.span_len() as f64 + 60.0);
+    let dense = 0.3 * (p / 64.0).sqrt() * (geometry.weight_len() as f64) * p;
+    sparse < dense
+}
 
 /// The weights a masked convolution computes with, in the form its density calls for.
 #[derive(Debug, Clone, PartialEq)]
@@ -702,9 +718,9 @@ pub struct MaskedConvPlan {
 }
 
 impl MaskedConvPlan {
-    /// Chooses the sparse form below [`SPARSE_BELOW_DENSITY`] and for depthwise-like layers
-    /// (one input channel per group, where a GEMM has a single row), else the dense form; the
-    /// sparse form needs equal strides along both axes.
+    /// Chooses the sparse form where [`sparse_is_faster`] and for depthwise-like layers (one
+    /// input channel per group, where a GEMM has a single row), else the dense form; the sparse
+    /// form needs equal strides along both axes.
     ///
     /// # Panics
     /// If the geometry is not [`ConvGeometry::supported`] or the lengths do not match it.
@@ -714,8 +730,7 @@ impl MaskedConvPlan {
             "conv kernels: unsupported geometry {geometry:?}"
         );
         let active = mask.iter().filter(|&&m| m).count();
-        let density = active as f64 / mask.len().max(1) as f64;
-        let sparse = density < SPARSE_BELOW_DENSITY || geometry.cin_g() == 1;
+        let sparse = sparse_is_faster(&geometry, active) || geometry.cin_g() == 1;
         let weights = if sparse && geometry.stride[0] == geometry.stride[1] {
             PlanWeights::Sparse(SparseWeight::new(&geometry, weight, mask))
         } else {

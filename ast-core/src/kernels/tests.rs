@@ -5,7 +5,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
-use super::conv::{ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight};
+use super::conv::{sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight};
 use crate::backend::{generic_masked_conv2d, AstBackend};
 use crate::rng::MaskRng;
 
@@ -177,16 +177,28 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
 }
 
 #[test]
-fn plans_pick_the_sparse_form_below_the_crossover_and_for_depthwise() {
-    let g = geometry(1, [4, 4], 5, 3, 1, 1, 1);
+fn plans_pick_the_form_the_cost_model_expects_to_be_faster() {
+    // 64 channels at 8×8 (P = 64, span 78): sparse below 0.3·1·36 864·64 / (78 + 60) ≈ 5 129
+    // active weights (density 0.14).
+    let g = geometry(1, [64, 64], 8, 3, 1, 1, 1);
+    let g = ConvGeometry { in_hw: [8, 8], ..g };
+    assert!(sparse_is_faster(&g, 5_100));
+    assert!(!sparse_is_faster(&g, 5_200));
     let w = vec![1.0; g.weight_len()];
     let dense = MaskedConvPlan::new(g, &w, &vec![true; g.weight_len()]);
     assert!(matches!(dense.weights, PlanWeights::Dense(_)));
-    let few: Vec<bool> = (0..g.weight_len()).map(|i| i % 10 == 0).collect();
+    let few: Vec<bool> = (0..g.weight_len()).map(|i| i % 20 == 0).collect();
     assert!(matches!(
         MaskedConvPlan::new(g, &w, &few).weights,
         PlanWeights::Sparse(_)
     ));
+    // 16 channels at 32×32: the sparse form is faster even dense.
+    let big = ConvGeometry {
+        in_hw: [32, 32],
+        ..geometry(1, [16, 16], 32, 3, 1, 1, 1)
+    };
+    assert!(sparse_is_faster(&big, big.weight_len()));
+    // Depthwise: always sparse (a GEMM of one row per group).
     let dw = geometry(1, [4, 4], 5, 3, 1, 1, 4);
     let all = vec![true; dw.weight_len()];
     assert!(matches!(

@@ -1,0 +1,94 @@
+//! The masked-convolution kernels' two forms, dense (im2col + GEMM) and sparse (active weights
+//! only), on the convolutions of ResNet-32 and wide ResNet-32 at batch 128, across densities:
+//! the time of one training step's work (forward, input gradient, weight gradient at the active
+//! positions) per form, the density below which the sparse form wins, and the form the cost
+//! model `sparse_is_faster` picks (fitted to these figures).
+//!
+//! ```sh
+//! cargo bench -p ast-core --bench conv_kernels
+//! ```
+
+use std::time::Instant;
+
+use ast_core::kernels::conv::{
+    sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
+};
+use ast_core::rng::MaskRng;
+
+const DENSITIES: [f64; 8] = [1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02];
+
+fn geometry(c: usize, hw: usize) -> ConvGeometry {
+    ConvGeometry {
+        batch: 128,
+        c_in: c,
+        in_hw: [hw, hw],
+        c_out: c,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    }
+}
+
+/// Median milliseconds of forward + input gradient + active-position weight gradient.
+fn time(plan: &MaskedConvPlan, x: &[f32], dy: &[f32]) -> f64 {
+    let mut ms: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let y = plan.forward(x);
+            let dx = plan.input_grad(dy);
+            let dw = plan.weight_grad(x, dy, false);
+            assert!(y.len() + dx.len() + dw.len() > 0);
+            start.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms[2]
+}
+
+fn main() {
+    let mut rng = MaskRng::new(1, 1);
+    let shapes = [
+        ("16 ch, 32×32 (ResNet-32 stage 1)", geometry(16, 32)),
+        ("32 ch, 16×16 (ResNet-32 stage 2)", geometry(32, 16)),
+        ("64 ch, 8×8 (ResNet-32 stage 3)", geometry(64, 8)),
+        ("32 ch, 32×32 (wide stage 1)", geometry(32, 32)),
+        ("128 ch, 8×8 (wide stage 3)", geometry(128, 8)),
+    ];
+    for (name, g) in shapes {
+        let x: Vec<f32> = (0..g.batch * g.in_len())
+            .map(|_| rng.next_f64() as f32)
+            .collect();
+        let dy: Vec<f32> = (0..g.batch * g.out_len())
+            .map(|_| rng.next_f64() as f32)
+            .collect();
+        let w: Vec<f32> = (0..g.weight_len()).map(|_| rng.next_f64() as f32).collect();
+        println!("{name}: density, dense form ms, sparse form ms, model picks");
+        let mut crossover = 0.0;
+        for d in DENSITIES {
+            let mask: Vec<bool> = (0..g.weight_len()).map(|_| rng.next_f64() < d).collect();
+            let masked = w.iter().zip(&mask).map(|(&v, &m)| if m { v } else { 0.0 });
+            let dense = MaskedConvPlan {
+                geometry: g,
+                weights: PlanWeights::Dense(masked.collect()),
+            };
+            let sparse = MaskedConvPlan {
+                geometry: g,
+                weights: PlanWeights::Sparse(SparseWeight::new(&g, &w, &mask)),
+            };
+            let (td, ts) = (time(&dense, &x, &dy), time(&sparse, &x, &dy));
+            if ts < td && crossover == 0.0 {
+                crossover = d;
+            }
+            let active = mask.iter().filter(|&&m| m).count();
+            let pick = if sparse_is_faster(&g, active) {
+                "sparse"
+            } else {
+                "dense"
+            };
+            println!("  {d:>5}  {td:>8.1}  {ts:>8.1}  {pick}");
+        }
+        println!("  sparse form faster from density {crossover} down");
+    }
+}
