@@ -888,6 +888,109 @@ mod tests {
         }
     }
 
+    /// The weight changes of four alternating steps (K = 2) whose loss is `Σ W ⊙ C_t`, so that
+    /// the gradient is the hand-chosen `C_t`: SGD without momentum or decay at lr 1 applies
+    /// exactly the corrected masked gradient.
+    fn applied_updates(correction: CorrectionMode) -> Vec<Vec<f32>> {
+        let device = device();
+        let switch = SubnetSwitch::new();
+        let fc = MaskedLinearConfig::new(2, 2)
+            .with_subnets(2)
+            .init::<AD>(&switch, &device);
+        // Sub-net 0 dense, sub-net 1 without the last weight.
+        let m1 = Tensor::<AD, 2, Bool>::from_data([[true, true], [true, false]], &device);
+        let model = OneLinear {
+            fc: MaskedLinear {
+                masks: vec![fc.masks[0].clone(), mask_param(m1)],
+                ..fc
+            },
+        };
+        let mut config =
+            AstConfig::new(vec![SubnetTarget::Density(1.0), SubnetTarget::Density(1.0)]);
+        config.schedule = no_events();
+        config.correction = correction;
+        config.sgd = SgdSettings {
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        };
+        let mut ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
+        let gradients = [
+            [1.0, 2.0, 0.0, 1.0],
+            [-1.0, 0.0, 1.0, 5.0],
+            [0.0, 0.0, -1.0, 0.0],
+            [0.0, -1.0, 0.0, 0.0],
+        ];
+        let mut model = model;
+        gradients
+            .iter()
+            .map(|c| {
+                ast.begin();
+                let before: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
+                let c = Tensor::<AD, 1>::from_floats(*c, &device).reshape([2, 2]);
+                let grads = (model.fc.weight.val() * c).sum().backward();
+                model = ast.step(model.clone(), grads, 1.0).0;
+                let after: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
+                before.iter().zip(&after).map(|(b, a)| b - a).collect()
+            })
+            .collect()
+    }
+
+    fn assert_updates(got: &[Vec<f32>], want: &[[f32; 4]]) {
+        for (t, (g, w)) in got.iter().zip(want).enumerate() {
+            for (a, b) in g.iter().zip(w) {
+                assert!(
+                    (a - b).abs() < 1e-6,
+                    "step {t}: applied {g:?}, expected {w:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_step_applies_the_hand_computed_correction_inside_the_mask() {
+        // g_t = C_t ⊙ M_k. t = 0: nothing to correct against, u = g₀ = (1, 2, 0, 1).
+        // t = 1 (sub-net 1): g₁ = (−1, 0, 1, 0), g₁·g₀ = −1 < 0, ‖g₀‖² = 6:
+        //   g₁ + g₀/6 = (−5/6, 1/3, 1, 1/6), masked ⇒ (−5/6, 1/3, 1, 0): the inactive weight
+        //   stays put although the projection moved it.
+        // t = 2: g₂ = (0, 0, −1, 0) against g₁: g₂·g₁ = −1, ‖g₁‖² = 2 ⇒ (−1/2, 0, −1/2, 0).
+        // t = 3: g₃ = (0, −1, 0, 0) against g₂: g₃·g₂ = 0, no conflict ⇒ unchanged.
+        let third = 1.0 / 3.0;
+        assert_updates(
+            &applied_updates(CorrectionMode::Projection),
+            &[
+                [1.0, 2.0, 0.0, 1.0],
+                [-5.0 / 6.0, third, 1.0, 0.0],
+                [-0.5, 0.0, -0.5, 0.0],
+                [0.0, -1.0, 0.0, 0.0],
+            ],
+        );
+        // EMA (β = 1/2) against the other sub-net's EMA: at t = 1 and 2 the reference is a
+        // multiple of the previous gradient (same projection). At t = 3 it is sub-net 0's EMA
+        // h = ¼·g₀ + ½·g₂ = (¼, ½, −½, ¼): g₃·h = −½, ‖h‖² = 5/8 ⇒ g₃ + 0.8·h
+        // = (0.2, −0.6, −0.4, 0.2), masked ⇒ (0.2, −0.6, −0.4, 0).
+        assert_updates(
+            &applied_updates(CorrectionMode::Ema { beta: 0.5 }),
+            &[
+                [1.0, 2.0, 0.0, 1.0],
+                [-5.0 / 6.0, third, 1.0, 0.0],
+                [-0.5, 0.0, -0.5, 0.0],
+                [0.2, -0.6, -0.4, 0.0],
+            ],
+        );
+        // Without correction every step applies its masked gradient.
+        assert_updates(
+            &applied_updates(CorrectionMode::Off),
+            &[
+                [1.0, 2.0, 0.0, 1.0],
+                [-1.0, 0.0, 1.0, 0.0],
+                [0.0, 0.0, -1.0, 0.0],
+                [0.0, -1.0, 0.0, 0.0],
+            ],
+        );
+    }
+
     #[test]
     fn a_replaced_mask_is_used_by_the_next_step() {
         let device = device();
