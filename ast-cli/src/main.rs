@@ -140,6 +140,9 @@ struct Overrides {
     /// Evaluate on the first N test images.
     #[arg(long)]
     test_subset: Option<usize>,
+    /// Training augmentation: standard (random crop + flip, as the original) or none.
+    #[arg(long)]
+    augment: Option<String>,
     /// Base learning rate.
     #[arg(long, allow_hyphen_values = true)]
     lr: Option<f64>,
@@ -441,6 +444,9 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     set(&mut c.data.path, o.data_path);
     set(&mut c.data.train_subset, o.train_subset.map(Some));
     set(&mut c.data.test_subset, o.test_subset.map(Some));
+    if let Some(a) = o.augment {
+        c.data.augment = a.parse().map_err(|e| anyhow!("{e}"))?;
+    }
     set(&mut c.lr, o.lr);
     set(&mut c.epochs, o.epochs);
     match o.lr_schedule.as_deref() {

@@ -32,6 +32,7 @@ pub mod rng;
 pub mod schedule;
 pub mod step;
 pub mod subnet;
+#[doc(hidden)]
 pub mod testing;
 
 pub use backend::AstBackend;

@@ -87,6 +87,40 @@ pub struct DataConfig {
     /// Evaluate on the first this-many test images only.
     #[serde(default)]
     pub test_subset: Option<usize>,
+    /// Training-time augmentation.
+    #[serde(default)]
+    pub augment: Augment,
+}
+
+/// Training-time augmentation of the images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// The original's: CIFAR-style random crop (padding 4) and horizontal flip; ImageNet
+    /// random-resized crop 224 and flip.
+    #[default]
+    Standard,
+    /// None: training images go through the evaluation pipeline (normalisation; ImageNet
+    /// resize 256 and centre crop 224).
+    None,
+}
+
+impl Augment {
+    /// Every choice with its name.
+    pub const ALL: [(Augment, &'static str); 2] =
+        [(Augment::Standard, "standard"), (Augment::None, "none")];
+}
+
+impl FromStr for Augment {
+    type Err = String;
+
+    fn from_str(s: &str) -> core::result::Result<Self, String> {
+        Augment::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(a, _)| *a)
+            .ok_or_else(|| format!("unknown augmentation `{s}` (valid: standard, none)"))
+    }
 }
 
 /// The learning-rate schedule, applied per epoch.

@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{DatasetKind, TrainConfig};
+use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
     FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader, SampleSource,
@@ -73,6 +73,7 @@ pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
             ),
         ));
     }
+    let augment = d.augment == Augment::Standard;
     let cifar_like = |(train, test): (ImageDataset, ImageDataset), grey: bool| {
         let classes = train.classes;
         let transform = |t| {
@@ -85,7 +86,7 @@ pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
         DataSources {
             train: Arc::new(CifarSource::new(
                 subset(train, d.train_subset),
-                transform(true),
+                transform(augment),
             )),
             test: Arc::new(CifarSource::new(
                 subset(test, d.test_subset),
@@ -108,7 +109,7 @@ pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
             let test = Arc::new(ImageFolder::open(d.path.join("val"))?);
             DataSources {
                 classes: train.classes().len(),
-                train: Arc::new(FolderSource::new(train, ImagenetTransform::new(true))),
+                train: Arc::new(FolderSource::new(train, ImagenetTransform::new(augment))),
                 test: Arc::new(FolderSource::new(test, ImagenetTransform::new(false))),
             }
         }

@@ -211,6 +211,11 @@ fn every_bad_input_is_one_clear_error() {
             "`schedule` never gives sub-net 0 its final density",
         ),
         with_args(
+            "unknown augmentation",
+            quick(&good, &out("t"), &["--augment", "autoaugment"]),
+            "unknown augmentation `autoaugment` (valid: standard, none)",
+        ),
+        with_args(
             "N above M",
             quick(&good, &out("j"), &["--nm", "5:4"]),
             "1 ≤ N ≤ M, got 5:4",
