@@ -140,6 +140,9 @@ struct Overrides {
     /// Evaluate on the first N test images.
     #[arg(long)]
     test_subset: Option<usize>,
+    /// Weights the optimizer moves: dense (all, as the original) or active (the sub-net's only).
+    #[arg(long)]
+    update_scope: Option<String>,
     /// Training augmentation: standard (random crop + flip, as the original) or none.
     #[arg(long)]
     augment: Option<String>,
@@ -460,6 +463,9 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
             milestones,
             gamma: 0.1,
         };
+    }
+    if let Some(scope) = o.update_scope {
+        c.ast.update_scope = scope.parse().map_err(|e| anyhow!("{e}"))?;
     }
     set(&mut c.ast.sgd.momentum, o.momentum);
     set(&mut c.ast.sgd.weight_decay, o.weight_decay);

@@ -107,6 +107,40 @@ impl Default for SgdSettings {
     }
 }
 
+/// Which weights the optimizer moves at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateScope {
+    /// The original's: SGD acts on the dense shared weights. The gradient is masked to the
+    /// active sub-net, but weight decay and momentum move every position, also those outside
+    /// the active mask (as `torch.optim.SGD` after `grad.mul_(mask)` does).
+    #[default]
+    Dense,
+    /// Only the active sub-net's positions move: weights, velocities and decay outside its
+    /// mask stay untouched.
+    Active,
+}
+
+impl UpdateScope {
+    /// Every scope with its name.
+    pub const ALL: [(UpdateScope, &'static str); 2] = [
+        (UpdateScope::Dense, "dense"),
+        (UpdateScope::Active, "active"),
+    ];
+}
+
+impl core::str::FromStr for UpdateScope {
+    type Err = String;
+
+    fn from_str(s: &str) -> core::result::Result<Self, String> {
+        UpdateScope::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(u, _)| *u)
+            .ok_or_else(|| format!("unknown update scope `{s}` (valid: dense, active)"))
+    }
+}
+
 /// Everything the AST step needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +156,9 @@ pub struct AstConfig {
     /// The optimizer.
     #[serde(default)]
     pub sgd: SgdSettings,
+    /// Which weights the optimizer moves.
+    #[serde(default)]
+    pub update_scope: UpdateScope,
     /// Zero the momentum of weights that a prune-and-regrow just re-activated.
     #[serde(default)]
     pub reset_momentum_on_regrow: bool,
@@ -138,6 +175,7 @@ impl AstConfig {
             schedule: MaskScheduleConfig::default(),
             correction: CorrectionMode::default(),
             sgd: SgdSettings::default(),
+            update_scope: UpdateScope::default(),
             reset_momentum_on_regrow: false,
             seed: 0,
         }

@@ -36,7 +36,9 @@ pub mod subnet;
 pub mod testing;
 
 pub use backend::AstBackend;
-pub use config::{AstConfig, CorrectionMode, MaskScheduleConfig, SgdSettings, SubnetTarget};
+pub use config::{
+    AstConfig, CorrectionMode, MaskScheduleConfig, SgdSettings, SubnetTarget, UpdateScope,
+};
 pub use error::AstError;
 pub use layers::{
     MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,

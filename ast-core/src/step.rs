@@ -8,7 +8,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::{AstConfig, SgdSettings, SubnetTarget};
+use crate::config::{AstConfig, SgdSettings, SubnetTarget, UpdateScope};
 use crate::correction::CorrectionState;
 use crate::criteria::{gradient_magnitude, magnitude, prune_and_regrow};
 use crate::density::{erk_densities, random_masks};
@@ -58,12 +58,12 @@ pub struct MaskUpdate {
 /// let (model, report) = ast.step(model, loss.backward(), lr);
 /// ```
 ///
-/// **Update rule** (masked SGD with PyTorch's semantics, dampening 0 by default): for a masked
-/// weight with active mask `M`, `d = (g ⊙ M) + λ·W` on active positions, `v ← μ·v + d` and
-/// `W ← W − lr·v` *on active positions only*. Weights outside the active mask, their velocity,
-/// and their weight decay are untouched: they belong to other sub-nets, and a step of sub-net
-/// `k` must not move them (momentum from other sub-nets would otherwise leak into every step).
-/// Every other parameter (stem, biases, the active sub-net's BatchNorm) gets plain SGD with
+/// **Update rule** (SGD with PyTorch's semantics, dampening 0 by default) on the masked gradient
+/// `g ⊙ M`. In the default [`UpdateScope::Dense`] (the original's) `d = (g ⊙ M) + λ·W`,
+/// `v ← μ·v + d`, `W ← W − lr·v` at every position. In [`UpdateScope::Active`] the same
+/// happens *on active positions only*: weights outside the active mask, their velocity and
+/// their weight decay are untouched (they belong to other sub-nets; no momentum from other
+/// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's BatchNorm) gets plain SGD with
 /// momentum and weight decay; parameters without a gradient (inactive BatchNorms) are skipped.
 #[derive(Debug)]
 pub struct AstStep<B: AutodiffBackend> {
@@ -253,10 +253,16 @@ impl<B: AutodiffBackend> AstStep<B> {
                 masked.insert(self.layers[l].weight_id, g);
             }
         }
+        // The update is restricted to the active mask only in the `Active` scope; the gradient
+        // itself is masked above in both.
+        let update_masks = match self.config.update_scope {
+            UpdateScope::Active => self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
+            UpdateScope::Dense => HashMap::new(),
+        };
         let mut sgd = MaskedSgd::<B> {
             grads: &mut grads,
             masked,
-            masks: self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
+            masks: update_masks,
             velocity: &mut self.velocity,
             settings: self.config.sgd,
             lr,
@@ -589,6 +595,7 @@ mod tests {
             AstConfig::new(vec![SubnetTarget::Density(1.0), SubnetTarget::Density(1.0)]);
         config.schedule = no_events();
         config.correction = CorrectionMode::Off;
+        config.update_scope = UpdateScope::Active;
         let mut ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
         let x = Tensor::<AD, 2>::from_floats([[1.0, -2.0, 0.5]], &device);
         let mut model = model;
@@ -791,6 +798,7 @@ mod tests {
         let mut config = tiny_config(vec![SubnetTarget::Density(0.5); 2]);
         config.schedule.init_density = 0.5;
         config.schedule.final_prune_epoch = 0;
+        config.update_scope = UpdateScope::Active;
         let switch = SubnetSwitch::new();
         let model = TinyNet::<AD>::new(2, &switch, &device);
         let mut on_config = config.clone();
@@ -886,6 +894,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_dense_scope_decays_and_carries_momentum_outside_the_mask() {
+        // One sub-net keeping only the first of two weights w = (w₀, w₁); loss Σ W ⊙ (1, 1),
+        // so the masked gradient is (1, 0). lr 1, weight decay 0.1, momentum 0.5:
+        // step 1: d = (1 + 0.1·w₀, 0.1·w₁), v = d, w ← w − v;
+        // step 2: d' = (1 + 0.1·w₀', 0.1·w₁'), v' = 0.5·v + d', w' ← w' − v'.
+        // In the dense scope (the original's) the pruned weight w₁ moves by decay and momentum;
+        // in the active scope it stays bit-identical.
+        let run = |scope: UpdateScope| -> Vec<[f32; 2]> {
+            let device = device();
+            let switch = SubnetSwitch::new();
+            let fc = MaskedLinearConfig::new(2, 1).init::<AD>(&switch, &device);
+            let mask = Tensor::<AD, 2, Bool>::from_data([[true], [false]], &device);
+            let model = OneLinear {
+                fc: MaskedLinear {
+                    weight: Param::from_tensor(Tensor::from_floats([[2.0], [3.0]], &device)),
+                    masks: vec![mask_param(mask)],
+                    ..fc
+                },
+            };
+            let mut config = AstConfig::new(vec![SubnetTarget::Density(0.5)]);
+            config.schedule = no_events();
+            config.update_scope = scope;
+            config.sgd = SgdSettings {
+                momentum: 0.5,
+                dampening: 0.0,
+                weight_decay: 0.1,
+                nesterov: false,
+            };
+            let mut ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
+            let mut model = model;
+            (0..2)
+                .map(|_| {
+                    ast.begin();
+                    let grads = model.fc.weight.val().sum().backward();
+                    model = ast.step(model.clone(), grads, 1.0).0;
+                    let w: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
+                    [w[0], w[1]]
+                })
+                .collect()
+        };
+        // w₀: 2 − (1 + 0.2) = 0.8; then d = 1 + 0.08 = 1.08, v = 0.6 + 1.08 = 1.68 ⇒ −0.88.
+        // w₁ (dense): 3 − 0.3 = 2.7; then d = 0.27, v = 0.15 + 0.27 = 0.42 ⇒ 2.28.
+        let dense = run(UpdateScope::Dense);
+        let want = [[0.8, 2.7], [-0.88, 2.28]];
+        for (got, want) in dense.iter().zip(want) {
+            for (a, b) in got.iter().zip(want) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "dense scope: {dense:?}, expected {want:?}"
+                );
+            }
+        }
+        let active = run(UpdateScope::Active);
+        assert!((active[1][0] - -0.88).abs() < 1e-5, "{active:?}");
+        assert_eq!(active[0][1], 3.0);
+        assert_eq!(active[1][1], 3.0);
     }
 
     /// The weight changes of four alternating steps (K = 2) whose loss is `Σ W ⊙ C_t`, so that
@@ -1000,6 +1067,7 @@ mod tests {
         };
         let mut config = AstConfig::new(vec![SubnetTarget::Density(1.0)]);
         config.schedule = no_events();
+        config.update_scope = UpdateScope::Active;
         let mut ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
         let model = replace_masks(
             model,

@@ -216,6 +216,11 @@ fn every_bad_input_is_one_clear_error() {
             "unknown augmentation `autoaugment` (valid: standard, none)",
         ),
         with_args(
+            "unknown update scope",
+            quick(&good, &out("u"), &["--update-scope", "sparse"]),
+            "unknown update scope `sparse` (valid: dense, active)",
+        ),
+        with_args(
             "N above M",
             quick(&good, &out("j"), &["--nm", "5:4"]),
             "1 ≤ N ≤ M, got 5:4",
