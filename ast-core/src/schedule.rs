@@ -264,9 +264,9 @@ mod tests {
         (98, 2, 84, None, 0.005122),
     ];
 
-    #[test]
-    fn events_targets_and_rates_equal_the_original_code() {
-        let config = MaskScheduleConfig {
+    /// The settings [`ORIGINAL_EVENTS`] was produced with (10 iterations per epoch, 100 in all).
+    fn original_config() -> MaskScheduleConfig {
+        MaskScheduleConfig {
             init_density: 1.0,
             update_frequency: 12,
             init_prune_epoch: 1,
@@ -275,7 +275,12 @@ mod tests {
             prune_rate: 0.5,
             final_prune_rate: 0.005,
             ..MaskScheduleConfig::default()
-        };
+        }
+    }
+
+    #[test]
+    fn events_targets_and_rates_equal_the_original_code() {
+        let config = original_config();
         let densities = [0.5, 0.2, 0.1];
         let (subnets, per_epoch, total) = (3, 10, 100);
         let mut events = Vec::new();
@@ -411,16 +416,7 @@ mod tests {
 
     #[test]
     fn the_timeline_lists_the_original_events() {
-        let config = MaskScheduleConfig {
-            init_density: 1.0,
-            update_frequency: 12,
-            init_prune_epoch: 1,
-            final_prune_epoch: 6,
-            subnet_offset: 2,
-            prune_rate: 0.5,
-            final_prune_rate: 0.005,
-            ..MaskScheduleConfig::default()
-        };
+        let config = original_config();
         let subnets = [0.5, 0.2, 0.1].map(SubnetTarget::Density);
         let events = timeline(&config, &subnets, 10, 100);
         assert_eq!(events.len(), ORIGINAL_EVENTS.len());
