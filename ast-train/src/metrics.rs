@@ -58,6 +58,21 @@ pub struct EpochRecord {
     pub subnets: Vec<SubnetMetrics>,
     /// Best top-1 so far of the sparsest sub-net.
     pub best_sparsest_top1: f64,
+    /// Every sub-net's training loss and top-1 over its own iterations of the epoch (absent in
+    /// records written before they were kept).
+    #[serde(default)]
+    pub train: Vec<SubnetTraining>,
+}
+
+/// One sub-net's training figures over an epoch (its own iterations, with augmentation).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SubnetTraining {
+    /// Sub-net index.
+    pub subnet: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Top-1 accuracy on its training batches, in `[0, 1]`.
+    pub top1: f64,
 }
 
 /// Appends epoch records to `metrics.jsonl` and `metrics.csv` in a run directory.
@@ -67,7 +82,8 @@ pub struct MetricsWriter {
     csv: PathBuf,
 }
 
-const CSV_HEADER: &str = "epoch,lr,train_loss,seconds,subnet,density,loss,top1,top5\n";
+const CSV_HEADER: &str =
+    "epoch,lr,train_loss,seconds,subnet,density,loss,top1,top5,subnet_train_loss,subnet_train_top1\n";
 
 impl MetricsWriter {
     /// Writer for `dir`; keeps only the records of epochs before `keep_before` (a resumed run
@@ -123,8 +139,12 @@ fn csv_lines(r: &EpochRecord) -> String {
     r.subnets
         .iter()
         .map(|s| {
+            let train = r.train.iter().find(|t| t.subnet == s.subnet);
+            let (loss, top1) = train.map_or((String::new(), String::new()), |t| {
+                (t.loss.to_string(), t.top1.to_string())
+            });
             format!(
-                "{},{},{},{:.3},{},{},{},{},{}\n",
+                "{},{},{},{:.3},{},{},{},{},{},{loss},{top1}\n",
                 r.epoch, r.lr, r.train_loss, r.seconds, s.subnet, s.density, s.loss, s.top1, s.top5
             )
         })
@@ -249,10 +269,21 @@ mod tests {
                     top5: 1.0,
                 }],
                 best_sparsest_top1: 0.9,
+                train: vec![SubnetTraining {
+                    subnet: 0,
+                    loss: 0.25,
+                    top1: 0.75,
+                }],
             })
             .unwrap();
         }
         assert_eq!(w.read().unwrap().len(), 3);
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(csv.lines().nth(1).unwrap().ends_with(",0.25,0.75"), "{csv}");
+        // A record written before the per-sub-net training figures were kept still reads.
+        let old = r#"{"epoch":0,"lr":0.1,"train_loss":1.0,"seconds":2.0,"subnets":[],"best_sparsest_top1":0.5}"#;
+        let record: EpochRecord = serde_json::from_str(old).unwrap();
+        assert!(record.train.is_empty());
         let w = MetricsWriter::open(dir.path(), 2).unwrap();
         assert_eq!(
             w.read()

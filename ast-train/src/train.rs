@@ -23,6 +23,7 @@ use crate::data::{
 use crate::error::{Result, TrainError};
 use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, MetricsWriter, Progress, SubnetMetrics,
+    SubnetTraining,
 };
 
 /// Training and evaluation sources of a run.
@@ -384,6 +385,8 @@ where
         let first = state.iteration - epoch * steps_per_epoch;
         let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, opts.progress);
         let mut loss_sum = 0.0f64;
+        // Per sub-net: summed loss, correct predictions, samples, iterations.
+        let mut per_subnet = vec![(0.0f64, 0usize, 0usize, 0usize); config.ast.subnets.len()];
         for (i, batch) in train_loader.epoch(epoch, first).enumerate() {
             let t = ast.iteration();
             if opts.stop_after == Some(t) {
@@ -396,9 +399,20 @@ where
                     interrupted: true,
                 });
             }
-            let (x, y) = to_tensors::<B>(batch?, device);
+            let batch = batch?;
+            let labels = batch.labels.clone();
+            let (x, y) = to_tensors::<B>(batch, device);
             let subnet = ast.begin();
-            let loss = loss_fn.forward(model.forward(x), y);
+            let logits = model.forward(x);
+            let scores: Vec<f32> = logits
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            let correct = top_k_correct(&scores, sources.classes, &labels, 1);
+            let samples = labels.len();
+            let loss = loss_fn.forward(logits, y);
             let value: f32 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
@@ -409,6 +423,13 @@ where
                 });
             }
             loss_sum += value as f64;
+            let sums = &mut per_subnet[subnet];
+            *sums = (
+                sums.0 + value as f64,
+                sums.1 + correct,
+                sums.2 + samples,
+                sums.3 + 1,
+            );
             model = ast.step(model, loss.backward(), lr).0;
             progress.update(first + i + 1, value);
         }
@@ -433,6 +454,18 @@ where
             seconds: epoch_start.elapsed().as_secs_f64(),
             subnets: last_eval.clone(),
             best_sparsest_top1: state.best_sparsest_top1,
+            train: per_subnet
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.3 > 0)
+                .map(
+                    |(subnet, &(loss, correct, samples, steps))| SubnetTraining {
+                        subnet,
+                        loss: loss / steps as f64,
+                        top1: correct as f64 / samples as f64,
+                    },
+                )
+                .collect(),
         })?;
         if opts.progress {
             for m in &last_eval {

@@ -53,6 +53,16 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     // Per-epoch metrics, both formats; the resolved config; checkpoints.
     let jsonl = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), 2);
+    // Each record has every sub-net's training loss and top-1 over its own iterations.
+    let last: serde_json::Value = serde_json::from_str(jsonl.lines().last().unwrap()).unwrap();
+    let train = last["train"].as_array().unwrap();
+    assert_eq!(train.len(), 3, "{last}");
+    for (k, t) in train.iter().enumerate() {
+        assert_eq!(t["subnet"], k);
+        assert!(t["loss"].as_f64().unwrap() > 0.0, "{t}");
+        let top1 = t["top1"].as_f64().unwrap();
+        assert!(top1 > 0.15 && top1 <= 1.0, "{t}"); // chance is 0.10
+    }
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 * 3);
     let config: serde_json::Value =
