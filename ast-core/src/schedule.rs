@@ -125,37 +125,39 @@ pub fn timeline(
     steps_per_epoch: usize,
     total_steps: usize,
 ) -> Vec<ScheduledEvent> {
-    let count = subnets.len().max(1);
     (0..total_steps)
-        .filter_map(|t| {
-            let k = t % count;
-            let event = mask_event(config, count, k, t, steps_per_epoch)?;
-            let progress = match event {
-                MaskEvent::Ramp { progress } => Some(progress),
-                MaskEvent::Regrow => None,
-            };
-            let target_density = progress.map(|p| match subnets[k] {
-                SubnetTarget::Density(d) => cubic_density(p, config.init_density, d),
-                SubnetTarget::Nm { n, m } => {
-                    1.0 - nm_sparse_fraction(p) * (1.0 - n as f64 / m as f64)
-                }
-            });
-            Some(ScheduledEvent {
-                iteration: t,
-                subnet: k,
-                prune_counter: prune_counter(config, count, k, t).unwrap_or(0),
-                kind: if progress.is_some() { "ramp" } else { "regrow" },
-                progress,
-                target_density,
-                prune_rate: cosine_prune_rate(
-                    t,
-                    total_steps,
-                    config.prune_rate,
-                    config.final_prune_rate,
-                ),
-            })
-        })
+        .filter_map(|t| scheduled_event(config, subnets, t, steps_per_epoch, total_steps))
         .collect()
+}
+
+/// The mask event at global iteration `t` of a run of `total_steps` iterations, if any.
+pub fn scheduled_event(
+    config: &MaskScheduleConfig,
+    subnets: &[SubnetTarget],
+    t: usize,
+    steps_per_epoch: usize,
+    total_steps: usize,
+) -> Option<ScheduledEvent> {
+    let count = subnets.len().max(1);
+    let k = t % count;
+    let event = mask_event(config, count, k, t, steps_per_epoch)?;
+    let progress = match event {
+        MaskEvent::Ramp { progress } => Some(progress),
+        MaskEvent::Regrow => None,
+    };
+    let target_density = progress.map(|p| match subnets[k] {
+        SubnetTarget::Density(d) => cubic_density(p, config.init_density, d),
+        SubnetTarget::Nm { n, m } => 1.0 - nm_sparse_fraction(p) * (1.0 - n as f64 / m as f64),
+    });
+    Some(ScheduledEvent {
+        iteration: t,
+        subnet: k,
+        prune_counter: prune_counter(config, count, k, t).unwrap_or(0),
+        kind: if progress.is_some() { "ramp" } else { "regrow" },
+        progress,
+        target_density,
+        prune_rate: cosine_prune_rate(t, total_steps, config.prune_rate, config.final_prune_rate),
+    })
 }
 
 /// The global iteration of sub-net `k`'s last ramp event, where it reaches its final density

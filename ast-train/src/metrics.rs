@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use ast_core::schedule::ScheduledEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -126,6 +127,58 @@ impl MetricsWriter {
     pub fn append(&self, record: &EpochRecord) -> Result<()> {
         append(&self.jsonl, &json_line(record))?;
         append(&self.csv, &csv_lines(record))
+    }
+}
+
+/// One line of `events.jsonl`: a mask event as scheduled, and what it did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    /// The event as the schedule gives it (see `ast-cli schedule`).
+    #[serde(flatten)]
+    pub event: ScheduledEvent,
+    /// The sub-net's density after the event.
+    pub density: f64,
+    /// Mask positions the event changed.
+    pub changed: usize,
+}
+
+/// Appends mask events to `events.jsonl` in a run directory.
+#[derive(Debug)]
+pub struct EventsWriter {
+    path: PathBuf,
+}
+
+impl EventsWriter {
+    /// Writer for `dir`; keeps only the events of iterations before `keep_before` (a resumed
+    /// run drops what the interrupted run wrote after its last checkpoint).
+    pub fn open(dir: &Path, keep_before: usize) -> Result<Self> {
+        let path = dir.join("events.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TrainError::io(&path, e)),
+        };
+        let mut kept = String::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| TrainError::io(&path, e))?;
+            let iteration = v["iteration"].as_u64().ok_or_else(|| {
+                TrainError::io(&path, std::io::Error::other("an event without `iteration`"))
+            })?;
+            if (iteration as usize) < keep_before {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        write_atomic(&path, kept.as_bytes())?;
+        Ok(Self { path })
+    }
+
+    /// Appends one event.
+    pub fn append(&self, record: &EventRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record).expect("events serialise");
+        line.push('\n');
+        append(&self.path, &line)
     }
 }
 

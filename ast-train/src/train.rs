@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ast_core::schedule::check_reaches_final_density;
+use ast_core::schedule::{check_reaches_final_density, scheduled_event};
 use ast_core::subnet::{density, sync_running_stats};
 use ast_core::{AstBackend, AstStep, SubnetTarget};
 use ast_models::AstModel;
@@ -22,8 +22,8 @@ use crate::data::{
 };
 use crate::error::{Result, TrainError};
 use crate::metrics::{
-    top_k_correct, write_atomic, EpochRecord, MetricsWriter, Progress, SubnetMetrics,
-    SubnetTraining,
+    top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
+    SubnetMetrics, SubnetTraining,
 };
 
 /// Training and evaluation sources of a run.
@@ -185,6 +185,7 @@ pub fn prepare_run_dir(config: Option<TrainConfig>, opts: &RunOptions) -> Result
             "checkpoints",
             "metrics.jsonl",
             "metrics.csv",
+            "events.jsonl",
             "summary.json",
         ] {
             let p = dir.join(stale);
@@ -371,6 +372,7 @@ where
         state = saved;
     }
     let metrics = MetricsWriter::open(&opts.dir, state.next_epoch)?;
+    let events = EventsWriter::open(&opts.dir, state.iteration)?;
     let mut loss_fn = CrossEntropyLossConfig::new();
     if config.label_smoothing > 0.0 {
         loss_fn = loss_fn.with_smoothing(Some(config.label_smoothing as f32));
@@ -430,7 +432,23 @@ where
                 sums.2 + samples,
                 sums.3 + 1,
             );
-            model = ast.step(model, loss.backward(), lr).0;
+            let (stepped, report) = ast.step(model, loss.backward(), lr);
+            model = stepped;
+            if let Some(update) = report.mask_update {
+                let event = scheduled_event(
+                    &config.ast.schedule,
+                    &config.ast.subnets,
+                    t,
+                    steps_per_epoch,
+                    total_steps,
+                )
+                .expect("the step reports the events the schedule gives");
+                events.append(&EventRecord {
+                    event,
+                    density: update.density,
+                    changed: update.changed,
+                })?;
+            }
             progress.update(first + i + 1, value);
         }
         state.iteration = ast.iteration();

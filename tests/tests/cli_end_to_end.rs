@@ -53,6 +53,53 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     // Per-epoch metrics, both formats; the resolved config; checkpoints.
     let jsonl = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), 2);
+    // events.jsonl holds exactly the events `ast-cli schedule` predicts for these flags, with
+    // what each did.
+    let schedule = cli(&[
+        "schedule",
+        "--recipe",
+        "quickstart",
+        "--json",
+        "--train-subset",
+        "1536",
+        "--epochs",
+        "2",
+        "--final-prune-epoch",
+        "1",
+        "--update-frequency",
+        "4",
+        "--subnet-offset",
+        "1",
+        "--densities",
+        "0.5,0.2,0.1",
+    ]);
+    assert!(schedule.status.success(), "{}", stderr(&schedule));
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    let planned: Vec<serde_json::Value> = String::from_utf8_lossy(&schedule.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let happened: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(planned.len() >= 6, "{planned:?}");
+    assert_eq!(happened.len(), planned.len());
+    for (h, p) in happened.iter().zip(&planned) {
+        for field in [
+            "iteration",
+            "subnet",
+            "kind",
+            "target_density",
+            "prune_rate",
+        ] {
+            assert_eq!(h[field], p[field], "{field}: {h} vs {p}");
+        }
+        assert!(
+            h["density"].as_f64().unwrap() > 0.0 && h["changed"].is_u64(),
+            "{h}"
+        );
+    }
     // Each record has every sub-net's training loss and top-1 over its own iterations.
     let last: serde_json::Value = serde_json::from_str(jsonl.lines().last().unwrap()).unwrap();
     let train = last["train"].as_array().unwrap();

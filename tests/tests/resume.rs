@@ -103,4 +103,8 @@ fn killed_mid_epoch_and_resumed_equals_uninterrupted() {
         std::fs::read(b.join("state.json")).unwrap()
     );
     assert_eq!(metrics_without_time(&full), metrics_without_time(&killed));
+    // The mask events the killed run wrote after its checkpoint were dropped and redone.
+    let events = |dir: &Path| std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    assert!(events(&full).lines().count() >= 4, "{}", events(&full));
+    assert_eq!(events(&full), events(&killed));
 }
