@@ -7,7 +7,7 @@ use ast_core::AstBackend;
 use ast_train::bench::{step_throughput, StepBench, StepTiming};
 use ast_train::train::{evaluate, load_run_model};
 use ast_train::{RunOptions, RunSummary, TrainConfig};
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::report;
@@ -24,7 +24,12 @@ fn not_compiled(name: &str) -> anyhow::Error {
 /// anything is written.
 pub fn check(args: &BackendArgs) -> Result<()> {
     match args.backend {
-        BackendKind::Flex => Ok(()),
+        BackendKind::Flex => {
+            #[cfg(feature = "flex")]
+            return Ok(());
+            #[cfg(not(feature = "flex"))]
+            Err(not_compiled("flex"))
+        }
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
             return Ok(());
@@ -55,7 +60,12 @@ pub trait BackendJob {
 /// Runs `job` on the backend and device of `args`.
 pub fn dispatch<J: BackendJob>(args: &BackendArgs, job: J) -> Result<J::Output> {
     match args.backend {
-        BackendKind::Flex => job.run::<Autodiff<Flex>>(&Default::default()),
+        BackendKind::Flex => {
+            #[cfg(feature = "flex")]
+            return job.run::<Autodiff<burn::backend::Flex>>(&Default::default());
+            #[cfg(not(feature = "flex"))]
+            Err(not_compiled("flex"))
+        }
         BackendKind::Ndarray => {
             #[cfg(feature = "ndarray")]
             return job.run::<Autodiff<burn::backend::NdArray>>(&Default::default());
@@ -155,9 +165,18 @@ impl BackendJob for Bench {
     }
 }
 
-/// Per-layer densities and overlaps of a run's last checkpoint (computed on the CPU).
+/// The backend `stats` reads checkpoints with: a CPU one when compiled in.
+#[cfg(feature = "flex")]
+type StatsBackend = burn::backend::Flex;
+#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+type StatsBackend = burn::backend::NdArray;
+#[cfg(all(not(feature = "flex"), not(feature = "ndarray"), feature = "cuda"))]
+type StatsBackend = burn::backend::Cuda;
+
+/// Per-layer densities and overlaps of a run's last checkpoint (computed on the CPU when a CPU
+/// backend is compiled in).
 pub fn stats(run: &Path, csv: Option<&Path>) -> Result<()> {
-    let (config, model, _) = load_run_model::<Autodiff<Flex>>(run, &Default::default())?;
+    let (config, model, _) = load_run_model::<Autodiff<StatsBackend>>(run, &Default::default())?;
     let k = config.ast.subnets.len();
     if k == 0 {
         bail!("the run has no sub-nets");
