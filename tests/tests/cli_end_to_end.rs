@@ -14,17 +14,12 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    let output = cli(&[
-        "run",
+    // The run's recipe flags, shared with `schedule` below.
+    let recipe = [
         "--recipe",
         "quickstart",
-        "--out",
-        out_s,
-        "--quiet",
         "--train-subset",
         "1536",
-        "--test-subset",
-        "500",
         "--epochs",
         "2",
         "--final-prune-epoch",
@@ -35,7 +30,10 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "1",
         "--densities",
         "0.5,0.2,0.1",
-    ]);
+    ];
+    let mut args = vec!["run", "--out", out_s, "--quiet", "--test-subset", "500"];
+    args.extend(recipe);
+    let output = cli(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("sub-net"), "{stdout}");
@@ -55,24 +53,9 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     assert_eq!(jsonl.lines().count(), 2);
     // events.jsonl holds exactly the events `ast-cli schedule` predicts for these flags, with
     // what each did.
-    let schedule = cli(&[
-        "schedule",
-        "--recipe",
-        "quickstart",
-        "--json",
-        "--train-subset",
-        "1536",
-        "--epochs",
-        "2",
-        "--final-prune-epoch",
-        "1",
-        "--update-frequency",
-        "4",
-        "--subnet-offset",
-        "1",
-        "--densities",
-        "0.5,0.2,0.1",
-    ]);
+    let mut args = vec!["schedule", "--json"];
+    args.extend(recipe);
+    let schedule = cli(&args);
     assert!(schedule.status.success(), "{}", stderr(&schedule));
     let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
     let planned: Vec<serde_json::Value> = String::from_utf8_lossy(&schedule.stdout)
