@@ -7,7 +7,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, MatRef};
+use core::ops::Range;
+
+use super::gemm::{matmul, matmul_rows, MatRef};
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
@@ -296,19 +298,24 @@ fn for_rows(g: &ConvGeometry, ky: usize, kx: usize, mut f: impl FnMut(usize, usi
 }
 
 #[inline(always)]
-/// Writes sample `x`'s columns for group `grp` into `col` (`row_len × H_out·W_out`).
-fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, col: &mut [f32]) {
+/// Writes sample `x`'s columns for group `grp` and output rows `rows` into `col`
+/// (`row_len × rows.len()·W_out`).
+fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, rows: Range<usize>, col: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let plane = g.in_hw[0] * g.in_hw[1];
-    let p = g.out_plane();
+    let wo = g.out_hw().expect("supported geometry")[1];
+    let (first, pt) = (rows.start * wo, rows.len() * wo);
     col.fill(0.0);
     for ci in 0..g.cin_g() {
         let src = &x[(grp * g.cin_g() + ci) * plane..][..plane];
         for ky in 0..kh {
             for kx in 0..kw {
-                let dst = &mut col[((ci * kh + ky) * kw + kx) * p..][..p];
+                let dst = &mut col[((ci * kh + ky) * kw + kx) * pt..][..pt];
                 for_rows(g, ky, kx, |o, i, len| {
-                    let out = &mut dst[o..o + len];
+                    if !rows.contains(&(o / wo)) {
+                        return;
+                    }
+                    let out = &mut dst[o - first..o - first + len];
                     if g.stride[1] == 1 {
                         out.copy_from_slice(&src[i..i + len]);
                     } else {
@@ -323,26 +330,76 @@ fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, col: &mut [f32]) {
 }
 
 #[inline(always)]
-/// Adds the columns `col` of group `grp` back into sample gradient `dx` (the adjoint of
-/// [`im2col`]).
-fn col2im(g: &ConvGeometry, col: &[f32], grp: usize, dx: &mut [f32]) {
+/// Adds the columns `col` of group `grp` and output rows `rows` back into sample gradient `dx`
+/// (the adjoint of [`im2col`]).
+fn col2im(g: &ConvGeometry, col: &[f32], grp: usize, rows: Range<usize>, dx: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let plane = g.in_hw[0] * g.in_hw[1];
-    let p = g.out_plane();
+    let wo = g.out_hw().expect("supported geometry")[1];
+    let (first, pt) = (rows.start * wo, rows.len() * wo);
     for ci in 0..g.cin_g() {
         let dst = &mut dx[(grp * g.cin_g() + ci) * plane..][..plane];
         for ky in 0..kh {
             for kx in 0..kw {
-                let src = &col[((ci * kh + ky) * kw + kx) * p..][..p];
+                let src = &col[((ci * kh + ky) * kw + kx) * pt..][..pt];
                 for_rows(g, ky, kx, |o, i, len| {
+                    if !rows.contains(&(o / wo)) {
+                        return;
+                    }
                     let s = g.stride[1];
-                    for (j, &v) in src[o..o + len].iter().enumerate() {
+                    for (j, &v) in src[o - first..o - first + len].iter().enumerate() {
                         dst[i + j * s] += v;
                     }
                 });
             }
         }
     }
+}
+
+/// Output rows per im2col tile, in tiles of equal height: the columns of a tile take at most
+/// 512 KiB, so they stay in the cache while the GEMM reads them (whole planes did not: 1.2 MB
+/// for 32 channels at 32×32).
+fn tiles(g: &ConvGeometry) -> impl Iterator<Item = Range<usize>> {
+    let [ho, wo] = g.out_hw().expect("supported geometry");
+    let rows = if g.pointwise() {
+        ho
+    } else {
+        let most = (131_072 / (g.row_len() * wo).max(1)).clamp(1, ho);
+        ho.div_ceil(ho.div_ceil(most))
+    };
+    (0..ho).step_by(rows).map(move |r| r..(r + rows).min(ho))
+}
+
+/// Columns of one tile: the input itself for a pointwise convolution, else [`im2col`].
+fn tile_columns<'a>(
+    g: &ConvGeometry,
+    x: &'a [f32],
+    grp: usize,
+    rows: Range<usize>,
+    col: &'a mut [f32],
+) -> &'a [f32] {
+    let (row, p) = (g.row_len(), g.out_plane());
+    if g.pointwise() {
+        &x[grp * row * p..][..row * p]
+    } else {
+        let wo = g.out_hw().expect("supported geometry")[1];
+        let cols = &mut col[..row * rows.len() * wo];
+        im2col(g, x, grp, rows, cols);
+        cols
+    }
+}
+
+fn column_buffer(g: &ConvGeometry) -> Vec<f32> {
+    let wo = g.out_hw().expect("supported geometry")[1];
+    let rows = tiles(g).next().map_or(0, |r| r.len());
+    vec![
+        0.0;
+        if g.pointwise() {
+            0
+        } else {
+            g.row_len() * rows * wo
+        }
+    ]
 }
 
 fn check(g: &ConvGeometry, x: usize, w: usize, y: usize) {
@@ -356,49 +413,69 @@ fn check(g: &ConvGeometry, x: usize, w: usize, y: usize) {
 pub fn forward_dense(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
     check(g, x.len(), w.len(), y.len());
     let (row, p, cog) = (g.row_len(), g.out_plane(), g.cout_g());
+    let wo = g.out_hw().expect("supported geometry")[1];
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
         .for_each_init(
-            || vec![0.0; if g.pointwise() { 0 } else { row * p }],
+            || column_buffer(g),
             |col, (y, x)| {
                 for grp in 0..g.groups {
-                    let cols = if g.pointwise() {
-                        &x[grp * row * p..][..row * p]
-                    } else {
-                        im2col(g, x, grp, col);
-                        &col[..]
-                    };
-                    matmul(
-                        &mut y[grp * cog * p..][..cog * p],
-                        MatRef::row_major(&w[grp * cog * row..][..cog * row], cog, row),
-                        MatRef::row_major(cols, row, p),
-                        false,
-                    );
+                    let wg = MatRef::row_major(&w[grp * cog * row..][..cog * row], cog, row);
+                    for rows in tiles(g) {
+                        let pt = rows.len() * wo;
+                        let start = grp * cog * p + rows.start * wo;
+                        let cols = tile_columns(g, x, grp, rows, col);
+                        matmul_rows(
+                            &mut y[start..start + (cog - 1) * p + pt],
+                            p,
+                            wg,
+                            MatRef::row_major(cols, row, pt),
+                            false,
+                        );
+                    }
                 }
             },
         );
+}
+
+/// `dy`'s block of group `grp`, output rows `rows`: `C_out/groups × rows·W_out`, rows `P` apart.
+fn dy_block<'a>(g: &ConvGeometry, dy: &'a [f32], grp: usize, rows: &Range<usize>) -> MatRef<'a> {
+    let (p, cog) = (g.out_plane(), g.cout_g());
+    let wo = g.out_hw().expect("supported geometry")[1];
+    let pt = rows.len() * wo;
+    MatRef {
+        data: &dy[grp * cog * p + rows.start * wo..][..(cog - 1) * p + pt],
+        rows: cog,
+        cols: pt,
+        rs: p,
+        cs: 1,
+    }
 }
 
 /// Dense input gradient: `dx = convᵀ(dy, w)`.
 pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     check(g, dx.len(), w.len(), dy.len());
     let (row, p, cog) = (g.row_len(), g.out_plane(), g.cout_g());
+    let wo = g.out_hw().expect("supported geometry")[1];
     dx.par_chunks_mut(g.in_len())
         .zip(dy.par_chunks(g.out_len()))
         .for_each_init(
-            || vec![0.0; if g.pointwise() { 0 } else { row * p }],
+            || column_buffer(g),
             |col, (dx, dy)| {
                 if !g.pointwise() {
                     dx.fill(0.0);
                 }
                 for grp in 0..g.groups {
                     let wg = MatRef::row_major(&w[grp * cog * row..][..cog * row], cog, row);
-                    let dyg = MatRef::row_major(&dy[grp * cog * p..][..cog * p], cog, p);
-                    if g.pointwise() {
-                        matmul(&mut dx[grp * row * p..][..row * p], wg.t(), dyg, false);
-                    } else {
-                        matmul(col, wg.t(), dyg, false);
-                        col2im(g, col, grp, dx);
+                    for rows in tiles(g) {
+                        let dyg = dy_block(g, dy, grp, &rows);
+                        if g.pointwise() {
+                            matmul(&mut dx[grp * row * p..][..row * p], wg.t(), dyg, false);
+                        } else {
+                            let cols = &mut col[..row * rows.len() * wo];
+                            matmul(cols, wg.t(), dyg, false);
+                            col2im(g, cols, grp, rows, dx);
+                        }
                     }
                 }
             },
@@ -408,29 +485,29 @@ pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32])
 /// Dense weight gradient: `dw = Σ_n dy_n · im2col(x_n)ᵀ`, at every position.
 pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     check(g, x.len(), dw.len(), dy.len());
-    let (row, p, cog) = (g.row_len(), g.out_plane(), g.cout_g());
+    let (row, cog) = (g.row_len(), g.cout_g());
+    let wo = g.out_hw().expect("supported geometry")[1];
     let partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(GRAD_CHUNK))
         .into_par_iter()
         .map(|chunk| {
             let mut acc = vec![0.0; dw.len()];
-            let mut col = vec![0.0; if g.pointwise() { 0 } else { row * p }];
+            let mut col = column_buffer(g);
             let samples = chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch);
             for (i, n) in samples.enumerate() {
                 let xn = &x[n * g.in_len()..][..g.in_len()];
                 let dyn_ = &dy[n * g.out_len()..][..g.out_len()];
                 for grp in 0..g.groups {
-                    let cols = if g.pointwise() {
-                        &xn[grp * row * p..][..row * p]
-                    } else {
-                        im2col(g, xn, grp, &mut col);
-                        &col[..]
-                    };
-                    matmul(
-                        &mut acc[grp * cog * row..][..cog * row],
-                        MatRef::row_major(&dyn_[grp * cog * p..][..cog * p], cog, p),
-                        MatRef::row_major(cols, row, p).t(),
-                        i > 0,
-                    );
+                    for (j, rows) in tiles(g).enumerate() {
+                        let pt = rows.len() * wo;
+                        let dyg = dy_block(g, dyn_, grp, &rows);
+                        let cols = tile_columns(g, xn, grp, rows, &mut col);
+                        matmul(
+                            &mut acc[grp * cog * row..][..cog * row],
+                            dyg,
+                            MatRef::row_major(cols, row, pt).t(),
+                            i > 0 || j > 0,
+                        );
+                    }
                 }
             }
             acc
@@ -689,9 +766,11 @@ fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
 /// - dense: `0.3·√(P/64) · C_out·(C_in/groups·kh·kw)·P`, `P` the output plane: the GEMM's
 ///   work, with im2col/col2im costing relatively more as the plane grows.
 ///
-/// Measured crossovers: 16 ch at 32×32 sparse at every density, 32 ch 32×32 below ≈ 0.8,
-/// 32 ch 16×16 below ≈ 0.35, 64/128 ch at 8×8 below ≈ 0.1–0.14. The model picks the faster
-/// form at every density of that bench except 32 ch at 32×32 fully dense (sparse, 27 % slower).
+/// Measured crossovers (with the tiled im2col): 16 ch at 32×32 ≈ 1.0, 32 ch at 32×32 ≈ 0.45,
+/// 32 ch at 16×16 ≈ 0.4, 64/128 ch at 8×8 ≈ 0.1–0.15. The model picks the faster form at
+/// every density of that bench except 32 ch at 32×32 between 0.5 and 1.0, where it picks the
+/// sparse form, 1.2–1.8× slower for that layer (fitted before the tiling made the dense form
+/// faster on large planes; a channel-count term would fix it).
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
     let sparse = active as f64 * (geometry.span_len() as f64 + 60.0);

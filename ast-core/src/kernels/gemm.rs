@@ -55,18 +55,29 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
 pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    assert_eq!(
+        c.len(),
+        a.rows * b.cols,
+        "matmul: output holds {} values, not {}×{}",
+        c.len(),
+        a.rows,
+        b.cols
+    );
+    matmul_rows(c, b.cols, a, b, accumulate);
+}
+
+/// [`matmul`] into a row-major `c` whose rows are `ldc` apart (a block of a wider matrix).
+///
+/// # Panics
+/// If the shapes do not chain or a matrix does not lie inside its slice.
+pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(
         b.rows, k,
         "matmul: inner dimensions {k} and {} differ",
         b.rows
     );
-    assert_eq!(
-        c.len(),
-        m * n,
-        "matmul: output holds {} values, not {m}×{n}",
-        c.len()
-    );
+    assert!(ldc >= n, "matmul: row stride {ldc} below {n} columns");
     assert!(
         a.fits() && b.fits(),
         "matmul: an operand lies outside its slice"
@@ -74,14 +85,20 @@ pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        (m - 1) * ldc + n <= c.len(),
+        "matmul: the output lies outside its slice"
+    );
     if k == 0 {
         if !accumulate {
-            c.fill(0.0);
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
-    // SAFETY: `c` holds exactly m·n values with strides (n, 1); `a` and `b` were checked above
-    // to address only elements inside their slices; `c` does not alias them (it is `&mut`).
+    // SAFETY: `c` holds the m×n block with strides (ldc, 1) and `a`, `b` address only elements
+    // inside their slices (all checked above); `c` does not alias them (it is `&mut`).
     unsafe {
         gemm::gemm(
             m,
@@ -89,7 +106,7 @@ pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -136,6 +153,21 @@ mod tests {
         let a = MatRef::row_major(&a, 2, 3);
         matmul(&mut d, a.t(), a, false);
         assert_eq!(&d[..3], &[17.0, 22.0, 27.0]);
+    }
+
+    #[test]
+    fn a_block_of_a_wider_output() {
+        // [1, 2]ᵀ·[3, 4] = [[3, 4], [6, 8]] into columns 1..3 of a 2×4 matrix of 9s.
+        let (a, b) = ([1.0, 2.0], [3.0, 4.0]);
+        let mut c = [9.0; 8];
+        matmul_rows(
+            &mut c[1..],
+            4,
+            MatRef::row_major(&a, 2, 1),
+            MatRef::row_major(&b, 1, 2),
+            false,
+        );
+        assert_eq!(c, [9.0, 3.0, 4.0, 9.0, 9.0, 6.0, 8.0, 9.0]);
     }
 
     #[test]
