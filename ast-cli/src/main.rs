@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ast_core::{CorrectionMode, SubnetTarget};
+use ast_core::{CorrectionMode, OptimizerKind, SubnetTarget};
 use ast_train::{DatasetKind, LrSchedule, RunOptions, TrainConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -155,10 +155,19 @@ struct Overrides {
     /// Epochs of the step schedule's ×0.1 decays, comma-separated (default 50 % and 75 %).
     #[arg(long, value_delimiter = ',')]
     milestones: Option<Vec<usize>>,
+    /// Optimizer: sgd (as the original), adam or adamw.
+    #[arg(long)]
+    optimizer: Option<String>,
     /// SGD momentum.
     #[arg(long, allow_hyphen_values = true)]
     momentum: Option<f64>,
-    /// Weight decay.
+    /// SGD with Nesterov momentum.
+    #[arg(long)]
+    nesterov: bool,
+    /// Adam/AdamW betas, comma-separated (default 0.9,0.999).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    betas: Option<Vec<f64>>,
+    /// Weight decay (SGD and Adam: added to the gradient; AdamW: decoupled).
     #[arg(long, allow_hyphen_values = true)]
     weight_decay: Option<f64>,
     /// Epochs.
@@ -467,8 +476,33 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     if let Some(scope) = o.update_scope {
         c.ast.update_scope = scope.parse().map_err(|e| anyhow!("{e}"))?;
     }
-    set(&mut c.ast.sgd.momentum, o.momentum);
-    set(&mut c.ast.sgd.weight_decay, o.weight_decay);
+    if let Some(name) = o.optimizer {
+        c.ast.optimizer = name.parse().map_err(|e| anyhow!("{e}"))?;
+    }
+    if c.ast.optimizer == OptimizerKind::Sgd {
+        if o.betas.is_some() {
+            bail!(
+                "--betas is an Adam/AdamW setting; with SGD use --momentum (or --optimizer adam)"
+            );
+        }
+        set(&mut c.ast.sgd.momentum, o.momentum);
+        c.ast.sgd.nesterov |= o.nesterov;
+        set(&mut c.ast.sgd.weight_decay, o.weight_decay);
+    } else {
+        if o.momentum.is_some() || o.nesterov {
+            bail!(
+                "--momentum and --nesterov are SGD settings; {} uses --betas",
+                c.ast.optimizer.name()
+            );
+        }
+        if let Some(b) = o.betas {
+            let [b1, b2] = b[..] else {
+                bail!("--betas takes two numbers, e.g. --betas 0.9,0.999");
+            };
+            (c.ast.adam.beta_1, c.ast.adam.beta_2) = (b1, b2);
+        }
+        set(&mut c.ast.adam.weight_decay, o.weight_decay);
+    }
     set(&mut c.batch_size, o.batch_size);
     let s = &mut c.ast.schedule;
     set(&mut s.prune_rate, o.prune_rate);

@@ -107,6 +107,75 @@ impl Default for SgdSettings {
     }
 }
 
+/// The optimizer the AST step hands its masked, corrected gradients to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// SGD with PyTorch's semantics ([`SgdSettings`]); the original's.
+    #[default]
+    Sgd,
+    /// Adam with L2 weight decay added to the gradient ([`AdamSettings`]), as `torch.optim.Adam`.
+    Adam,
+    /// AdamW with decoupled weight decay ([`AdamSettings`]), as `torch.optim.AdamW`.
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
+impl OptimizerKind {
+    /// Every optimizer with its name.
+    pub const ALL: [(OptimizerKind, &'static str); 3] = [
+        (OptimizerKind::Sgd, "sgd"),
+        (OptimizerKind::Adam, "adam"),
+        (OptimizerKind::AdamW, "adamw"),
+    ];
+
+    /// The optimizer's name.
+    pub fn name(self) -> &'static str {
+        OptimizerKind::ALL
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, n)| *n)
+            .expect("every kind is listed")
+    }
+}
+
+impl core::str::FromStr for OptimizerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> core::result::Result<Self, String> {
+        OptimizerKind::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(k, _)| *k)
+            .ok_or_else(|| format!("unknown optimizer `{s}` (valid: sgd, adam, adamw)"))
+    }
+}
+
+/// Adam and AdamW hyper-parameters (PyTorch's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamSettings {
+    /// Decay of the first moment.
+    pub beta_1: f64,
+    /// Decay of the second moment.
+    pub beta_2: f64,
+    /// Added to the root of the second moment.
+    pub epsilon: f64,
+    /// Adam: L2 penalty added to the gradient; AdamW: decoupled decay rate.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamSettings {
+    fn default() -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// Which weights the optimizer moves at each step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,7 +224,13 @@ pub struct AstConfig {
     pub correction: CorrectionMode,
     /// The optimizer.
     #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// SGD's hyper-parameters (used when `optimizer` is `sgd`).
+    #[serde(default)]
     pub sgd: SgdSettings,
+    /// Adam's and AdamW's hyper-parameters (used when `optimizer` is `adam` or `adamw`).
+    #[serde(default)]
+    pub adam: AdamSettings,
     /// Which weights the optimizer moves.
     #[serde(default)]
     pub update_scope: UpdateScope,
@@ -174,7 +249,9 @@ impl AstConfig {
             subnets,
             schedule: MaskScheduleConfig::default(),
             correction: CorrectionMode::default(),
+            optimizer: OptimizerKind::default(),
             sgd: SgdSettings::default(),
+            adam: AdamSettings::default(),
             update_scope: UpdateScope::default(),
             reset_momentum_on_regrow: false,
             seed: 0,
@@ -266,6 +343,24 @@ impl AstConfig {
                 format!("must be below 1, got {}", o.momentum),
             ));
         }
+        let a = &self.adam;
+        for (field, v) in [("adam.beta_1", a.beta_1), ("adam.beta_2", a.beta_2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(invalid(field, format!("must lie in [0, 1), got {v}")));
+            }
+        }
+        if !(a.epsilon.is_finite() && a.epsilon > 0.0) {
+            return Err(invalid(
+                "adam.epsilon",
+                format!("must be a finite number > 0, got {}", a.epsilon),
+            ));
+        }
+        if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+            return Err(invalid(
+                "adam.weight_decay",
+                format!("must be a finite number ≥ 0, got {}", a.weight_decay),
+            ));
+        }
         Ok(())
     }
 }
@@ -353,6 +448,13 @@ mod tests {
             (
                 "sgd.weight_decay",
                 Box::new(|c| c.sgd.weight_decay = f64::NAN),
+            ),
+            ("adam.beta_1", Box::new(|c| c.adam.beta_1 = 1.0)),
+            ("adam.beta_2", Box::new(|c| c.adam.beta_2 = -0.1)),
+            ("adam.epsilon", Box::new(|c| c.adam.epsilon = 0.0)),
+            (
+                "adam.weight_decay",
+                Box::new(|c| c.adam.weight_decay = f64::INFINITY),
             ),
         ];
         for (field, mutate) in cases {

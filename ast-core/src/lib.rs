@@ -14,7 +14,8 @@
 //! - [`mask`]: mask calculation (deterministic top-k, N:M groups);
 //! - [`criteria`]: drop/grow scores and prune-and-regrow;
 //! - [`correction`]: gradient correction between sub-nets;
-//! - [`step`]: the AST step tying these together with a masked SGD update;
+//! - [`optimizer`]: SGD, Adam or AdamW on the dense shared weights or the active positions;
+//! - [`step`]: the AST step tying these together;
 //! - [`backend`]: the backend-extension seam where fast sparse kernels plug in.
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod error;
 pub mod kernels;
 pub mod layers;
 pub mod mask;
+pub mod optimizer;
 pub mod rng;
 pub mod schedule;
 pub mod step;
@@ -37,7 +39,8 @@ pub mod testing;
 
 pub use backend::AstBackend;
 pub use config::{
-    AstConfig, CorrectionMode, MaskScheduleConfig, SgdSettings, SubnetTarget, UpdateScope,
+    AdamSettings, AstConfig, CorrectionMode, MaskScheduleConfig, OptimizerKind, SgdSettings,
+    SubnetTarget, UpdateScope,
 };
 pub use error::AstError;
 pub use layers::{

@@ -1,14 +1,14 @@
 //! The AST step (§6): pick sub-net `t mod K`, run its mask schedule, mask its gradients,
-//! correct them against the previous sub-net, and apply one masked SGD update.
+//! correct them against the previous sub-net, and hand them to the shared optimizer.
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, Param, ParamId};
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::{AstConfig, SgdSettings, SubnetTarget, UpdateScope};
+use crate::config::{AstConfig, SubnetTarget, UpdateScope};
 use crate::correction::CorrectionState;
 use crate::criteria::{gradient_magnitude, magnitude, prune_and_regrow};
 use crate::density::{erk_densities, random_masks};
@@ -16,6 +16,7 @@ use crate::error::{AstError, Result};
 use crate::layers::SubnetSwitch;
 use crate::mask::nm::{nm_mask, nm_prune_regrow, ramp_dense_groups, GroupLayout};
 use crate::mask::topk::global_magnitude_masks;
+use crate::optimizer::{ApplyUpdates, AstOptimizer};
 use crate::rng::MaskRng;
 use crate::schedule::{
     cosine_prune_rate, cubic_density, mask_event, nm_sparse_fraction, MaskEvent,
@@ -49,8 +50,8 @@ pub struct MaskUpdate {
     pub changed: usize,
 }
 
-/// The AST training step. Holds the shared optimizer state (one velocity per parameter, shared
-/// by all sub-nets) and the correction references.
+/// The AST training step. Holds the shared optimizer (one state per parameter, shared by all
+/// sub-nets) and the correction references.
 ///
 /// ```text
 /// let k = ast.begin();                     // switch(t mod K)
@@ -58,13 +59,15 @@ pub struct MaskUpdate {
 /// let (model, report) = ast.step(model, loss.backward(), lr);
 /// ```
 ///
-/// **Update rule** (SGD with PyTorch's semantics, dampening 0 by default) on the masked gradient
-/// `g ⊙ M`. In the default [`UpdateScope::Dense`] (the original's) `d = (g ⊙ M) + λ·W`,
-/// `v ← μ·v + d`, `W ← W − lr·v` at every position. In [`UpdateScope::Active`] the same
-/// happens *on active positions only*: weights outside the active mask, their velocity and
-/// their weight decay are untouched (they belong to other sub-nets; no momentum from other
-/// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's BatchNorm) gets plain SGD with
-/// momentum and weight decay; parameters without a gradient (inactive BatchNorms) are skipped.
+/// **Update rule**: the configured optimizer ([`crate::optimizer`]; SGD with PyTorch's
+/// semantics by default) on the masked, corrected gradient `g ⊙ M`. In the default
+/// [`UpdateScope::Dense`] (the original's) it acts at every position, e.g. for SGD
+/// `d = (g ⊙ M) + λ·W`, `v ← μ·v + d`, `W ← W − lr·v`. In [`UpdateScope::Active`] the same
+/// happens *on active positions only*: weights outside the active mask, their optimizer state
+/// and their weight decay are untouched (they belong to other sub-nets; no momentum from other
+/// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's
+/// BatchNorm) gets the plain update; parameters without a gradient (inactive BatchNorms) are
+/// skipped.
 #[derive(Debug)]
 pub struct AstStep<B: AutodiffBackend> {
     config: AstConfig,
@@ -74,7 +77,7 @@ pub struct AstStep<B: AutodiffBackend> {
     steps_per_epoch: usize,
     total_steps: usize,
     iteration: usize,
-    velocity: HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
+    optimizer: AstOptimizer<B::InnerBackend>,
     correction: CorrectionState<B::InnerBackend>,
 }
 
@@ -123,6 +126,12 @@ impl<B: AutodiffBackend> AstStep<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let correction = CorrectionState::new(config.correction, layers.len(), k);
+        let optimizer = AstOptimizer::new(
+            config.optimizer,
+            config.sgd,
+            config.adam,
+            config.update_scope,
+        );
         Ok(Self {
             config,
             switch: switch.clone(),
@@ -131,7 +140,7 @@ impl<B: AutodiffBackend> AstStep<B> {
             steps_per_epoch,
             total_steps,
             iteration: 0,
-            velocity: HashMap::new(),
+            optimizer,
             correction,
         })
     }
@@ -253,21 +262,20 @@ impl<B: AutodiffBackend> AstStep<B> {
                 masked.insert(self.layers[l].weight_id, g);
             }
         }
-        // The update is restricted to the active mask only in the `Active` scope; the gradient
-        // itself is masked above in both.
+        // The optimizer restricts the update to the active mask only in the `Active` scope; the
+        // gradient itself is masked above in both.
         let update_masks = match self.config.update_scope {
             UpdateScope::Active => self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
             UpdateScope::Dense => HashMap::new(),
         };
-        let mut sgd = MaskedSgd::<B> {
+        let mut apply = ApplyUpdates::<B> {
+            optimizer: &mut self.optimizer,
             grads: &mut grads,
-            masked,
+            prepared: masked,
             masks: update_masks,
-            velocity: &mut self.velocity,
-            settings: self.config.sgd,
             lr,
         };
-        let model = model.map(&mut sgd);
+        let model = model.map(&mut apply);
         self.iteration += 1;
         (
             model,
@@ -396,33 +404,25 @@ impl<B: AutodiffBackend> AstStep<B> {
             if positions.is_empty() {
                 continue;
             }
-            let id = self.layers[l].weight_id;
-            if let Some(v) = self.velocity.remove(&id) {
-                let n = self.layers[l].numel();
-                let mut flags = vec![false; n];
-                positions.iter().for_each(|&i| flags[i] = true);
-                let reset = Tensor::<B::InnerBackend, 1, Bool>::from_data(
-                    TensorData::new(flags, [n]),
-                    &masks[l].device(),
-                );
-                self.velocity.insert(id, v.mask_fill(reset, 0.0));
-            }
+            let n = self.layers[l].numel();
+            let mut flags = vec![false; n];
+            positions.iter().for_each(|&i| flags[i] = true);
+            let reset = Tensor::<B::InnerBackend, 1, Bool>::from_data(
+                TensorData::new(flags, [n]),
+                &masks[l].device(),
+            );
+            self.optimizer.reset(self.layers[l].weight_id, &reset);
         }
     }
 
-    /// The velocity (momentum buffer) of a parameter, flattened, if it has one yet.
-    pub fn velocity(&self, id: ParamId) -> Option<Tensor<B::InnerBackend, 1>> {
-        self.velocity.get(&id).cloned()
+    /// The shared optimizer (its per-parameter state, for checkpoints).
+    pub fn optimizer(&self) -> &AstOptimizer<B::InnerBackend> {
+        &self.optimizer
     }
 
-    /// Replaces the velocity of a parameter (resuming a run).
-    pub fn set_velocity(&mut self, id: ParamId, velocity: Tensor<B::InnerBackend, 1>) {
-        self.velocity.insert(id, velocity);
-    }
-
-    /// The ids of all parameters that have a velocity.
-    pub fn velocity_ids(&self) -> Vec<ParamId> {
-        self.velocity.keys().copied().collect()
+    /// The shared optimizer, mutable (resuming a run).
+    pub fn optimizer_mut(&mut self) -> &mut AstOptimizer<B::InnerBackend> {
+        &mut self.optimizer
     }
 
     /// The gradient-correction references (for checkpoints).
@@ -453,95 +453,16 @@ fn flatten<IB: Backend, const D: usize>(t: Tensor<IB, D>) -> Tensor<IB, 1> {
     t.reshape([n])
 }
 
-/// One SGD update of a flat parameter; `mask` restricts it (value, velocity, decay) to the
-/// active positions.
-fn sgd_update<IB: Backend>(
-    w: Tensor<IB, 1>,
-    grad: Tensor<IB, 1>,
-    mask: Option<&Tensor<IB, 1, Bool>>,
-    velocity: Option<Tensor<IB, 1>>,
-    s: &SgdSettings,
-    lr: f64,
-) -> (Tensor<IB, 1>, Option<Tensor<IB, 1>>) {
-    let inactive = mask.map(|m| m.clone().bool_not());
-    let restrict = |t: Tensor<IB, 1>| match &inactive {
-        Some(off) => t.mask_fill(off.clone(), 0.0),
-        None => t,
-    };
-    let mut d = grad;
-    if s.weight_decay != 0.0 {
-        d = d + restrict(w.clone() * s.weight_decay);
-    }
-    if s.momentum == 0.0 {
-        return (w - d * lr, None);
-    }
-    let v = match velocity {
-        None => d.clone(),
-        Some(v) => {
-            let next = v.clone() * s.momentum + d.clone() * (1.0 - s.dampening);
-            match &inactive {
-                Some(off) => next.mask_where(off.clone(), v),
-                None => next,
-            }
-        }
-    };
-    let update = if s.nesterov {
-        d + v.clone() * s.momentum
-    } else {
-        v.clone()
-    };
-    (w - restrict(update) * lr, Some(v))
-}
-
-struct MaskedSgd<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    masked: HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
-    masks: HashMap<ParamId, Tensor<B::InnerBackend, 1, Bool>>,
-    velocity: &'a mut HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
-    settings: SgdSettings,
-    lr: f64,
-}
-
-impl<B: AutodiffBackend> ModuleMapper<B> for MaskedSgd<'_, B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let id = param.id;
-        let grad = match self.masked.remove(&id) {
-            Some(g) => Some(g),
-            None => self.grads.remove::<B::InnerBackend, D>(id).map(flatten),
-        };
-        let Some(grad) = grad else { return param };
-        let mask = self.masks.get(&id);
-        let velocity = self.velocity.remove(&id);
-        let (settings, lr) = (self.settings, self.lr);
-        let mut new_velocity = None;
-        let param = param.map(|tensor| {
-            let require_grad = tensor.is_require_grad();
-            let shape = tensor.shape();
-            let (w, v) = sgd_update(flatten(tensor.inner()), grad, mask, velocity, &settings, lr);
-            new_velocity = v;
-            let tensor = Tensor::from_inner(w.reshape(shape));
-            if require_grad {
-                tensor.require_grad()
-            } else {
-                tensor
-            }
-        });
-        if let Some(v) = new_velocity {
-            self.velocity.insert(id, v);
-        }
-        param
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CorrectionMode, MaskScheduleConfig};
+    use crate::config::{CorrectionMode, MaskScheduleConfig, SgdSettings};
     use crate::layers::{mask_param, MaskedLinear, MaskedLinearConfig};
     use crate::schedule::MaskEvent;
     use crate::subnet::{density, mask_vec, read_masks, replace_masks};
     use crate::testing::{synthetic_batch, tiny_config, train_tiny, TinyNet};
     use crate::tests::{device, TestBackend};
+    use burn::module::{ModuleMapper, Param};
     use burn::optim::momentum::MomentumConfig;
     use burn::optim::{Optimizer, SgdConfig};
     use burn::tensor::Tolerance;
@@ -693,7 +614,7 @@ mod tests {
         let model = ast.step(model, g, 0.1).0;
         assert_eq!(model.fc.weight.id, id);
         assert!(model.fc.weight.val().is_require_grad());
-        assert!(ast.velocity(id).is_some());
+        assert!(ast.optimizer().state(id).is_some());
     }
 
     #[test]
@@ -813,8 +734,12 @@ mod tests {
         let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
         let ids: Vec<ParamId> = off.layers().iter().map(|l| l.weight_id).collect();
         let flat = |ast: &AstStep<AD>, id| -> Vec<f32> {
-            ast.velocity(id)
-                .map_or_else(Vec::new, |v| v.into_data().to_vec().unwrap())
+            match ast.optimizer().state(id) {
+                Some(crate::optimizer::ParamState::Sgd { velocity }) => {
+                    velocity.clone().into_data().to_vec().unwrap()
+                }
+                _ => Vec::new(),
+            }
         };
         let mut checked = 0;
         for t in 0..200 {

@@ -3,8 +3,9 @@
 //! A checkpoint is a directory `checkpoints/epoch-NNNN/` holding
 //! - `model.safetensors` (burn-store): weights, every sub-net's masks, every BatchNorm copy with
 //!   its running statistics;
-//! - `optimizer.safetensors`: the shared SGD velocities (keyed by parameter path) and the
-//!   gradient-correction references;
+//! - `optimizer.safetensors`: the shared optimizer's state keyed by parameter path (SGD:
+//!   `velocity/…`; Adam/AdamW: `moment_1/…`, `moment_2/…` and each step count in the metadata
+//!   as `time/…`) and the gradient-correction references;
 //! - `state.json`: the next epoch, the global iteration (which fixes the sub-net, the mask and LR
 //!   schedules and the data order), the best accuracy so far.
 //!
@@ -14,6 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use ast_core::optimizer::ParamState;
 use ast_core::subnet::{param_paths, sync_running_stats};
 use ast_core::AstStep;
 use burn::module::{AutodiffModule, ParamId};
@@ -67,7 +69,8 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         .save_into(&mut store)
         .map_err(|e| TrainError::io(&model_file, e))?;
     let optimizer_file = tmp.join("optimizer.safetensors");
-    write_tensors(&optimizer_file, optimizer_tensors(model, ast))?;
+    let (tensors, times) = optimizer_tensors(model, ast);
+    write_tensors(&optimizer_file, tensors, times)?;
     let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
     write_atomic(&tmp.join("state.json"), &state_json)?;
     sync_file(&model_file)?;
@@ -166,7 +169,11 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
         std::fs::read(&optimizer_file).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
     let tensors =
         SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
-    restore_optimizer(&model, ast, &tensors).map_err(|reason| corrupt(&optimizer_file, reason))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
+    let times = header.metadata().clone().unwrap_or_default();
+    restore_optimizer(&model, ast, &tensors, &times)
+        .map_err(|reason| corrupt(&optimizer_file, reason))?;
     ast.set_iteration(state.iteration);
     Ok((model, state))
 }
@@ -180,12 +187,28 @@ fn host(t: Tensor<impl Backend, 1>) -> Vec<f32> {
 fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     ast: &AstStep<B>,
-) -> Named {
+) -> (Named, HashMap<String, String>) {
     let paths = param_paths(model);
     let mut out: Named = Vec::new();
-    for id in ast.velocity_ids() {
-        if let (Some(path), Some(v)) = (paths.get(&id), ast.velocity(id)) {
-            out.push((format!("velocity/{path}"), host(v)));
+    let mut times = HashMap::new();
+    let optimizer = ast.optimizer();
+    for id in optimizer.state_ids() {
+        let (Some(path), Some(state)) = (paths.get(&id), optimizer.state(id)) else {
+            continue;
+        };
+        match state {
+            ParamState::Sgd { velocity } => {
+                out.push((format!("velocity/{path}"), host(velocity.clone())));
+            }
+            ParamState::Adam {
+                time,
+                moment_1,
+                moment_2,
+            } => {
+                out.push((format!("moment_1/{path}"), host(moment_1.clone())));
+                out.push((format!("moment_2/{path}"), host(moment_2.clone())));
+                times.insert(format!("time/{path}"), time.to_string());
+            }
         }
     }
     let correction = ast.correction_state();
@@ -202,10 +225,10 @@ fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    (out, times)
 }
 
-fn write_tensors(path: &Path, tensors: Named) -> Result<()> {
+fn write_tensors(path: &Path, tensors: Named, metadata: HashMap<String, String>) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, usize)> = tensors
         .into_iter()
         .map(|(name, v)| {
@@ -222,7 +245,8 @@ fn write_tensors(path: &Path, tensors: Named) -> Result<()> {
             )
         })
         .collect();
-    let data = safetensors::serialize(views, None).map_err(|e| TrainError::io(path, e))?;
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let data = safetensors::serialize(views, metadata).map_err(|e| TrainError::io(path, e))?;
     write_atomic(path, &data)
 }
 
@@ -230,6 +254,7 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     ast: &mut AstStep<B>,
     tensors: &SafeTensors<'_>,
+    times: &HashMap<String, String>,
 ) -> core::result::Result<(), String> {
     let ids: HashMap<String, ParamId> = param_paths(model)
         .into_iter()
@@ -242,6 +267,8 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
         .map(|(i, l)| (l.path.clone(), i))
         .collect();
     let device = model.devices().into_iter().next().unwrap_or_default();
+    type Moments<IB> = (Option<Tensor<IB, 1>>, Option<Tensor<IB, 1>>);
+    let mut moments: HashMap<String, Moments<B::InnerBackend>> = HashMap::new();
     for (name, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
             return Err(format!("tensor `{name}` is not a flat f32 tensor"));
@@ -260,10 +287,13 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
                 .ok_or_else(|| format!("unknown layer `{path}`"))
         };
         if let Some(path) = name.strip_prefix("velocity/") {
-            let id = ids
-                .get(path)
-                .ok_or_else(|| format!("unknown parameter `{path}`"))?;
-            ast.set_velocity(*id, tensor);
+            let state = ParamState::Sgd { velocity: tensor };
+            ast.optimizer_mut()
+                .set_state(param_id(&ids, path)?, state)?;
+        } else if let Some(path) = name.strip_prefix("moment_1/") {
+            moments.entry(path.to_string()).or_default().0 = Some(tensor);
+        } else if let Some(path) = name.strip_prefix("moment_2/") {
+            moments.entry(path.to_string()).or_default().1 = Some(tensor);
         } else if let Some(path) = name.strip_prefix("previous/") {
             let l = layer(path)?;
             ast.correction_state_mut().previous[l] = Some(tensor);
@@ -284,5 +314,29 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
             return Err(format!("unexpected tensor `{name}`"));
         }
     }
+    for (path, moments) in moments {
+        let (Some(moment_1), Some(moment_2)) = moments else {
+            return Err(format!(
+                "Adam state of `{path}` lacks one of its two moments"
+            ));
+        };
+        let time = times
+            .get(&format!("time/{path}"))
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| format!("Adam state of `{path}` lacks its step count"))?;
+        let state = ParamState::Adam {
+            time,
+            moment_1,
+            moment_2,
+        };
+        ast.optimizer_mut()
+            .set_state(param_id(&ids, &path)?, state)?;
+    }
     Ok(())
+}
+
+fn param_id(ids: &HashMap<String, ParamId>, path: &str) -> core::result::Result<ParamId, String> {
+    ids.get(path)
+        .copied()
+        .ok_or_else(|| format!("unknown parameter `{path}`"))
 }

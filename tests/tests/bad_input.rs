@@ -221,6 +221,43 @@ fn every_bad_input_is_one_clear_error() {
             "unknown update scope `sparse` (valid: dense, active)",
         ),
         with_args(
+            "unknown optimizer",
+            quick(&good, &out("o1"), &["--optimizer", "lamb"]),
+            "unknown optimizer `lamb` (valid: sgd, adam, adamw)",
+        ),
+        with_args(
+            "Adam with momentum",
+            quick(
+                &good,
+                &out("o2"),
+                &["--optimizer", "adam", "--momentum", "0.9"],
+            ),
+            "--momentum and --nesterov are SGD settings; adam uses --betas",
+        ),
+        with_args(
+            "SGD with betas",
+            quick(&good, &out("o3"), &["--betas", "0.9,0.99"]),
+            "--betas is an Adam/AdamW setting",
+        ),
+        with_args(
+            "three betas",
+            quick(
+                &good,
+                &out("o5"),
+                &["--optimizer", "adamw", "--betas", "0.9,0.9,0.9"],
+            ),
+            "--betas takes two numbers",
+        ),
+        with_args(
+            "Adam beta of 1",
+            quick(
+                &good,
+                &out("o4"),
+                &["--optimizer", "adam", "--betas", "1,0.999"],
+            ),
+            "`adam.beta_1` must lie in [0, 1), got 1",
+        ),
+        with_args(
             "N above M",
             quick(&good, &out("j"), &["--nm", "5:4"]),
             "1 ≤ N ≤ M, got 5:4",
