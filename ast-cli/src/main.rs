@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ast_core::{CorrectionMode, OptimizerKind, SubnetTarget};
-use ast_train::{DatasetKind, LrSchedule, RunOptions, TrainConfig};
+use ast_core::{CorrectionKind, CorrectionMode, OptimizerKind, SubnetTarget, UpdateScope};
+use ast_models::ModelKind;
+use ast_train::{Augment, DatasetKind, LrSchedule, LrScheduleKind, RunOptions, TrainConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod backend;
@@ -125,12 +126,12 @@ struct RunArgs {
 /// Flags overriding the recipe (every hyper-parameter of the original scripts).
 #[derive(Args, Debug, Default)]
 struct Overrides {
-    /// Model: resnet20, resnet32, resnet56, wide-resnet32, resnet18, resnet50, mobilenetv1, resnet50-imagenet, small-cnn.
+    /// Model.
     #[arg(long)]
-    model: Option<String>,
-    /// Dataset: fashion-mnist, mnist, cifar10, cifar100, cifar100-coarse, imagenet.
+    model: Option<ModelKind>,
+    /// Dataset.
     #[arg(long)]
-    dataset: Option<String>,
+    dataset: Option<DatasetKind>,
     /// Dataset directory.
     #[arg(long)]
     data_path: Option<PathBuf>,
@@ -140,24 +141,24 @@ struct Overrides {
     /// Evaluate on the first N test images.
     #[arg(long)]
     test_subset: Option<usize>,
-    /// Weights the optimizer moves: dense (all, as the original) or active (the sub-net's only).
+    /// Weights the optimizer moves: all (dense, the original's) or the sub-net's (active).
     #[arg(long)]
-    update_scope: Option<String>,
-    /// Training augmentation: standard (random crop + flip, as the original) or none.
+    update_scope: Option<UpdateScope>,
+    /// Training augmentation (standard: random crop + flip, the original's).
     #[arg(long)]
-    augment: Option<String>,
+    augment: Option<Augment>,
     /// Base learning rate.
     #[arg(long, allow_hyphen_values = true)]
     lr: Option<f64>,
-    /// LR schedule: cosine or step.
+    /// LR schedule.
     #[arg(long)]
-    lr_schedule: Option<String>,
+    lr_schedule: Option<LrScheduleKind>,
     /// Epochs of the step schedule's ×0.1 decays, comma-separated (default 50 % and 75 %).
     #[arg(long, value_delimiter = ',')]
     milestones: Option<Vec<usize>>,
-    /// Optimizer: sgd (as the original), adam or adamw.
+    /// Optimizer (sgd is the original's).
     #[arg(long)]
-    optimizer: Option<String>,
+    optimizer: Option<OptimizerKind>,
     /// SGD momentum.
     #[arg(long, allow_hyphen_values = true)]
     momentum: Option<f64>,
@@ -205,9 +206,9 @@ struct Overrides {
     /// N:M sub-nets, comma-separated (e.g. 2:4,1:4,1:8).
     #[arg(long, value_delimiter = ',')]
     nm: Option<Vec<String>>,
-    /// Gradient correction: off, projection, ema.
+    /// Gradient correction.
     #[arg(long)]
-    correction: Option<String>,
+    correction: Option<CorrectionKind>,
     /// EMA coefficient of the `ema` correction.
     #[arg(long)]
     ema_beta: Option<f64>,
@@ -268,7 +269,7 @@ struct BenchArgs {
     backend: BackendArgs,
     /// Model (as in `run --model`).
     #[arg(long, default_value = "resnet32")]
-    model: String,
+    model: ModelKind,
     /// Images per step.
     #[arg(long, default_value_t = 128)]
     batch: usize,
@@ -299,7 +300,7 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    let model: ast_models::ModelKind = args.model.parse()?;
+    let model = args.model;
     #[cfg(feature = "flex")]
     ast_core::kernels::set_flex_kernels(!args.generic_conv);
     if let Some(dir) = args.json.as_deref().and_then(Path::parent) {
@@ -447,25 +448,18 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 }
 
 fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
-    if let Some(m) = o.model {
-        c.model = m.parse().map_err(|e| anyhow!("{e}"))?;
-    }
-    if let Some(d) = o.dataset {
-        c.data.kind = d.parse::<DatasetKind>().map_err(|e| anyhow!("{e}"))?;
-    }
+    set(&mut c.model, o.model);
+    set(&mut c.data.kind, o.dataset);
     set(&mut c.data.path, o.data_path);
     set(&mut c.data.train_subset, o.train_subset.map(Some));
     set(&mut c.data.test_subset, o.test_subset.map(Some));
-    if let Some(a) = o.augment {
-        c.data.augment = a.parse().map_err(|e| anyhow!("{e}"))?;
-    }
+    set(&mut c.data.augment, o.augment);
     set(&mut c.lr, o.lr);
     set(&mut c.epochs, o.epochs);
-    match o.lr_schedule.as_deref() {
+    match o.lr_schedule {
         None => {}
-        Some("cosine") => c.lr_schedule = LrSchedule::Cosine,
-        Some("step") => c.lr_schedule = LrSchedule::half_and_three_quarters(c.epochs),
-        Some(other) => bail!("unknown LR schedule `{other}` (valid: cosine, step)"),
+        Some(LrScheduleKind::Cosine) => c.lr_schedule = LrSchedule::Cosine,
+        Some(LrScheduleKind::Step) => c.lr_schedule = LrSchedule::half_and_three_quarters(c.epochs),
     }
     if let Some(milestones) = o.milestones {
         c.lr_schedule = LrSchedule::Step {
@@ -473,12 +467,8 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
             gamma: 0.1,
         };
     }
-    if let Some(scope) = o.update_scope {
-        c.ast.update_scope = scope.parse().map_err(|e| anyhow!("{e}"))?;
-    }
-    if let Some(name) = o.optimizer {
-        c.ast.optimizer = name.parse().map_err(|e| anyhow!("{e}"))?;
-    }
+    set(&mut c.ast.update_scope, o.update_scope);
+    set(&mut c.ast.optimizer, o.optimizer);
     if c.ast.optimizer == OptimizerKind::Sgd {
         if o.betas.is_some() {
             bail!(
@@ -517,17 +507,15 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
     if let Some(nm) = o.nm {
         c.ast.subnets = nm.iter().map(|s| parse_nm(s)).collect::<Result<_>>()?;
     }
-    let beta = o.ema_beta.unwrap_or(0.9);
-    match o.correction.as_deref() {
+    match o.correction {
         None => {
             if let (Some(b), CorrectionMode::Ema { .. }) = (o.ema_beta, c.ast.correction) {
                 c.ast.correction = CorrectionMode::Ema { beta: b };
             }
         }
-        Some("off") => c.ast.correction = CorrectionMode::Off,
-        Some("projection") => c.ast.correction = CorrectionMode::Projection,
-        Some("ema") => c.ast.correction = CorrectionMode::Ema { beta },
-        Some(other) => bail!("unknown correction mode `{other}` (valid: off, projection, ema)"),
+        Some(kind) => {
+            c.ast.correction = CorrectionMode::from_kind(kind, o.ema_beta.unwrap_or(0.9));
+        }
     }
     set(&mut c.label_smoothing, o.label_smoothing);
     if let Some(v) = o.seed {
@@ -651,7 +639,7 @@ mod tests {
         let o = Overrides {
             nm: Some(vec!["2:4".into(), "1:8".into()]),
             lr: Some(0.05),
-            correction: Some("ema".into()),
+            correction: Some(CorrectionKind::Ema),
             ema_beta: Some(0.5),
             ..Default::default()
         };

@@ -29,6 +29,18 @@ impl SubnetTarget {
     }
 }
 
+named_choices! {
+    /// The gradient-correction modes by name (see [`CorrectionMode`]).
+    pub enum CorrectionKind("correction mode") {
+        /// [`CorrectionMode::Off`].
+        Off = "off",
+        /// [`CorrectionMode::Projection`].
+        Projection = "projection",
+        /// [`CorrectionMode::Ema`].
+        Ema = "ema",
+    }
+}
+
 /// Gradient correction between consecutive sub-nets (§7).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +55,26 @@ pub enum CorrectionMode {
         /// EMA coefficient `β` in `m ← β·m + (1 − β)·g`, in `[0, 1)`.
         beta: f64,
     },
+}
+
+impl CorrectionMode {
+    /// The mode's name.
+    pub fn kind(self) -> CorrectionKind {
+        match self {
+            CorrectionMode::Off => CorrectionKind::Off,
+            CorrectionMode::Projection => CorrectionKind::Projection,
+            CorrectionMode::Ema { .. } => CorrectionKind::Ema,
+        }
+    }
+
+    /// The mode of `kind`; `ema_beta` is used by [`CorrectionKind::Ema`] only.
+    pub fn from_kind(kind: CorrectionKind, ema_beta: f64) -> Self {
+        match kind {
+            CorrectionKind::Off => CorrectionMode::Off,
+            CorrectionKind::Projection => CorrectionMode::Projection,
+            CorrectionKind::Ema => CorrectionMode::Ema { beta: ema_beta },
+        }
+    }
 }
 
 /// When and how much to prune (§4, §5). Epochs are counted from 0.
@@ -107,47 +139,18 @@ impl Default for SgdSettings {
     }
 }
 
-/// The optimizer the AST step hands its masked, corrected gradients to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerKind {
-    /// SGD with PyTorch's semantics ([`SgdSettings`]); the original's.
-    #[default]
-    Sgd,
-    /// Adam with L2 weight decay added to the gradient ([`AdamSettings`]), as `torch.optim.Adam`.
-    Adam,
-    /// AdamW with decoupled weight decay ([`AdamSettings`]), as `torch.optim.AdamW`.
-    #[serde(rename = "adamw")]
-    AdamW,
-}
-
-impl OptimizerKind {
-    /// Every optimizer with its name.
-    pub const ALL: [(OptimizerKind, &'static str); 3] = [
-        (OptimizerKind::Sgd, "sgd"),
-        (OptimizerKind::Adam, "adam"),
-        (OptimizerKind::AdamW, "adamw"),
-    ];
-
-    /// The optimizer's name.
-    pub fn name(self) -> &'static str {
-        OptimizerKind::ALL
-            .iter()
-            .find(|(k, _)| *k == self)
-            .map(|(_, n)| *n)
-            .expect("every kind is listed")
-    }
-}
-
-impl core::str::FromStr for OptimizerKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> core::result::Result<Self, String> {
-        OptimizerKind::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(k, _)| *k)
-            .ok_or_else(|| format!("unknown optimizer `{s}` (valid: sgd, adam, adamw)"))
+named_choices! {
+    /// The optimizer the AST step hands its masked, corrected gradients to.
+    #[derive(Default)]
+    pub enum OptimizerKind("optimizer") {
+        /// SGD with PyTorch's semantics ([`SgdSettings`]); the original's.
+        #[default]
+        Sgd = "sgd",
+        /// Adam with L2 weight decay added to the gradient ([`AdamSettings`]), as
+        /// `torch.optim.Adam`.
+        Adam = "adam",
+        /// AdamW with decoupled weight decay ([`AdamSettings`]), as `torch.optim.AdamW`.
+        AdamW = "adamw",
     }
 }
 
@@ -176,37 +179,18 @@ impl Default for AdamSettings {
     }
 }
 
-/// Which weights the optimizer moves at each step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpdateScope {
-    /// The original's: SGD acts on the dense shared weights. The gradient is masked to the
-    /// active sub-net, but weight decay and momentum move every position, also those outside
-    /// the active mask (as `torch.optim.SGD` after `grad.mul_(mask)` does).
-    #[default]
-    Dense,
-    /// Only the active sub-net's positions move: weights, velocities and decay outside its
-    /// mask stay untouched.
-    Active,
-}
-
-impl UpdateScope {
-    /// Every scope with its name.
-    pub const ALL: [(UpdateScope, &'static str); 2] = [
-        (UpdateScope::Dense, "dense"),
-        (UpdateScope::Active, "active"),
-    ];
-}
-
-impl core::str::FromStr for UpdateScope {
-    type Err = String;
-
-    fn from_str(s: &str) -> core::result::Result<Self, String> {
-        UpdateScope::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(u, _)| *u)
-            .ok_or_else(|| format!("unknown update scope `{s}` (valid: dense, active)"))
+named_choices! {
+    /// Which weights the optimizer moves at each step.
+    #[derive(Default)]
+    pub enum UpdateScope("update scope") {
+        /// The original's: the optimizer acts on the dense shared weights. The gradient is
+        /// masked to the active sub-net, but weight decay and momentum move every position,
+        /// also those outside the active mask (as `torch.optim.SGD` after `grad.mul_(mask)`).
+        #[default]
+        Dense = "dense",
+        /// Only the active sub-net's positions move: weights and optimizer state outside its
+        /// mask stay untouched.
+        Active = "active",
     }
 }
 
@@ -396,6 +380,28 @@ mod tests {
         assert!(json.contains(r#""nm":{"n":2,"m":4}"#), "{json}");
         let back: AstConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn named_choices_read_and_write_their_names_and_list_the_valid_ones() {
+        let mut config = AstConfig::new(vec![SubnetTarget::Density(0.1)]);
+        config.optimizer = OptimizerKind::AdamW;
+        config.update_scope = UpdateScope::Active;
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains(r#""optimizer":"adamw""#), "{json}");
+        assert!(json.contains(r#""update_scope":"active""#), "{json}");
+        let bad = json.replace(r#""adamw""#, r#""lamb""#);
+        let err = serde_json::from_str::<AstConfig>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown optimizer `lamb` (valid: sgd, adam, adamw)"),
+            "{err}"
+        );
+        for &kind in CorrectionKind::ALL {
+            let mode = CorrectionMode::from_kind(kind, 0.5);
+            assert_eq!(mode.kind(), kind);
+        }
     }
 
     #[test]

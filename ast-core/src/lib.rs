@@ -19,6 +19,9 @@
 //! - [`backend`]: the backend-extension seam where fast sparse kernels plug in.
 #![warn(missing_docs)]
 
+#[macro_use]
+mod choices;
+
 pub mod backend;
 pub mod config;
 pub mod correction;
@@ -39,8 +42,8 @@ pub mod testing;
 
 pub use backend::AstBackend;
 pub use config::{
-    AdamSettings, AstConfig, CorrectionMode, MaskScheduleConfig, OptimizerKind, SgdSettings,
-    SubnetTarget, UpdateScope,
+    AdamSettings, AstConfig, CorrectionKind, CorrectionMode, MaskScheduleConfig, OptimizerKind,
+    SgdSettings, SubnetTarget, UpdateScope,
 };
 pub use error::AstError;
 pub use layers::{

@@ -28,9 +28,6 @@ pub mod resnet;
 pub mod resnet_cifar;
 pub mod small_cnn;
 
-use core::fmt;
-use core::str::FromStr;
-
 use ast_core::{AstBackend, SubnetSwitch};
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
@@ -40,90 +37,37 @@ pub use resnet::{ResNet, ResNetConfig};
 pub use resnet_cifar::{CifarResNet, CifarResNetConfig};
 pub use small_cnn::{SmallCnn, SmallCnnConfig};
 
-/// The models, by their command-line names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    /// ResNet-20 for CIFAR (`resnet20`).
-    Resnet20,
-    /// ResNet-32 for CIFAR (`resnet32`).
-    Resnet32,
-    /// ResNet-56 for CIFAR (`resnet56`).
-    Resnet56,
-    /// Wide ResNet-32 for CIFAR (`wide-resnet32`).
-    WideResnet32,
-    /// ResNet-18 with the CIFAR stem (`resnet18`).
-    Resnet18,
-    /// ResNet-50 with the CIFAR stem (`resnet50`).
-    Resnet50,
-    /// MobileNet-V1 for CIFAR (`mobilenetv1`).
-    Mobilenetv1,
-    /// ResNet-50 with the ImageNet stem (`resnet50-imagenet`).
-    Resnet50Imagenet,
-    /// A small CNN for quick runs, not from the paper (`small-cnn`).
-    SmallCnn,
+ast_core::named_choices! {
+    /// The models, by their command-line names.
+    pub enum ModelKind("model") {
+        /// ResNet-20 for CIFAR.
+        Resnet20 = "resnet20",
+        /// ResNet-32 for CIFAR.
+        Resnet32 = "resnet32",
+        /// ResNet-56 for CIFAR.
+        Resnet56 = "resnet56",
+        /// Wide ResNet-32 for CIFAR.
+        WideResnet32 = "wide-resnet32",
+        /// ResNet-18 with the CIFAR stem.
+        Resnet18 = "resnet18",
+        /// ResNet-50 with the CIFAR stem.
+        Resnet50 = "resnet50",
+        /// MobileNet-V1 for CIFAR.
+        Mobilenetv1 = "mobilenetv1",
+        /// ResNet-50 with the ImageNet stem.
+        Resnet50Imagenet = "resnet50-imagenet",
+        /// A small CNN for quick runs, not from the paper.
+        SmallCnn = "small-cnn",
+    }
 }
 
 impl ModelKind {
-    /// Every model, in declaration order.
-    pub const ALL: [ModelKind; 9] = [
-        ModelKind::Resnet20,
-        ModelKind::Resnet32,
-        ModelKind::Resnet56,
-        ModelKind::WideResnet32,
-        ModelKind::Resnet18,
-        ModelKind::Resnet50,
-        ModelKind::Mobilenetv1,
-        ModelKind::Resnet50Imagenet,
-        ModelKind::SmallCnn,
-    ];
-
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelKind::Resnet20 => "resnet20",
-            ModelKind::Resnet32 => "resnet32",
-            ModelKind::Resnet56 => "resnet56",
-            ModelKind::WideResnet32 => "wide-resnet32",
-            ModelKind::Resnet18 => "resnet18",
-            ModelKind::Resnet50 => "resnet50",
-            ModelKind::Mobilenetv1 => "mobilenetv1",
-            ModelKind::Resnet50Imagenet => "resnet50-imagenet",
-            ModelKind::SmallCnn => "small-cnn",
-        }
-    }
-
     /// Side of the square input images the model is built for (32 or 224).
     pub fn image_size(self) -> usize {
         match self {
             ModelKind::Resnet50Imagenet => 224,
             _ => 32,
         }
-    }
-}
-
-impl fmt::Display for ModelKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A model name that [`ModelKind::from_str`] does not know.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown model `{0}`; valid models: resnet20, resnet32, resnet56, wide-resnet32, \
-     resnet18, resnet50, mobilenetv1, resnet50-imagenet, small-cnn"
-)]
-pub struct UnknownModel(pub String);
-
-impl FromStr for ModelKind {
-    type Err = UnknownModel;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ModelKind::ALL
-            .into_iter()
-            .find(|kind| kind.name() == s)
-            .ok_or_else(|| UnknownModel(s.to_string()))
     }
 }
 
@@ -336,12 +280,12 @@ pub(crate) mod tests {
 
     #[test]
     fn model_kind_names_round_trip_and_unknown_names_list_the_valid_ones() {
-        for kind in ModelKind::ALL {
+        for &kind in ModelKind::ALL {
             assert_eq!(kind.to_string().parse::<ModelKind>(), Ok(kind));
         }
         assert_eq!("wide-resnet32".parse(), Ok(ModelKind::WideResnet32));
         let err = "resnet19".parse::<ModelKind>().unwrap_err().to_string();
-        for kind in ModelKind::ALL {
+        for &kind in ModelKind::ALL {
             assert!(err.contains(kind.name()), "{err}");
         }
         assert!(err.contains("`resnet19`"), "{err}");

@@ -2,7 +2,6 @@
 //! JSON recipes and overridden by CLI flags.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use ast_core::AstConfig;
 use ast_models::ModelKind;
@@ -10,35 +9,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 
-/// The datasets a run can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DatasetKind {
-    /// Fashion-MNIST IDX files (gzipped or not).
-    FashionMnist,
-    /// MNIST IDX files.
-    Mnist,
-    /// CIFAR-10 binary batches.
-    Cifar10,
-    /// CIFAR-100 binary files, fine labels (100 classes).
-    Cifar100,
-    /// CIFAR-100 binary files, coarse labels (20 classes).
-    Cifar100Coarse,
-    /// An ImageNet-style folder with `train/<class>/` and `val/<class>/`.
-    Imagenet,
+ast_core::named_choices! {
+    /// The datasets a run can use.
+    pub enum DatasetKind("dataset") {
+        /// Fashion-MNIST IDX files (gzipped or not).
+        FashionMnist = "fashion-mnist",
+        /// MNIST IDX files.
+        Mnist = "mnist",
+        /// CIFAR-10 binary batches.
+        Cifar10 = "cifar10",
+        /// CIFAR-100 binary files, fine labels (100 classes).
+        Cifar100 = "cifar100",
+        /// CIFAR-100 binary files, coarse labels (20 classes).
+        Cifar100Coarse = "cifar100-coarse",
+        /// An ImageNet-style folder with `train/<class>/` and `val/<class>/`.
+        Imagenet = "imagenet",
+    }
 }
 
 impl DatasetKind {
-    /// Every dataset with its CLI name.
-    pub const ALL: [(DatasetKind, &'static str); 6] = [
-        (DatasetKind::FashionMnist, "fashion-mnist"),
-        (DatasetKind::Mnist, "mnist"),
-        (DatasetKind::Cifar10, "cifar10"),
-        (DatasetKind::Cifar100, "cifar100"),
-        (DatasetKind::Cifar100Coarse, "cifar100-coarse"),
-        (DatasetKind::Imagenet, "imagenet"),
-    ];
-
     /// Training images of the full dataset (ImageNet: ILSVRC-2012's train split).
     pub fn train_size(self) -> usize {
         match self {
@@ -46,30 +35,6 @@ impl DatasetKind {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Cifar100Coarse => 50_000,
             DatasetKind::Imagenet => 1_281_167,
         }
-    }
-
-    /// The CLI name.
-    pub fn name(self) -> &'static str {
-        DatasetKind::ALL
-            .iter()
-            .find(|(k, _)| *k == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("?")
-    }
-}
-
-impl FromStr for DatasetKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> core::result::Result<Self, String> {
-        DatasetKind::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(k, _)| *k)
-            .ok_or_else(|| {
-                let names: Vec<&str> = DatasetKind::ALL.iter().map(|(_, n)| *n).collect();
-                format!("unknown dataset `{s}` (valid: {})", names.join(", "))
-            })
     }
 }
 
@@ -92,34 +57,27 @@ pub struct DataConfig {
     pub augment: Augment,
 }
 
-/// Training-time augmentation of the images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Augment {
-    /// The original's: CIFAR-style random crop (padding 4) and horizontal flip; ImageNet
-    /// random-resized crop 224 and flip.
-    #[default]
-    Standard,
-    /// None: training images go through the evaluation pipeline (normalisation; ImageNet
-    /// resize 256 and centre crop 224).
-    None,
+ast_core::named_choices! {
+    /// Training-time augmentation of the images.
+    #[derive(Default)]
+    pub enum Augment("augmentation") {
+        /// The original's: CIFAR-style random crop (padding 4) and horizontal flip; ImageNet
+        /// random-resized crop 224 and flip.
+        #[default]
+        Standard = "standard",
+        /// None: training images go through the evaluation pipeline (normalisation; ImageNet
+        /// resize 256 and centre crop 224).
+        None = "none",
+    }
 }
 
-impl Augment {
-    /// Every choice with its name.
-    pub const ALL: [(Augment, &'static str); 2] =
-        [(Augment::Standard, "standard"), (Augment::None, "none")];
-}
-
-impl FromStr for Augment {
-    type Err = String;
-
-    fn from_str(s: &str) -> core::result::Result<Self, String> {
-        Augment::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(a, _)| *a)
-            .ok_or_else(|| format!("unknown augmentation `{s}` (valid: standard, none)"))
+ast_core::named_choices! {
+    /// The learning-rate schedules by name (see [`LrSchedule`]).
+    pub enum LrScheduleKind("LR schedule") {
+        /// [`LrSchedule::Cosine`].
+        Cosine = "cosine",
+        /// [`LrSchedule::Step`] (by default at 50 % and 75 % of the epochs).
+        Step = "step",
     }
 }
 
@@ -300,9 +258,10 @@ mod tests {
 
     #[test]
     fn dataset_names_round_trip() {
-        for (kind, name) in DatasetKind::ALL {
+        for &kind in DatasetKind::ALL {
+            let name = kind.name();
             assert_eq!(name.parse::<DatasetKind>(), Ok(kind));
-            assert_eq!(kind.name(), name);
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
         }
         assert!("cifar11"
             .parse::<DatasetKind>()

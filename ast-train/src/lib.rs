@@ -15,6 +15,6 @@ pub mod error;
 pub mod metrics;
 pub mod train;
 
-pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, TrainConfig};
+pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, TrainConfig};
 pub use error::{Result, TrainError};
 pub use train::{evaluate, load_data, prepare_run_dir, train, RunOptions, RunSummary};

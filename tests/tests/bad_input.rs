@@ -173,12 +173,12 @@ fn every_bad_input_is_one_clear_error() {
         case(
             "unknown model",
             &["run", "--model", "resnet7", "--out", "/tmp/x"],
-            "unknown model `resnet7`",
+            "invalid value 'resnet7' for '--model <MODEL>'",
         ),
         case(
             "unknown dataset",
             &["run", "--dataset", "svhn", "--out", "/tmp/x"],
-            "unknown dataset `svhn`",
+            "invalid value 'svhn' for '--dataset <DATASET>'",
         ),
         case(
             "unknown recipe",
@@ -213,17 +213,27 @@ fn every_bad_input_is_one_clear_error() {
         with_args(
             "unknown augmentation",
             quick(&good, &out("t"), &["--augment", "autoaugment"]),
-            "unknown augmentation `autoaugment` (valid: standard, none)",
+            "invalid value 'autoaugment' for '--augment <AUGMENT>'",
         ),
         with_args(
             "unknown update scope",
             quick(&good, &out("u"), &["--update-scope", "sparse"]),
-            "unknown update scope `sparse` (valid: dense, active)",
+            "invalid value 'sparse' for '--update-scope <UPDATE_SCOPE>'",
+        ),
+        with_args(
+            "unknown correction",
+            quick(&good, &out("c1"), &["--correction", "pcgrad"]),
+            "[possible values: off, projection, ema]",
+        ),
+        with_args(
+            "unknown LR schedule",
+            quick(&good, &out("c2"), &["--lr-schedule", "linear"]),
+            "invalid value 'linear' for '--lr-schedule <LR_SCHEDULE>'",
         ),
         with_args(
             "unknown optimizer",
             quick(&good, &out("o1"), &["--optimizer", "lamb"]),
-            "unknown optimizer `lamb` (valid: sgd, adam, adamw)",
+            "invalid value 'lamb' for '--optimizer <OPTIMIZER>'",
         ),
         with_args(
             "Adam with momentum",
@@ -300,7 +310,7 @@ fn every_bad_input_is_one_clear_error() {
         case(
             "bench: unknown model",
             &["bench", "--model", "resnet33"],
-            "unknown model `resnet33`",
+            "invalid value 'resnet33' for '--model <MODEL>'",
         ),
         case(
             "bench: density 0",

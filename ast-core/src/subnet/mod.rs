@@ -1,6 +1,11 @@
 //! Model-level operations on any burn `Module` holding [`MaskedConv2d`](crate::MaskedConv2d) and
-//! [`MaskedLinear`](crate::MaskedLinear) layers: find them, read and replace masks, measure
-//! densities and overlaps. Layers are found by walking the module tree, in declaration order.
+//! [`MaskedLinear`](crate::MaskedLinear) layers: find them, read and replace masks (module-tree
+//! visitors, here), measure densities and overlaps ([`stats`], re-exported). Layers are found by
+//! walking the module tree, in declaration order.
+
+pub mod stats;
+
+pub use stats::{density, layer_densities, overlap, LayerDensity, LayerOverlap};
 
 use std::collections::HashMap;
 
@@ -253,107 +258,6 @@ pub fn replace_masks<B: Backend, M: Module<B>>(
     let masks = masks.into_iter().map(|m| m.convert::<bool>()).collect();
     let ids: Vec<ParamId> = layers.iter().map(|l| l.mask_ids[k]).collect();
     Ok(write_masks(model, &ids, masks))
-}
-
-/// Density of one layer's mask for one sub-net.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerDensity {
-    /// Path of the layer.
-    pub path: String,
-    /// Active weights.
-    pub active: usize,
-    /// All weights.
-    pub total: usize,
-}
-
-impl LayerDensity {
-    /// `active / total`.
-    pub fn density(&self) -> f64 {
-        self.active as f64 / self.total as f64
-    }
-}
-
-/// Per-layer densities of sub-net `k`.
-pub fn layer_densities<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<Vec<LayerDensity>> {
-    let layers = masked_layers(model);
-    let masks = read_masks(model, k)?;
-    Ok(layers
-        .iter()
-        .zip(masks)
-        .map(|(l, m)| LayerDensity {
-            path: l.path.clone(),
-            active: mask_vec(m).iter().filter(|&&b| b).count(),
-            total: l.numel(),
-        })
-        .collect())
-}
-
-/// Density of sub-net `k` over all prunable weights.
-pub fn density<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<f64> {
-    let per_layer = layer_densities(model, k)?;
-    let active: usize = per_layer.iter().map(|l| l.active).sum();
-    let total: usize = per_layer.iter().map(|l| l.total).sum();
-    Ok(active as f64 / total as f64)
-}
-
-/// How much two sub-nets' masks share on a layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerOverlap {
-    /// Path of the layer.
-    pub path: String,
-    /// Positions active in both.
-    pub intersection: usize,
-    /// Positions active in either.
-    pub union: usize,
-    /// Active positions of the sparser of the two.
-    pub smaller: usize,
-}
-
-impl LayerOverlap {
-    /// Intersection over union (1 when both masks are empty).
-    pub fn iou(&self) -> f64 {
-        if self.union == 0 {
-            1.0
-        } else {
-            self.intersection as f64 / self.union as f64
-        }
-    }
-
-    /// Share of the sparser mask's weights that the other mask also holds.
-    pub fn containment(&self) -> f64 {
-        if self.smaller == 0 {
-            1.0
-        } else {
-            self.intersection as f64 / self.smaller as f64
-        }
-    }
-}
-
-/// Per-layer overlap between the masks of sub-nets `a` and `b`.
-pub fn overlap<B: Backend, M: Module<B>>(
-    model: &M,
-    a: usize,
-    b: usize,
-) -> Result<Vec<LayerOverlap>> {
-    let layers = masked_layers(model);
-    let ma = read_masks(model, a)?;
-    let mb = read_masks(model, b)?;
-    Ok(layers
-        .iter()
-        .zip(ma.into_iter().zip(mb))
-        .map(|(l, (x, y))| {
-            let (x, y) = (mask_vec(x), mask_vec(y));
-            let count = |f: &dyn Fn(bool, bool) -> bool| {
-                x.iter().zip(&y).filter(|(p, q)| f(**p, **q)).count()
-            };
-            LayerOverlap {
-                path: l.path.clone(),
-                intersection: count(&|p, q| p && q),
-                union: count(&|p, q| p || q),
-                smaller: count(&|p, _| p).min(count(&|_, q| q)),
-            }
-        })
-        .collect())
 }
 
 /// Folds the pending BatchNorm running-statistics updates into their values.
