@@ -61,9 +61,26 @@ impl<B: Backend> LayerBuilder<'_, B> {
 
     /// A masked linear layer with bias and PyTorch's default init.
     pub fn linear(&self, d_input: usize, d_output: usize) -> MaskedLinear<B> {
-        MaskedLinearConfig::new(d_input, d_output)
-            .with_subnets(self.subnets)
+        self.linear_config(d_input, d_output)
             .init(self.switch, self.device)
+    }
+
+    /// A masked classifier initialised as the original's CIFAR ResNets do: weight from
+    /// `weight`, bias zero.
+    pub fn classifier(
+        &self,
+        d_input: usize,
+        d_output: usize,
+        weight: Initializer,
+    ) -> MaskedLinear<B> {
+        self.linear_config(d_input, d_output)
+            .with_initializer(weight)
+            .with_bias_initializer(Some(Initializer::Zeros))
+            .init(self.switch, self.device)
+    }
+
+    fn linear_config(&self, d_input: usize, d_output: usize) -> MaskedLinearConfig {
+        MaskedLinearConfig::new(d_input, d_output).with_subnets(self.subnets)
     }
 
     /// A plain (unmasked, shared) convolution without bias.

@@ -5,10 +5,12 @@
 //! switchable BatchNorms; the first block of stages 2 and 3 halves the resolution through a
 //! masked 1×1 projection shortcut whose BatchNorm is shared (ResNet-20/32/56) or switchable
 //! (wide ResNet-32); global average pooling feeds a masked linear classifier. Convolutions are
-//! Kaiming-normal with fan-out.
+//! Kaiming-normal with fan-out; the classifier as in the original (Kaiming-normal with fan-in,
+//! or normal(0, 0.01) for the wide ResNet-32; bias zero).
 
 use ast_core::layers::batch_norm_2d;
 use ast_core::{AstBackend, MaskedLinear, SubnetSwitch};
+use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
 use burn::prelude::*;
@@ -31,6 +33,10 @@ pub struct CifarResNetConfig {
     pub blocks_per_stage: usize,
     /// Whether the projection shortcuts' BatchNorm is switchable rather than shared.
     pub switchable_shortcut_norm: bool,
+    /// Standard deviation of the classifier's normal init; `None`: Kaiming-normal with fan-in
+    /// (gain √2). The bias starts at zero either way, as in the original.
+    #[config(default = "None")]
+    pub classifier_std: Option<f64>,
 }
 
 impl CifarResNetConfig {
@@ -51,7 +57,19 @@ impl CifarResNetConfig {
 
     /// Wide ResNet-32: widths 32/64/128, 5 blocks per stage, switchable shortcut BatchNorm.
     pub fn wide_resnet32(num_classes: usize, subnets: usize) -> Self {
-        Self::new(num_classes, subnets, [32, 64, 128], 5, true)
+        Self::new(num_classes, subnets, [32, 64, 128], 5, true).with_classifier_std(Some(0.01))
+    }
+
+    /// The original's classifier init: `kaiming_normal_` in `uspars_cifar_resnet.py`,
+    /// `normal_(0, 0.01)` in `uspars_cifar_wide_resnet.py`.
+    fn classifier_init(&self) -> Initializer {
+        match self.classifier_std {
+            Some(std) => Initializer::Normal { mean: 0.0, std },
+            None => Initializer::KaimingNormal {
+                gain: core::f64::consts::SQRT_2,
+                fan_out_only: false,
+            },
+        }
     }
 
     /// Builds the model with every sub-net dense and a new [`SubnetSwitch`] set to sub-net 0.
@@ -77,7 +95,7 @@ impl CifarResNetConfig {
             conv1: b.plain_conv([3, self.widths[0]], 3, 1),
             bn1: b.plain_norm(self.widths[0]),
             blocks,
-            linear: b.linear(c_in, self.num_classes),
+            linear: b.classifier(c_in, self.num_classes, self.classifier_init()),
             switch,
         }
     }
@@ -166,6 +184,26 @@ mod tests {
             shortcut_norms(CifarResNetConfig::wide_resnet32(10, 3)),
             [true, true]
         );
+    }
+
+    #[test]
+    fn the_classifier_starts_as_in_the_original() {
+        // ResNet-20: kaiming_normal_ (fan-in 64, gain √2: std 0.177); wide ResNet-32:
+        // normal_(0, 0.01); both with a zero bias.
+        let device = device();
+        for (config, std) in [
+            (CifarResNetConfig::resnet20(10, 3), (2.0f64 / 64.0).sqrt()),
+            (CifarResNetConfig::wide_resnet32(10, 3), 0.01),
+        ] {
+            let linear = config.init::<TB>(&device).linear;
+            let w: Vec<f32> = linear.weight.val().into_data().to_vec().unwrap();
+            let n = w.len() as f64;
+            let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let sd = (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            assert!((sd / std - 1.0).abs() < 0.1, "std {sd}, expected {std}");
+            let b: Vec<f32> = linear.bias.unwrap().val().into_data().to_vec().unwrap();
+            assert!(b.iter().all(|&v| v == 0.0), "{b:?}");
+        }
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct MaskedLinearConfig {
         default = "Initializer::KaimingUniform { gain: 1.0 / 3.0f64.sqrt(), fan_out_only: false }"
     )]
     pub initializer: Initializer,
+    /// Initializer of the bias; `None`: the weight's (PyTorch's `nn.Linear` default).
+    #[config(default = "None")]
+    pub bias_initializer: Option<Initializer>,
 }
 
 /// A linear layer computing `x · (W ⊙ M_k) + b`.
@@ -54,7 +57,9 @@ impl MaskedLinearConfig {
         let fans = (Some(self.d_input), Some(self.d_output));
         let weight = self.initializer.init_with(shape, fans.0, fans.1, device);
         let bias = self.bias.then(|| {
-            self.initializer
+            self.bias_initializer
+                .as_ref()
+                .unwrap_or(&self.initializer)
                 .init_with([self.d_output], fans.0, fans.1, device)
         });
         MaskedLinear {
