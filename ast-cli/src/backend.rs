@@ -129,9 +129,23 @@ impl BackendJob for Eval<'_> {
         let sources = ast_train::load_data(&config)?;
         let loader =
             ast_train::data::Loader::new(sources.test, config.eval_batch_size, config.seed, false);
+        if let Some(first) = ast_core::subnet::non_finite_params(&model).first() {
+            anyhow::bail!(
+                "{}: the last checkpoint's weights are not finite (e.g. `{first}`): the run \
+                 diverged; retrain it with a lower --lr",
+                self.run.display()
+            );
+        }
         let inner = burn::module::AutodiffModule::valid(&model);
         let metrics = evaluate(&inner, &loader, device)?;
         report::print_eval(&config, epochs, &metrics);
+        if let Some(m) = metrics.iter().find(|m| !m.loss.is_finite()) {
+            anyhow::bail!(
+                "sub-net {}'s test loss is {}: its outputs are not finite; nothing written",
+                m.subnet,
+                m.loss
+            );
+        }
         let out = self
             .json
             .map(Path::to_path_buf)

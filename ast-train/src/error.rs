@@ -62,6 +62,17 @@ pub enum TrainError {
         /// Sub-net trained.
         subnet: usize,
     },
+    /// The model's weights or outputs stopped being finite numbers.
+    #[error(
+        "the model diverged by the end of epoch {epoch}: {what} not finite; training \
+         stopped, the last good checkpoint is kept (lower --lr)"
+    )]
+    NonFiniteModel {
+        /// Epoch (from 0).
+        epoch: usize,
+        /// What is not finite.
+        what: String,
+    },
     /// A file of the run could not be written or read.
     #[error("{path}: {reason}")]
     Io {

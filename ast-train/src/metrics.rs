@@ -18,6 +18,11 @@ pub fn top_k_correct(logits: &[f32], classes: usize, labels: &[i64], k: usize) -
         .enumerate()
         .filter(|&(row, &label)| {
             let scores = &logits[row * classes..(row + 1) * classes];
+            if scores.iter().any(|s| !s.is_finite()) {
+                // A NaN compares false with everything: it would rank first. Such a row is
+                // never a correct prediction.
+                return false;
+            }
             let target = scores[label as usize];
             let better = scores
                 .iter()
@@ -302,6 +307,16 @@ mod tests {
         assert_eq!(top_k_correct(&logits, 3, &labels, 1), 1);
         assert_eq!(top_k_correct(&logits, 3, &labels, 2), 2);
         assert_eq!(top_k_correct(&logits, 3, &labels, 3), 3);
+    }
+
+    #[test]
+    fn rows_with_non_finite_logits_are_never_correct() {
+        // All-NaN rows used to rank their label first (NaN compares false with everything).
+        let nan = f32::NAN;
+        let logits = [nan, nan, nan, 0.1, f32::INFINITY, 0.3, 0.0, 0.0, 1.0];
+        let labels = [0, 1, 2];
+        assert_eq!(top_k_correct(&logits, 3, &labels, 1), 1);
+        assert_eq!(top_k_correct(&logits, 3, &labels, 3), 1);
     }
 
     #[test]

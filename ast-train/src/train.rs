@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ast_core::schedule::{check_reaches_final_density, scheduled_event};
-use ast_core::subnet::{density, sync_running_stats};
+use ast_core::subnet::{density, non_finite_params, sync_running_stats};
 use ast_core::{AstBackend, AstStep, SubnetTarget};
 use ast_models::AstModel;
 use burn::module::AutodiffModule;
@@ -265,7 +265,13 @@ pub fn evaluate<B: AstBackend>(
         }
     }
     switch.set(active);
-    let seen = seen.max(1) as f64;
+    if seen == 0 {
+        return Err(TrainError::config(
+            "test_subset",
+            "the test set is empty: nothing to evaluate (check --data-path and --test-subset)",
+        ));
+    }
+    let seen = seen as f64;
     sums.iter()
         .enumerate()
         .map(|(s, (loss, top1, top5))| {
@@ -463,6 +469,19 @@ where
         }
         let eval_model = model.valid();
         last_eval = evaluate(&eval_model, &test_loader, device)?;
+        // A checkpoint or a result of a diverged model is worth nothing: stop before writing.
+        let broken = non_finite_params(&model);
+        if let Some(first) = broken.first() {
+            let what = match broken.len() {
+                1 => format!("weights of `{first}` are"),
+                n => format!("weights of {n} parameters (first `{first}`) are"),
+            };
+            return Err(TrainError::NonFiniteModel { epoch, what });
+        }
+        if let Some(m) = last_eval.iter().find(|m| !m.loss.is_finite()) {
+            let what = format!("sub-net {}'s test loss ({}) is", m.subnet, m.loss);
+            return Err(TrainError::NonFiniteModel { epoch, what });
+        }
         state.best_sparsest_top1 = state.best_sparsest_top1.max(last_eval[sparsest].top1);
         state.next_epoch = epoch + 1;
         metrics.append(&EpochRecord {

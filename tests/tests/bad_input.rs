@@ -420,3 +420,64 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         .exists());
     assert!(!out.join("checkpoints/epoch-0004").exists());
 }
+
+#[test]
+fn a_diverged_model_is_an_error_never_a_result() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 32, 28);
+    write_idx(&data, "t10k", 16, 28);
+    // lr 1e30: the weights overflow; the run must fail, not report a top-1 (NaN logits used to
+    // count as correct: 100 %), and keep no checkpoint of the diverged weights.
+    let out = work.path().join("diverged");
+    let args = quick(&data, &out, &["--lr", "1e30"]);
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = stderr(&output);
+    assert!(!output.status.success(), "exited with success\n{err}");
+    assert!(
+        err.contains("the model diverged") || err.contains("loss became"),
+        "{err}"
+    );
+    assert!(!out.join("checkpoints/latest").exists());
+    assert!(!out.join("summary.json").exists());
+
+    // A checkpoint whose weights are NaN (written by hand) is refused by `eval`.
+    let out = work.path().join("good");
+    let args = quick(&data, &out, &[]);
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let file = out
+        .join("checkpoints")
+        .join(latest.trim())
+        .join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let weight = tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with("weight") && t.1 == safetensors::Dtype::F32)
+        .expect("a float weight");
+    weight.3 = f32::NAN.to_le_bytes().repeat(weight.3.len() / 4);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    check(&case(
+        "eval of NaN weights",
+        &["eval", "--run", out.to_str().unwrap()],
+        "weights are not finite",
+    ));
+    assert!(!out.join("eval.json").exists());
+}

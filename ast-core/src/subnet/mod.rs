@@ -5,7 +5,7 @@
 
 pub mod stats;
 
-pub use stats::{density, layer_densities, overlap, LayerDensity, LayerOverlap};
+pub use stats::{density, layer_densities, non_finite_params, overlap, LayerDensity, LayerOverlap};
 
 use std::collections::HashMap;
 
@@ -406,6 +406,19 @@ mod tests {
         assert_eq!((o[0].intersection, o[0].union, o[0].smaller), (9, 18, 9));
         assert_eq!(o[0].iou(), 0.5);
         assert_eq!(o[0].containment(), 1.0);
+    }
+
+    #[test]
+    fn non_finite_parameters_are_found_by_path() {
+        let model = toy();
+        assert!(non_finite_params(&model).is_empty());
+        let mut head = model.head;
+        let w = head.weight.val();
+        head.weight = Param::from_tensor(w.clone().slice_fill([0..1, 1..2], f32::NAN));
+        let bias = head.bias.take().unwrap().val();
+        head.bias = Some(Param::from_tensor(bias.slice_fill([2..3], f32::INFINITY)));
+        let model = Toy { head, ..model };
+        assert_eq!(non_finite_params(&model), ["head.weight", "head.bias"]);
     }
 
     #[test]

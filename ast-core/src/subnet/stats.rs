@@ -107,3 +107,30 @@ pub fn overlap<B: Backend, M: Module<B>>(
         })
         .collect())
 }
+
+/// Collects the ids of float parameters holding a NaN or an infinity.
+struct NonFinite(Vec<burn::module::ParamId>);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for NonFinite {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        // One reduction per parameter: a NaN or an infinity makes the sum non-finite (so does
+        // an overflow of finite values near f32::MAX, which is a diverged model too).
+        let sum: f64 = param.val().sum().into_scalar().elem();
+        if !sum.is_finite() {
+            self.0.push(param.id);
+        }
+    }
+}
+
+/// The paths of the float parameters (weights, biases, BatchNorm statistics) that hold a NaN or
+/// an infinity, in module order: empty for a healthy model.
+pub fn non_finite_params<B: Backend, M: Module<B>>(model: &M) -> Vec<String> {
+    let mut found = NonFinite(Vec::new());
+    model.visit(&mut found);
+    let paths = super::param_paths(model);
+    found
+        .0
+        .iter()
+        .map(|id| paths.get(id).cloned().unwrap_or_else(|| id.to_string()))
+        .collect()
+}
