@@ -554,7 +554,8 @@ fn run(args: RunArgs) -> Result<()> {
         progress: !args.quiet,
         stop_after: args.stop_after_iterations,
     };
-    let config = ast_train::prepare_run_dir(config, &opts)?;
+    // The lock on the run directory is held until this function returns.
+    let (config, _lock) = ast_train::prepare_run_dir(config, &opts)?;
     if !args.quiet {
         eprintln!(
             "run {}: {} on {} ({}), {} sub-nets, {} epochs, backend {:?}",

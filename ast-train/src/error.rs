@@ -31,6 +31,9 @@ pub enum TrainError {
         "{0} already holds a run (config.json); pass --resume to continue it or --overwrite to replace it"
     )]
     RunExists(PathBuf),
+    /// The directory holds no run.
+    #[error("{0} holds no run (no config.json); start one there with `ast-cli run --out {0}`")]
+    NoRun(PathBuf),
     /// The output directory cannot be created or written.
     #[error("cannot write to output directory {path}: {reason}")]
     Unwritable {
@@ -40,7 +43,7 @@ pub enum TrainError {
         reason: String,
     },
     /// A checkpoint is missing, unreadable or does not fit the model.
-    #[error("cannot resume from {path}: {reason}")]
+    #[error("cannot load {path}: {reason}")]
     Checkpoint {
         /// The checkpoint or run directory.
         path: PathBuf,
@@ -61,6 +64,17 @@ pub enum TrainError {
         iteration: usize,
         /// Sub-net trained.
         subnet: usize,
+    },
+    /// Another process holds the run directory.
+    #[error(
+        "{dir} is in use by {holder} (another ast-cli run, resume or overwrite); wait for it \
+         to end or choose another --out"
+    )]
+    RunLocked {
+        /// The run directory.
+        dir: PathBuf,
+        /// Who holds it: "process <PID>".
+        holder: String,
     },
     /// The model's weights or outputs stopped being finite numbers.
     #[error(

@@ -12,9 +12,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod lock;
 pub mod metrics;
 pub mod train;
 
 pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, TrainConfig};
 pub use error::{Result, TrainError};
-pub use train::{evaluate, load_data, prepare_run_dir, train, RunOptions, RunSummary};
+pub use lock::RunLock;
+pub use train::{
+    evaluate, load_data, prepare_run_dir, read_run_config, train, RunOptions, RunSummary,
+};

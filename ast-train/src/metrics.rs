@@ -49,6 +49,9 @@ pub struct SubnetMetrics {
     pub top5: f64,
 }
 
+/// The per-epoch metrics file of a run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
@@ -96,7 +99,7 @@ impl MetricsWriter {
     /// drops what the interrupted run wrote after its last checkpoint).
     pub fn open(dir: &Path, keep_before: usize) -> Result<Self> {
         let writer = Self {
-            jsonl: dir.join("metrics.jsonl"),
+            jsonl: dir.join(METRICS_FILE),
             csv: dir.join("metrics.csv"),
         };
         let kept: Vec<EpochRecord> = writer

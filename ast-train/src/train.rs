@@ -21,9 +21,10 @@ use crate::data::{
     FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader, SampleSource,
 };
 use crate::error::{Result, TrainError};
+use crate::lock::RunLock;
 use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
-    SubnetMetrics, SubnetTraining,
+    SubnetMetrics, SubnetTraining, METRICS_FILE,
 };
 
 /// Training and evaluation sources of a run.
@@ -151,53 +152,89 @@ pub struct RunSummary {
 
 const CONFIG_FILE: &str = "config.json";
 
-/// Creates (or checks) the run directory and returns the configuration to run: the given one
-/// for a new run, the saved one when resuming.
-pub fn prepare_run_dir(config: Option<TrainConfig>, opts: &RunOptions) -> Result<TrainConfig> {
-    let dir = &opts.dir;
+/// Reads and checks the configuration saved in run directory `dir`.
+pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
     let saved = dir.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&saved) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(TrainError::NoRun(dir.to_path_buf()));
+        }
+        Err(e) => return Err(TrainError::io(&saved, e)),
+    };
+    let config: TrainConfig = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: saved.clone(),
+        reason: format!("unreadable config: {e}"),
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Whether run directory `dir` holds results worth keeping: a checkpoint or metrics. A
+/// directory with only a configuration (a start that failed or was killed before its first
+/// epoch ended) holds nothing a new start could lose.
+fn holds_progress(dir: &Path) -> Result<bool> {
+    let metrics = std::fs::metadata(dir.join(METRICS_FILE)).map_or(0, |m| m.len());
+    Ok(checkpoint::latest(dir)?.is_some() || metrics > 0)
+}
+
+/// Creates (or checks) the run directory, locks it for the life of the returned [`RunLock`],
+/// and returns the configuration to run: the given one for a new run, the saved one when
+/// resuming.
+///
+/// A new run refuses a directory holding a run's progress (checkpoints or metrics) unless
+/// `overwrite`; a configuration without progress is replaced. Every file the run writes is
+/// removed before a new run starts there.
+pub fn prepare_run_dir(
+    config: Option<TrainConfig>,
+    opts: &RunOptions,
+) -> Result<(TrainConfig, RunLock)> {
+    let dir = &opts.dir;
     if opts.resume {
-        let text = std::fs::read_to_string(&saved).map_err(|e| TrainError::Checkpoint {
-            path: dir.clone(),
-            reason: format!("no run to resume ({}: {e})", saved.display()),
-        })?;
-        let config: TrainConfig =
-            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
-                path: saved.clone(),
-                reason: format!("unreadable config: {e}"),
-            })?;
-        config.validate()?;
-        return Ok(config);
+        if !dir.join(CONFIG_FILE).exists() {
+            return Err(TrainError::NoRun(dir.clone()));
+        }
+        let lock = RunLock::acquire(dir)?;
+        let config = read_run_config(dir)?;
+        if checkpoint::latest(dir)?.is_none() {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                reason: "the run has no checkpoint yet (it stopped before its first checkpoint); \
+                         start it again with --overwrite"
+                    .into(),
+            });
+        }
+        return Ok((config, lock));
     }
     let config =
         config.ok_or_else(|| TrainError::config("recipe", "a new run needs a configuration"))?;
     config.validate()?;
-    if saved.exists() && !opts.overwrite {
-        return Err(TrainError::RunExists(dir.clone()));
-    }
+    let saved = dir.join(CONFIG_FILE);
     let unwritable = |e: std::io::Error| TrainError::Unwritable {
         path: dir.clone(),
         reason: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(unwritable)?;
-    if opts.overwrite {
-        for stale in [
-            "checkpoints",
-            "metrics.jsonl",
-            "metrics.csv",
-            "events.jsonl",
-            "summary.json",
-        ] {
-            let p = dir.join(stale);
-            let removed = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            if let Err(e) = removed {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(TrainError::io(&p, e));
-                }
+    let lock = RunLock::acquire(dir)?;
+    if saved.exists() && !opts.overwrite && holds_progress(dir)? {
+        return Err(TrainError::RunExists(dir.clone()));
+    }
+    for stale in [
+        "checkpoints",
+        METRICS_FILE,
+        "metrics.csv",
+        "events.jsonl",
+        "summary.json",
+    ] {
+        let p = dir.join(stale);
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(TrainError::io(&p, e));
             }
         }
     }
@@ -206,7 +243,7 @@ pub fn prepare_run_dir(config: Option<TrainConfig>, opts: &RunOptions) -> Result
         path: dir.clone(),
         reason: e.to_string(),
     })?;
-    Ok(config)
+    Ok((config, lock))
 }
 
 fn to_tensors<B: Backend>(
@@ -545,14 +582,7 @@ where
     B: AutodiffBackend + AstBackend,
     B::InnerBackend: AstBackend,
 {
-    let config = prepare_run_dir(
-        None,
-        &RunOptions {
-            dir: run_dir.to_path_buf(),
-            resume: true,
-            ..Default::default()
-        },
-    )?;
+    let config = read_run_config(run_dir)?;
     let dir = checkpoint::latest(run_dir)?.ok_or_else(|| TrainError::Checkpoint {
         path: run_dir.to_path_buf(),
         reason: "the run has no checkpoint".into(),

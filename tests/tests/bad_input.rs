@@ -300,7 +300,7 @@ fn every_bad_input_is_one_clear_error() {
                 "--out",
                 w.join("runs/none").to_str().unwrap(),
             ],
-            "cannot resume",
+            "holds no run (no config.json)",
         ),
         with_args(
             "N:M on an indivisible layer",
@@ -375,7 +375,7 @@ fn an_existing_run_is_never_overwritten_without_consent() {
     check(&case(
         "corrupt checkpoint",
         &["run", "--resume", "--out", out.to_str().unwrap()],
-        "cannot resume from",
+        "cannot load",
     ));
 }
 
@@ -405,7 +405,7 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     check(&case(
         "non-finite loss",
         &["run", "--resume", "--out", out.to_str().unwrap()],
-        "loss became",
+        "training stopped, the last good checkpoint is kept",
     ));
     // The run stopped before its end; the checkpoint `latest` names is complete and good.
     let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
@@ -480,4 +480,33 @@ fn a_diverged_model_is_an_error_never_a_result() {
         "weights are not finite",
     ));
     assert!(!out.join("eval.json").exists());
+}
+
+#[test]
+fn a_start_that_failed_or_was_killed_before_its_first_checkpoint_can_simply_start_again() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 32, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    let run = |extra: &[&str]| {
+        let args = quick(&data, &out, extra);
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // The schedule check fails after config.json is written.
+    let failed = run(&["--densities", "0.5,0.2,0.1"]);
+    assert!(!failed.status.success());
+    assert!(out.join("config.json").exists());
+    // Killed before its first checkpoint: resume says what to do.
+    let killed = run(&["--stop-after-iterations", "1"]);
+    assert!(killed.status.success(), "{}", stderr(&killed));
+    check(&case(
+        "resume before the first checkpoint",
+        &["run", "--resume", "--out", out.to_str().unwrap()],
+        "has no checkpoint yet (it stopped before its first checkpoint); start it again with --overwrite",
+    ));
+    // Neither left "a run" behind: a plain start (no --overwrite) works.
+    let again = run(&[]);
+    assert!(again.status.success(), "{}", stderr(&again));
 }
