@@ -542,7 +542,15 @@ fn run(args: RunArgs) -> Result<()> {
         _ => bail!("--out is required (the run directory)"),
     };
     let config = if args.resume {
-        None
+        if let Some(recipe) = &args.recipe {
+            bail!("--recipe {recipe} with --resume: a resumed run keeps its own configuration");
+        }
+        // The flags given are applied to the saved configuration; the library refuses the
+        // ones a resumed run cannot change.
+        match ast_train::read_run_config(&out) {
+            Ok(saved) => Some(apply_overrides(saved, args.overrides)?),
+            Err(_) => None,
+        }
     } else {
         let recipe = args.recipe.as_deref().unwrap_or("quickstart");
         Some(apply_overrides(load_recipe(recipe)?, args.overrides)?)
@@ -555,7 +563,13 @@ fn run(args: RunArgs) -> Result<()> {
         stop_after: args.stop_after_iterations,
     };
     // The lock on the run directory is held until this function returns.
-    let (config, _lock) = ast_train::prepare_run_dir(config, &opts)?;
+    let (config, _lock) = match ast_train::prepare_run_dir(config, &opts) {
+        Err(e @ ast_train::TrainError::RunFinished { .. }) => {
+            eprintln!("{e}");
+            return Ok(());
+        }
+        prepared => prepared?,
+    };
     if !args.quiet {
         eprintln!(
             "run {}: {} on {} ({}), {} sub-nets, {} epochs, backend {:?}",

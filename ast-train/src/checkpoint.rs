@@ -124,20 +124,24 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
-/// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
-pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
-    dir: &Path,
-    model: M,
-    ast: &mut AstStep<B>,
-) -> Result<(M, TrainerState)> {
+/// Reads the trainer state of checkpoint `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     if !dir.is_dir() {
         return Err(corrupt(dir, "checkpoint directory does not exist"));
     }
     let state_file = dir.join("state.json");
     let text =
         std::fs::read_to_string(&state_file).map_err(|e| corrupt(&state_file, e.to_string()))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| corrupt(&state_file, format!("unreadable state: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| corrupt(&state_file, format!("unreadable state: {e}")))
+}
+
+/// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
+pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    model: M,
+    ast: &mut AstStep<B>,
+) -> Result<(M, TrainerState)> {
+    let state = read_state(dir)?;
 
     let model_file = dir.join("model.safetensors");
     if !model_file.is_file() {

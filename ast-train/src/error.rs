@@ -65,6 +65,17 @@ pub enum TrainError {
         /// Sub-net trained.
         subnet: usize,
     },
+    /// A resumed run has already trained all its epochs.
+    #[error(
+        "the run in {dir} has already trained its {epochs} epochs; nothing changed (extend it \
+         with --resume --epochs N)"
+    )]
+    RunFinished {
+        /// The run directory.
+        dir: PathBuf,
+        /// Epochs trained.
+        epochs: usize,
+    },
     /// Another process holds the run directory.
     #[error(
         "{dir} is in use by {holder} (another ast-cli run, resume or overwrite); wait for it \

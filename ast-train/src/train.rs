@@ -170,6 +170,84 @@ pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
     Ok(config)
 }
 
+/// The settings a resumed run may change: they move neither the data order nor any result
+/// already computed (`epochs` extends the LR and prune-rate schedules from the resumed epoch).
+const RESUMABLE_CHANGES: [&str; 3] = ["epochs", "data.path", "data_threads"];
+
+/// The configuration of a resumed run when the user also gave settings: those in
+/// [`RESUMABLE_CHANGES`] are applied ([`train`] records them in config.json once the
+/// checkpoint has loaded), any other difference from the saved configuration is an error
+/// listing them.
+fn resume_config(saved: &TrainConfig, requested: TrainConfig, done: usize) -> Result<TrainConfig> {
+    let leaves = |c: &TrainConfig| {
+        let mut out = Vec::new();
+        flatten_json(
+            "",
+            &serde_json::to_value(c).expect("config serialises"),
+            &mut out,
+        );
+        out
+    };
+    let (old, new) = (leaves(saved), leaves(&requested));
+    let changed: Vec<String> = new
+        .iter()
+        .filter(|(key, value)| old.iter().find(|(k, _)| k == key).map(|(_, v)| v) != Some(value))
+        .map(|(key, _)| key.clone())
+        .chain(
+            old.iter()
+                .filter(|(key, _)| !new.iter().any(|(k, _)| k == key))
+                .map(|(key, _)| key.clone()),
+        )
+        .collect();
+    let refused: Vec<&String> = changed
+        .iter()
+        .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
+        .collect();
+    if !refused.is_empty() {
+        let keys: Vec<&str> = refused.iter().map(|k| k.as_str()).collect();
+        return Err(TrainError::config(
+            "resume",
+            format!(
+                "cannot change {} of a run being resumed (only {} can change); start a new run \
+                 (another --out, or --overwrite) to change them",
+                keys.join(", "),
+                RESUMABLE_CHANGES.join(", ")
+            ),
+        ));
+    }
+    if requested.epochs < done {
+        return Err(TrainError::config(
+            "epochs",
+            format!(
+                "{} is below the {done} epochs the run has already trained",
+                requested.epochs
+            ),
+        ));
+    }
+    Ok(requested)
+}
+
+/// Every leaf of a JSON value with its dotted path (arrays are leaves).
+fn flatten_json(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, serde_json::Value)>,
+) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_json(&key, v, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.clone())),
+    }
+}
+
 /// Whether run directory `dir` holds results worth keeping: a checkpoint or metrics. A
 /// directory with only a configuration (a start that failed or was killed before its first
 /// epoch ended) holds nothing a new start could lose.
@@ -195,13 +273,24 @@ pub fn prepare_run_dir(
             return Err(TrainError::NoRun(dir.clone()));
         }
         let lock = RunLock::acquire(dir)?;
-        let config = read_run_config(dir)?;
-        if checkpoint::latest(dir)?.is_none() {
+        let saved = read_run_config(dir)?;
+        let Some(latest) = checkpoint::latest(dir)? else {
             return Err(TrainError::Checkpoint {
                 path: dir.clone(),
                 reason: "the run has no checkpoint yet (it stopped before its first checkpoint); \
                          start it again with --overwrite"
                     .into(),
+            });
+        };
+        let done = checkpoint::read_state(&latest)?.next_epoch;
+        let config = match config {
+            Some(requested) => resume_config(&saved, requested, done)?,
+            None => saved,
+        };
+        if done >= config.epochs {
+            return Err(TrainError::RunFinished {
+                dir: dir.clone(),
+                epochs: done,
             });
         }
         return Ok((config, lock));
@@ -411,8 +500,24 @@ where
             reason: "the run has no checkpoint yet".into(),
         })?;
         let (loaded, saved) = checkpoint::load(&dir, model, &mut ast)?;
+        if saved.iteration != saved.next_epoch * steps_per_epoch {
+            return Err(TrainError::Checkpoint {
+                path: dir,
+                reason: format!(
+                    "it was taken at iteration {} after {} epochs, but the configuration gives \
+                     {steps_per_epoch} iterations per epoch: batch_size, train_subset or the \
+                     data changed in config.json since",
+                    saved.iteration, saved.next_epoch
+                ),
+            });
+        }
         model = loaded;
         state = saved;
+        // Changes the resume was allowed to make (e.g. more epochs) become the run's own.
+        if read_run_config(&opts.dir)? != config {
+            let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+            write_atomic(&opts.dir.join(CONFIG_FILE), &json)?;
+        }
     }
     let metrics = MetricsWriter::open(&opts.dir, state.next_epoch)?;
     let events = EventsWriter::open(&opts.dir, state.iteration)?;

@@ -369,14 +369,23 @@ fn an_existing_run_is_never_overwritten_without_consent() {
         model
     );
 
-    // A corrupt checkpoint is refused on resume, and named.
+    // A corrupt checkpoint is refused on resume (extending the finished run), and named; the
+    // extension is not recorded.
     let ckpt = out.join("checkpoints/epoch-0001/model.safetensors");
     std::fs::write(&ckpt, b"garbage").unwrap();
     check(&case(
         "corrupt checkpoint",
-        &["run", "--resume", "--out", out.to_str().unwrap()],
+        &[
+            "run",
+            "--resume",
+            "--out",
+            out.to_str().unwrap(),
+            "--epochs",
+            "2",
+        ],
         "cannot load",
     ));
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), config);
 }
 
 #[test]
@@ -509,4 +518,69 @@ fn a_start_that_failed_or_was_killed_before_its_first_checkpoint_can_simply_star
     // Neither left "a run" behind: a plain start (no --overwrite) works.
     let again = run(&[]);
     assert!(again.status.success(), "{}", stderr(&again));
+}
+
+#[test]
+fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_alone() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 32, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    let args = quick(&data, &out, &[]);
+    let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let snapshot = |name: &str| std::fs::read(out.join(name)).unwrap();
+    let files = [
+        "config.json",
+        "summary.json",
+        "metrics.jsonl",
+        "metrics.csv",
+    ];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| snapshot(f)).collect();
+    let o = out.to_str().unwrap();
+
+    // A finished run: says so, exits 0, changes nothing.
+    let again = cli(&["run", "--resume", "--quiet", "--out", o]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stderr(&again).contains("has already trained its 1 epochs; nothing changed"));
+    // Settings a resumed run cannot change are refused, listed by name.
+    check(&case(
+        "resume with another lr and model",
+        &[
+            "run", "--resume", "--out", o, "--lr", "0.5", "--model", "resnet20",
+        ],
+        "cannot change lr, model of a run being resumed",
+    ));
+    check(&case(
+        "resume with a recipe",
+        &["run", "--resume", "--out", o, "--recipe", "quickstart"],
+        "a resumed run keeps its own configuration",
+    ));
+    let after: Vec<Vec<u8>> = files.iter().map(|f| snapshot(f)).collect();
+    assert_eq!(before, after, "a refused or empty resume changed the run");
+
+    // config.json edited by hand so that the checkpoint no longer fits its iteration count.
+    let config = out.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    value["batch_size"] = serde_json::json!(8);
+    value["epochs"] = serde_json::json!(2);
+    std::fs::write(&config, serde_json::to_vec(&value).unwrap()).unwrap();
+    check(&case(
+        "edited batch size",
+        &["run", "--resume", "--out", o],
+        "gives 4 iterations per epoch: batch_size, train_subset or the data changed",
+    ));
+    std::fs::write(&config, &before[0]).unwrap();
+
+    // --epochs extends the run and is recorded.
+    let extended = cli(&["run", "--resume", "--quiet", "--out", o, "--epochs", "2"]);
+    assert!(extended.status.success(), "{}", stderr(&extended));
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert_eq!(value["epochs"], 2);
+    let records = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 2, "{records}");
 }
