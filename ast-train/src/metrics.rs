@@ -102,19 +102,22 @@ impl MetricsWriter {
             jsonl: dir.join(METRICS_FILE),
             csv: dir.join("metrics.csv"),
         };
-        let kept: Vec<EpochRecord> = writer
-            .read()?
-            .into_iter()
-            .filter(|r| r.epoch < keep_before)
-            .collect();
-        let mut jsonl = String::new();
-        let mut csv = String::from(CSV_HEADER);
-        for r in &kept {
-            jsonl.push_str(&json_line(r));
-            csv.push_str(&csv_lines(r));
+        // Kept lines are kept byte for byte: re-serialising them would not round-trip every
+        // float exactly, and a resumed run must equal an uninterrupted one.
+        keep_json_lines(&writer.jsonl, "epoch", keep_before)?;
+        let csv = match std::fs::read_to_string(&writer.csv) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(TrainError::io(&writer.csv, e)),
+        };
+        let mut kept = String::from(CSV_HEADER);
+        for line in csv.split_inclusive('\n').skip(1) {
+            let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
+            if line.ends_with('\n') && epoch.is_some_and(|e| e < keep_before) {
+                kept.push_str(line);
+            }
         }
-        write_atomic(&writer.jsonl, jsonl.as_bytes())?;
-        write_atomic(&writer.csv, csv.as_bytes())?;
+        write_atomic(&writer.csv, kept.as_bytes())?;
         Ok(writer)
     }
 
@@ -161,24 +164,7 @@ impl EventsWriter {
     /// run drops what the interrupted run wrote after its last checkpoint).
     pub fn open(dir: &Path, keep_before: usize) -> Result<Self> {
         let path = dir.join("events.jsonl");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(TrainError::io(&path, e)),
-        };
-        let mut kept = String::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| TrainError::io(&path, e))?;
-            let iteration = v["iteration"].as_u64().ok_or_else(|| {
-                TrainError::io(&path, std::io::Error::other("an event without `iteration`"))
-            })?;
-            if (iteration as usize) < keep_before {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-        }
-        write_atomic(&path, kept.as_bytes())?;
+        keep_json_lines(&path, "iteration", keep_before)?;
         Ok(Self { path })
     }
 
@@ -188,6 +174,50 @@ impl EventsWriter {
         line.push('\n');
         append(&self.path, &line)
     }
+}
+
+/// Keeps, byte for byte, the lines of the JSON-lines file `path` whose integer field `key` is
+/// below `keep_before`. A torn last line (a write cut short by a kill) is dropped with a
+/// warning; an unreadable line before it is an error naming its number.
+fn keep_json_lines(path: &Path, key: &str, keep_before: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::io(path, e)),
+    };
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut kept = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .filter(|_| line.ends_with('\n'))
+            .and_then(|v| v[key].as_u64());
+        match value {
+            Some(v) => {
+                if (v as usize) < keep_before {
+                    kept.push_str(line);
+                }
+            }
+            None if i + 1 == lines.len() => eprintln!(
+                "warning: {}: dropped its torn last line {} (a write cut short)",
+                path.display(),
+                i + 1
+            ),
+            None => {
+                return Err(TrainError::io(
+                    path,
+                    std::io::Error::other(format!(
+                        "line {} is not a record with `{key}`; fix or remove that line",
+                        i + 1
+                    )),
+                ))
+            }
+        }
+    }
+    write_atomic(path, kept.as_bytes())
 }
 
 fn json_line(r: &EpochRecord) -> String {
@@ -367,5 +397,20 @@ mod tests {
         let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
         assert_eq!(csv.lines().count(), 3, "{csv}");
         assert!(csv.starts_with("epoch,lr,train_loss"));
+    }
+
+    #[test]
+    fn resuming_keeps_lines_byte_for_byte_and_drops_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        // 0.1 + 0.2 has 17 significant digits; a parse-and-rewrite could change its last one.
+        let kept = "{\"epoch\":0,\"x\":0.30000000000000004,\"y\":1e-7}\n{\"epoch\":1}\n";
+        std::fs::write(&path, format!("{kept}{{\"epoch\":2}}\n{{\"epo")).unwrap();
+        keep_json_lines(&path, "epoch", 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+        // A broken line that is not the last is an error naming it.
+        std::fs::write(&path, "{\"epoch\":0}\nnot json\n{\"epoch\":1}\n").unwrap();
+        let err = keep_json_lines(&path, "epoch", 2).unwrap_err().to_string();
+        assert!(err.contains("line 2 is not a record"), "{err}");
     }
 }
