@@ -4,15 +4,19 @@
 //! - `model.safetensors` (burn-store): weights, every sub-net's masks, every BatchNorm copy with
 //!   its running statistics;
 //! - `optimizer.safetensors`: the shared optimizer's state keyed by parameter path (SGD:
-//!   `velocity/…`; Adam/AdamW: `moment_1/…`, `moment_2/…` and each step count in the metadata
-//!   as `time/…`) and the gradient-correction references;
+//!   `velocity/…`; Adam/AdamW: `moment_1/…`, `moment_2/…` and each step count as a one-element
+//!   u64 tensor `time/…`) and the gradient-correction references;
 //! - `state.json`: the next epoch, the global iteration (which fixes the sub-net, the mask and LR
-//!   schedules and the data order), the best accuracy so far.
+//!   schedules and the data order), the best accuracy so far, and the SHA-256 of both tensor
+//!   files, verified on load.
+//!
+//! Both tensor files are written without header metadata, so that a checkpoint's bytes (and
+//! their checksums) depend on its content only.
 //!
 //! It is written into a temporary directory and renamed into place, then `checkpoints/latest`
 //! is replaced atomically: a crash leaves the previous checkpoint intact.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ast_core::optimizer::ParamState;
@@ -40,7 +44,16 @@ pub struct TrainerState {
     pub iteration: usize,
     /// Best top-1 so far of the sparsest sub-net.
     pub best_sparsest_top1: f64,
+    /// SHA-256 (hex) of each tensor file of the checkpoint, by file name (checkpoints written
+    /// before checksums were kept have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sha256: BTreeMap<String, String>,
 }
+
+/// The weights, masks and BatchNorms of a checkpoint.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The optimizer state and correction references of a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
@@ -63,15 +76,22 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
 
     sync_running_stats(model);
-    let model_file = tmp.join("model.safetensors");
-    let mut store = SafetensorsStore::from_file(&model_file);
+    let model_file = tmp.join(MODEL_FILE);
+    // burn-store's default metadata is a hash map: its order, hence the file's bytes, would
+    // change from process to process.
+    let mut store = SafetensorsStore::from_file(&model_file).clear_metadata();
     model
         .save_into(&mut store)
         .map_err(|e| TrainError::io(&model_file, e))?;
-    let optimizer_file = tmp.join("optimizer.safetensors");
+    let optimizer_file = tmp.join(OPTIMIZER_FILE);
     let (tensors, times) = optimizer_tensors(model, ast);
     write_tensors(&optimizer_file, tensors, times)?;
-    let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
+    let mut state = state.clone();
+    state.sha256 = [MODEL_FILE, OPTIMIZER_FILE]
+        .iter()
+        .map(|f| Ok((f.to_string(), sha256_of(&tmp.join(f))?)))
+        .collect::<Result<_>>()?;
+    let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
     write_atomic(&tmp.join("state.json"), &state_json)?;
     sync_file(&model_file)?;
 
@@ -142,8 +162,9 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
     ast: &mut AstStep<B>,
 ) -> Result<(M, TrainerState)> {
     let state = read_state(dir)?;
+    verify_checksums(dir, &state)?;
 
-    let model_file = dir.join("model.safetensors");
+    let model_file = dir.join(MODEL_FILE);
     if !model_file.is_file() {
         return Err(corrupt(&model_file, "file is missing"));
     }
@@ -168,16 +189,12 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
         ));
     }
 
-    let optimizer_file = dir.join("optimizer.safetensors");
+    let optimizer_file = dir.join(OPTIMIZER_FILE);
     let bytes =
         std::fs::read(&optimizer_file).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
     let tensors =
         SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
-    let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&optimizer_file, e.to_string()))?;
-    let times = header.metadata().clone().unwrap_or_default();
-    restore_optimizer(&model, ast, &tensors, &times)
-        .map_err(|reason| corrupt(&optimizer_file, reason))?;
+    restore_optimizer(&model, ast, &tensors).map_err(|reason| corrupt(&optimizer_file, reason))?;
     ast.set_iteration(state.iteration);
     Ok((model, state))
 }
@@ -191,10 +208,10 @@ fn host(t: Tensor<impl Backend, 1>) -> Vec<f32> {
 fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     ast: &AstStep<B>,
-) -> (Named, HashMap<String, String>) {
+) -> (Named, Vec<(String, u64)>) {
     let paths = param_paths(model);
     let mut out: Named = Vec::new();
-    let mut times = HashMap::new();
+    let mut times = Vec::new();
     let optimizer = ast.optimizer();
     for id in optimizer.state_ids() {
         let (Some(path), Some(state)) = (paths.get(&id), optimizer.state(id)) else {
@@ -211,7 +228,7 @@ fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
             } => {
                 out.push((format!("moment_1/{path}"), host(moment_1.clone())));
                 out.push((format!("moment_2/{path}"), host(moment_2.clone())));
-                times.insert(format!("time/{path}"), time.to_string());
+                times.push((format!("time/{path}"), *time as u64));
             }
         }
     }
@@ -232,33 +249,59 @@ fn optimizer_tensors<B: AutodiffBackend, M: AutodiffModule<B>>(
     (out, times)
 }
 
-fn write_tensors(path: &Path, tensors: Named, metadata: HashMap<String, String>) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+fn write_tensors(path: &Path, tensors: Named, counts: Vec<(String, u64)>) -> Result<()> {
+    let floats = tensors.into_iter().map(|(name, v)| {
+        let n = v.len();
+        let bytes = v.into_iter().flat_map(f32::to_le_bytes).collect();
+        (name, Dtype::F32, bytes, n)
+    });
+    let counts = counts
         .into_iter()
-        .map(|(name, v)| {
-            let n = v.len();
-            (name, v.into_iter().flat_map(f32::to_le_bytes).collect(), n)
-        })
-        .collect();
+        .map(|(name, c)| (name, Dtype::U64, c.to_le_bytes().to_vec(), 1));
+    let bytes: Vec<(String, Dtype, Vec<u8>, usize)> = floats.chain(counts).collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(name, b, n)| {
+        .map(|(name, dtype, b, n)| {
             (
                 name.clone(),
-                TensorView::new(Dtype::F32, vec![*n], b).expect("consistent view"),
+                TensorView::new(*dtype, vec![*n], b).expect("consistent view"),
             )
         })
         .collect();
-    let metadata = (!metadata.is_empty()).then_some(metadata);
-    let data = safetensors::serialize(views, metadata).map_err(|e| TrainError::io(path, e))?;
+    let data = safetensors::serialize(views, None).map_err(|e| TrainError::io(path, e))?;
     write_atomic(path, &data)
+}
+
+/// The SHA-256 of a file, in hex.
+fn sha256_of(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks the files of checkpoint `dir` against the checksums its state recorded.
+fn verify_checksums(dir: &Path, state: &TrainerState) -> Result<()> {
+    for (file, expected) in &state.sha256 {
+        let path = dir.join(file);
+        if !path.is_file() {
+            return Err(corrupt(&path, "file is missing"));
+        }
+        if sha256_of(&path)? != *expected {
+            return Err(corrupt(
+                &path,
+                "its SHA-256 differs from the one state.json recorded: the file was changed \
+                 or damaged after it was written; restore it, or start the run again",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     ast: &mut AstStep<B>,
     tensors: &SafeTensors<'_>,
-    times: &HashMap<String, String>,
 ) -> core::result::Result<(), String> {
     let ids: HashMap<String, ParamId> = param_paths(model)
         .into_iter()
@@ -273,7 +316,18 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
     let device = model.devices().into_iter().next().unwrap_or_default();
     type Moments<IB> = (Option<Tensor<IB, 1>>, Option<Tensor<IB, 1>>);
     let mut moments: HashMap<String, Moments<B::InnerBackend>> = HashMap::new();
+    let mut times: HashMap<String, usize> = HashMap::new();
     for (name, view) in tensors.tensors() {
+        if let Some(path) = name.strip_prefix("time/") {
+            let bytes: [u8; 8] = view
+                .data()
+                .try_into()
+                .ok()
+                .filter(|_| view.dtype() == Dtype::U64)
+                .ok_or_else(|| format!("tensor `{name}` is not one u64"))?;
+            times.insert(path.to_string(), u64::from_le_bytes(bytes) as usize);
+            continue;
+        }
         if view.dtype() != Dtype::F32 || view.shape().len() != 1 {
             return Err(format!("tensor `{name}` is not a flat f32 tensor"));
         }
@@ -324,9 +378,8 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
                 "Adam state of `{path}` lacks one of its two moments"
             ));
         };
-        let time = times
-            .get(&format!("time/{path}"))
-            .and_then(|t| t.parse().ok())
+        let time = *times
+            .get(&path)
             .ok_or_else(|| format!("Adam state of `{path}` lacks its step count"))?;
         let state = ParamState::Adam {
             time,

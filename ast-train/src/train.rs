@@ -493,6 +493,7 @@ where
         next_epoch: 0,
         iteration: 0,
         best_sparsest_top1: 0.0,
+        sha256: Default::default(),
     };
     if opts.resume {
         let dir = checkpoint::latest(&opts.dir)?.ok_or_else(|| TrainError::Checkpoint {

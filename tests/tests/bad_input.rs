@@ -482,7 +482,25 @@ fn a_diverged_model_is_an_error_never_a_result() {
             )
         })
         .collect();
-    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let written = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&file, &written).unwrap();
+    // Flipped bytes are caught by the checksum first...
+    check(&case(
+        "changed checkpoint",
+        &["eval", "--run", out.to_str().unwrap()],
+        "its SHA-256 differs from the one state.json recorded",
+    ));
+    // ...and weights diverged before they were written are refused as such.
+    let state_file = file.with_file_name("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&written)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state["sha256"]["model.safetensors"] = serde_json::json!(digest);
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
     check(&case(
         "eval of NaN weights",
         &["eval", "--run", out.to_str().unwrap()],

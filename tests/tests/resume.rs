@@ -63,11 +63,13 @@ fn metrics_without_time(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The metadata map of a safetensors file (Adam's step counts live there).
-fn metadata(path: &Path) -> std::collections::HashMap<String, String> {
-    let bytes = std::fs::read(path).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    header.metadata().clone().unwrap_or_default()
+/// The step counts of Adam's state (`time/<path>` u64 tensors) in an optimizer file.
+fn step_counts(path: &Path) -> Vec<u64> {
+    tensors(path)
+        .into_iter()
+        .filter(|(name, _, _)| name.starts_with("time/"))
+        .map(|(_, _, bytes)| u64::from_le_bytes(bytes.try_into().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -88,14 +90,12 @@ fn adamw_in_the_active_scope_resumes_exactly() {
         "active",
     ]);
     // 18 iterations: the stem is trained at every one of them.
-    assert!(times.values().any(|t| t == "18"), "{times:?}");
+    assert!(times.contains(&18), "{times:?}");
 }
 
 /// Runs 3 epochs uninterrupted and killed at iteration 9 then resumed; returns the step counts
 /// in the last optimizer checkpoint.
-fn killed_and_resumed_equals_uninterrupted(
-    extra: &[&str],
-) -> std::collections::HashMap<String, String> {
+fn killed_and_resumed_equals_uninterrupted(extra: &[&str]) -> Vec<u64> {
     let data = tempfile::tempdir().unwrap();
     write_idx(data.path(), "train", 96, 28);
     write_idx(data.path(), "t10k", 40, 28);
@@ -123,10 +123,10 @@ fn killed_and_resumed_equals_uninterrupted(
         killed.join("checkpoints/epoch-0003"),
     );
     for file in ["model.safetensors", "optimizer.safetensors"] {
-        // Compare tensors (names, shapes, bytes); the header's metadata map has no fixed order.
-        assert_eq!(
-            tensors(&a.join(file)),
-            tensors(&b.join(file)),
+        assert!(!tensors(&a.join(file)).is_empty());
+        // Whole files, headers included: checkpoints are byte-deterministic.
+        assert!(
+            std::fs::read(a.join(file)).unwrap() == std::fs::read(b.join(file)).unwrap(),
             "{file} differs"
         );
     }
@@ -139,7 +139,5 @@ fn killed_and_resumed_equals_uninterrupted(
     let events = |dir: &Path| std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
     assert!(events(&full).lines().count() >= 4, "{}", events(&full));
     assert_eq!(events(&full), events(&killed));
-    let times = metadata(&a.join("optimizer.safetensors"));
-    assert_eq!(times, metadata(&b.join("optimizer.safetensors")));
-    times
+    step_counts(&a.join("optimizer.safetensors"))
 }
