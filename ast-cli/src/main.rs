@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ast_core::{CorrectionKind, CorrectionMode, OptimizerKind, SubnetTarget, UpdateScope};
@@ -119,6 +121,9 @@ struct RunArgs {
     /// Stop abruptly after this many iterations, writing nothing more (tests a kill).
     #[arg(long, hide = true)]
     stop_after_iterations: Option<usize>,
+    /// Stop gracefully (as on SIGINT) after this many iterations (tests).
+    #[arg(long, hide = true)]
+    stop_gracefully_after: Option<usize>,
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -221,6 +226,9 @@ struct Overrides {
     /// Checkpoint every N epochs.
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Also checkpoint mid-epoch every N minutes (long epochs).
+    #[arg(long)]
+    checkpoint_every_minutes: Option<u64>,
     /// Threads preparing batches.
     #[arg(long)]
     data_threads: Option<usize>,
@@ -523,6 +531,10 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
         c.ast.seed = v;
     }
     set(&mut c.checkpoint_every, o.checkpoint_every);
+    set(
+        &mut c.checkpoint_every_minutes,
+        o.checkpoint_every_minutes.map(Some),
+    );
     set(&mut c.data_threads, o.data_threads.map(Some));
     set(&mut c.bn_recalibration_batches, o.bn_recalibration_batches);
     Ok(c)
@@ -561,6 +573,8 @@ fn run(args: RunArgs) -> Result<()> {
         overwrite: args.overwrite,
         progress: !args.quiet,
         stop_after: args.stop_after_iterations,
+        stop: Some(graceful_stop()?),
+        stop_gracefully_after: args.stop_gracefully_after,
     };
     // The lock on the run directory is held until this function returns.
     let (config, _lock) = match ast_train::prepare_run_dir(config, &opts) {
@@ -596,6 +610,20 @@ fn run(args: RunArgs) -> Result<()> {
     report::print_summary(&summary);
     println!("run directory: {}", opts.dir.display());
     Ok(())
+}
+
+/// The flag SIGINT and SIGTERM raise: the run finishes its iteration, checkpoints and stops.
+/// A second signal, with the flag already raised, exits at once (status 130).
+fn graceful_stop() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so that it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, flag.clone())
+            .context("cannot install the signal handler")?;
+        signal_hook::flag::register(signal, flag.clone())
+            .context("cannot install the signal handler")?;
+    }
+    Ok(flag)
 }
 
 fn main() -> ExitCode {

@@ -48,6 +48,19 @@ pub struct TrainerState {
     /// before checksums were kept have none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sha256: BTreeMap<String, String>,
+    /// A mid-epoch checkpoint's running sums of its epoch (`None` at an epoch's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// The training figures of an epoch interrupted by a mid-epoch checkpoint, so that the resumed
+/// epoch reports what an uninterrupted one would.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Sum of the training losses so far.
+    pub loss_sum: f64,
+    /// Per sub-net: summed loss, correct predictions, samples, iterations.
+    pub per_subnet: Vec<(f64, usize, usize, usize)>,
 }
 
 /// The weights, masks and BatchNorms of a checkpoint.
@@ -68,7 +81,11 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
-    let name = format!("epoch-{:04}", state.next_epoch);
+    let name = match state.partial {
+        None => format!("epoch-{:04}", state.next_epoch),
+        // Sorts after the previous epoch's end and before this epoch's.
+        Some(_) => format!("epoch-{:04}-iter-{:09}", state.next_epoch, state.iteration),
+    };
     let tmp = root.join(format!(".tmp-{name}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;

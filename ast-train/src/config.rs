@@ -163,6 +163,10 @@ pub struct TrainConfig {
     /// Write a checkpoint every this many epochs (and always after the last).
     #[serde(default = "default_every")]
     pub checkpoint_every: usize,
+    /// Also write a mid-epoch checkpoint when this many minutes have passed since the last
+    /// checkpoint (long epochs: ImageNet's take hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every_minutes: Option<u64>,
     /// Threads preparing batches (default: all cores).
     #[serde(default)]
     pub data_threads: Option<usize>,
@@ -200,6 +204,12 @@ impl TrainConfig {
         }
         if self.checkpoint_every == 0 {
             return Err(TrainError::config("checkpoint_every", "must be ≥ 1"));
+        }
+        if self.checkpoint_every_minutes == Some(0) {
+            return Err(TrainError::config(
+                "checkpoint_every_minutes",
+                "must be ≥ 1",
+            ));
         }
         if let LrSchedule::Step { gamma, .. } = &self.lr_schedule {
             if !(gamma.is_finite() && *gamma > 0.0) {

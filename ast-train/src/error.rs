@@ -65,6 +65,19 @@ pub enum TrainError {
         /// Sub-net trained.
         subnet: usize,
     },
+    /// The run was asked to stop (SIGINT/SIGTERM) and wrote a checkpoint.
+    #[error(
+        "stopped at iteration {iteration}, checkpoint {checkpoint} written; resume with \
+         `ast-cli run --resume --out {dir}`"
+    )]
+    Stopped {
+        /// Global iterations done.
+        iteration: usize,
+        /// The checkpoint written.
+        checkpoint: PathBuf,
+        /// The run directory.
+        dir: PathBuf,
+    },
     /// A resumed run has already trained all its epochs.
     #[error(
         "the run in {dir} has already trained its {epochs} epochs; nothing changed (extend it \

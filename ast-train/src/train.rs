@@ -1,6 +1,7 @@
 //! The alternating training loop, evaluation of every sub-net, and the run directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, PartialEpoch, TrainerState};
 use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
@@ -131,6 +132,11 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop abruptly after this many global iterations, writing nothing more (as a kill would).
     pub stop_after: Option<usize>,
+    /// Graceful stop: once set (e.g. by a SIGINT handler), the run finishes its iteration,
+    /// writes a mid-epoch checkpoint and returns [`TrainError::Stopped`].
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Raise the graceful stop by itself after this many global iterations (tests).
+    pub stop_gracefully_after: Option<usize>,
 }
 
 /// The final state of every sub-net.
@@ -172,7 +178,12 @@ pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
 
 /// The settings a resumed run may change: they move neither the data order nor any result
 /// already computed (`epochs` extends the LR and prune-rate schedules from the resumed epoch).
-const RESUMABLE_CHANGES: [&str; 3] = ["epochs", "data.path", "data_threads"];
+const RESUMABLE_CHANGES: [&str; 4] = [
+    "epochs",
+    "data.path",
+    "data_threads",
+    "checkpoint_every_minutes",
+];
 
 /// The configuration of a resumed run when the user also gave settings: those in
 /// [`RESUMABLE_CHANGES`] are applied ([`train`] records them in config.json once the
@@ -494,6 +505,7 @@ where
         iteration: 0,
         best_sparsest_top1: 0.0,
         sha256: Default::default(),
+        partial: None,
     };
     if opts.resume {
         let dir = checkpoint::latest(&opts.dir)?.ok_or_else(|| TrainError::Checkpoint {
@@ -501,7 +513,12 @@ where
             reason: "the run has no checkpoint yet".into(),
         })?;
         let (loaded, saved) = checkpoint::load(&dir, model, &mut ast)?;
-        if saved.iteration != saved.next_epoch * steps_per_epoch {
+        let start = saved.next_epoch * steps_per_epoch;
+        let mid_epoch = saved.iteration != start;
+        if saved.iteration < start
+            || saved.iteration >= start + steps_per_epoch
+            || mid_epoch != saved.partial.is_some()
+        {
             return Err(TrainError::Checkpoint {
                 path: dir,
                 reason: format!(
@@ -529,15 +546,22 @@ where
     let loss_fn = loss_fn.init(device);
     let sparsest = sparsest(&config.ast.subnets);
     let mut last_eval = Vec::new();
+    let mut last_checkpoint = Instant::now();
 
     for epoch in state.next_epoch..config.epochs {
         let epoch_start = Instant::now();
         let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
         let first = state.iteration - epoch * steps_per_epoch;
         let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, opts.progress);
-        let mut loss_sum = 0.0f64;
-        // Per sub-net: summed loss, correct predictions, samples, iterations.
-        let mut per_subnet = vec![(0.0f64, 0usize, 0usize, 0usize); config.ast.subnets.len()];
+        // Per sub-net: summed loss, correct predictions, samples, iterations; a mid-epoch
+        // checkpoint carries the sums of its epoch so far.
+        let PartialEpoch {
+            mut loss_sum,
+            mut per_subnet,
+        } = state.partial.take().unwrap_or_else(|| PartialEpoch {
+            loss_sum: 0.0,
+            per_subnet: vec![(0.0, 0, 0, 0); config.ast.subnets.len()],
+        });
         for (i, batch) in train_loader.epoch(epoch, first).enumerate() {
             let t = ast.iteration();
             if opts.stop_after == Some(t) {
@@ -599,6 +623,34 @@ where
                 })?;
             }
             progress.update(first + i + 1, value);
+            let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+                || opts.stop_gracefully_after == Some(t + 1);
+            let due = config
+                .checkpoint_every_minutes
+                .is_some_and(|m| last_checkpoint.elapsed().as_secs() >= m * 60);
+            let last = first + i + 1 == steps_per_epoch;
+            if (stop || due) && !last {
+                let partial = PartialEpoch {
+                    loss_sum,
+                    per_subnet: per_subnet.clone(),
+                };
+                let mid = TrainerState {
+                    next_epoch: epoch,
+                    iteration: ast.iteration(),
+                    partial: Some(partial),
+                    ..state.clone()
+                };
+                check_finite(&model, epoch)?;
+                let saved = checkpoint::save(&opts.dir, &model, &ast, &mid)?;
+                last_checkpoint = Instant::now();
+                if stop {
+                    return Err(TrainError::Stopped {
+                        iteration: ast.iteration(),
+                        checkpoint: saved,
+                        dir: opts.dir.clone(),
+                    });
+                }
+            }
         }
         state.iteration = ast.iteration();
         if config.bn_recalibration_batches > 0 {
@@ -613,14 +665,7 @@ where
         let eval_model = model.valid();
         last_eval = evaluate(&eval_model, &test_loader, device)?;
         // A checkpoint or a result of a diverged model is worth nothing: stop before writing.
-        let broken = non_finite_params(&model);
-        if let Some(first) = broken.first() {
-            let what = match broken.len() {
-                1 => format!("weights of `{first}` are"),
-                n => format!("weights of {n} parameters (first `{first}`) are"),
-            };
-            return Err(TrainError::NonFiniteModel { epoch, what });
-        }
+        check_finite(&model, epoch)?;
         if let Some(m) = last_eval.iter().find(|m| !m.loss.is_finite()) {
             let what = format!("sub-net {}'s test loss ({}) is", m.subnet, m.loss);
             return Err(TrainError::NonFiniteModel { epoch, what });
@@ -630,7 +675,7 @@ where
         metrics.append(&EpochRecord {
             epoch,
             lr,
-            train_loss: loss_sum / (steps_per_epoch - first).max(1) as f64,
+            train_loss: loss_sum / per_subnet.iter().map(|s| s.3).sum::<usize>().max(1) as f64,
             seconds: epoch_start.elapsed().as_secs_f64(),
             subnets: last_eval.clone(),
             best_sparsest_top1: state.best_sparsest_top1,
@@ -661,8 +706,20 @@ where
                 );
             }
         }
-        if state.next_epoch % config.checkpoint_every == 0 || state.next_epoch == config.epochs {
-            checkpoint::save(&opts.dir, &model, &ast, &state)?;
+        let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        if state.next_epoch % config.checkpoint_every == 0
+            || state.next_epoch == config.epochs
+            || stop
+        {
+            let saved = checkpoint::save(&opts.dir, &model, &ast, &state)?;
+            last_checkpoint = Instant::now();
+            if stop && state.next_epoch < config.epochs {
+                return Err(TrainError::Stopped {
+                    iteration: ast.iteration(),
+                    checkpoint: saved,
+                    dir: opts.dir.clone(),
+                });
+            }
         }
     }
 
@@ -677,6 +734,21 @@ where
     let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
     write_atomic(&opts.dir.join("summary.json"), &json)?;
     Ok(summary)
+}
+
+/// Errors when any parameter of `model` holds a NaN or an infinity.
+fn check_finite<M: Module<B>, B: Backend>(model: &M, epoch: usize) -> Result<()> {
+    let broken = non_finite_params(model);
+    match broken.first() {
+        None => Ok(()),
+        Some(first) => {
+            let what = match broken.len() {
+                1 => format!("weights of `{first}` are"),
+                n => format!("weights of {n} parameters (first `{first}`) are"),
+            };
+            Err(TrainError::NonFiniteModel { epoch, what })
+        }
+    }
 }
 
 /// Loads the model of a finished or interrupted run from its last checkpoint.

@@ -78,6 +78,13 @@ fn killed_mid_epoch_and_resumed_equals_uninterrupted() {
 }
 
 #[test]
+fn stopped_gracefully_mid_epoch_and_resumed_equals_uninterrupted() {
+    // As a SIGINT would: the run finishes iteration 9 (mid-epoch), writes a mid-epoch
+    // checkpoint with its epoch's running sums, and exits non-zero saying how to resume.
+    killed_and_resumed_equals_uninterrupted(&["--stop-gracefully-after", "9"]);
+}
+
+#[test]
 fn adamw_in_the_active_scope_resumes_exactly() {
     let times = killed_and_resumed_equals_uninterrupted(&[
         "--optimizer",
@@ -102,12 +109,33 @@ fn killed_and_resumed_equals_uninterrupted(extra: &[&str]) -> Vec<u64> {
     let work = tempfile::tempdir().unwrap();
     let (full, killed) = (work.path().join("full"), work.path().join("killed"));
 
-    let output = run(data.path(), &full, extra);
+    let graceful = extra.contains(&"--stop-gracefully-after");
+    let settings: Vec<&str> = match graceful {
+        true => extra[..extra.len() - 2].to_vec(),
+        false => extra.to_vec(),
+    };
+    let output = run(data.path(), &full, &settings);
     assert!(output.status.success(), "{}", stderr(&output));
     // 6 iterations per epoch: stop at iteration 9, in the middle of the second epoch.
-    let stop = [extra, &["--stop-after-iterations", "9"]].concat();
+    let stop = match graceful {
+        true => extra.to_vec(),
+        false => [extra, &["--stop-after-iterations", "9"]].concat(),
+    };
     let output = run(data.path(), &killed, &stop);
-    assert!(output.status.success(), "{}", stderr(&output));
+    if graceful {
+        let err = stderr(&output);
+        assert!(!output.status.success(), "{err}");
+        assert!(err.contains("stopped at iteration 9"), "{err}");
+        assert!(
+            err.contains("resume with `ast-cli run --resume --out"),
+            "{err}"
+        );
+        assert!(killed
+            .join("checkpoints/epoch-0001-iter-000000009")
+            .is_dir());
+    } else {
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
     assert!(!killed.join("checkpoints/epoch-0002").exists());
     let output = cli(&[
         "run",

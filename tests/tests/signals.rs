@@ -1,0 +1,100 @@
+//! A real SIGINT/SIGTERM to a training process: it finishes its iteration, writes a checkpoint,
+//! exits non-zero saying how to resume, and the run resumes from there. (That a gracefully
+//! stopped run resumes bit-identically is proven deterministically in `resume.rs`.)
+#![cfg(unix)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ast_tests::{cli, cli_path, stderr, write_idx};
+
+fn stop_with(signal: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 256, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    let o = out.to_str().unwrap();
+    let child = Command::new(cli_path())
+        .args([
+            "run",
+            "--recipe",
+            "quickstart",
+            "--quiet",
+            "--densities",
+            "1,1,1",
+            "--train-subset",
+            "256",
+            "--test-subset",
+            "16",
+            "--batch-size",
+            "16",
+            "--final-prune-epoch",
+            "1",
+            "--epochs",
+            "200",
+            "--data-path",
+        ])
+        .arg(&data)
+        .args(["--out", o])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join(".lock"))
+        .unwrap_or_default()
+        .trim()
+        != child.id().to_string()
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "no lock taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let it train a few iterations, then ask it to stop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let output = child.wait_with_output().unwrap();
+    let err = stderr(&output);
+    assert!(
+        !output.status.success(),
+        "{signal}: exited with success\n{err}"
+    );
+    assert!(err.contains("stopped at iteration"), "{signal}: {err}");
+    assert!(
+        out.join("checkpoints/latest").exists(),
+        "{signal}: no checkpoint"
+    );
+    // It resumes from the checkpoint it wrote (one more epoch, then done).
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            out.join("checkpoints")
+                .join(
+                    std::fs::read_to_string(out.join("checkpoints/latest"))
+                        .unwrap()
+                        .trim(),
+                )
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let epochs = (state["next_epoch"].as_u64().unwrap() + 1).to_string();
+    let resumed = cli(&[
+        "run", "--resume", "--quiet", "--out", o, "--epochs", &epochs,
+    ]);
+    assert!(resumed.status.success(), "{signal}: {}", stderr(&resumed));
+}
+
+#[test]
+fn sigint_stops_the_run_gracefully() {
+    stop_with("-INT");
+}
+
+#[test]
+fn sigterm_stops_the_run_gracefully() {
+    stop_with("-TERM");
+}
