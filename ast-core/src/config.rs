@@ -294,6 +294,16 @@ impl AstConfig {
                 format!("must lie in [0, 1), got {}", s.prune_rate),
             ));
         }
+        if s.final_prune_rate > s.prune_rate {
+            return Err(invalid(
+                "schedule.prune_rate",
+                format!(
+                    "{} is below schedule.final_prune_rate {} (the rate decays from prune_rate \
+                     down to final_prune_rate)",
+                    s.prune_rate, s.final_prune_rate
+                ),
+            ));
+        }
         if !(0.0..=s.prune_rate).contains(&s.final_prune_rate) {
             return Err(invalid(
                 "schedule.final_prune_rate",

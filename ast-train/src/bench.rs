@@ -62,6 +62,10 @@ pub struct StepTiming {
     pub median_dense_grad_step_s: f64,
 }
 
+/// The largest batch `step_throughput` accepts: far beyond any real one, and small enough that
+/// a typo is refused before anything is allocated.
+pub const MAX_BENCH_BATCH: usize = 65_536;
+
 /// Runs `bench.warmup + bench.steps` AST steps of `bench.model` on `device` and times each one
 /// up to the end of its device work.
 pub fn step_throughput<B>(bench: &StepBench, device: &B::Device) -> Result<StepTiming>
@@ -79,6 +83,15 @@ where
                 reason: "must be ≥ 1".into(),
             });
         }
+    }
+    if bench.batch > MAX_BENCH_BATCH {
+        return Err(TrainError::Config {
+            field: "batch",
+            reason: format!(
+                "must be ≤ {MAX_BENCH_BATCH}, got {} (one step holds the whole batch's activations)",
+                bench.batch
+            ),
+        });
     }
     if !(bench.density > 0.0 && bench.density <= 1.0) {
         return Err(TrainError::Config {

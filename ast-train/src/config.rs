@@ -222,11 +222,13 @@ impl TrainConfig {
         if self.data_threads == Some(0) {
             return Err(TrainError::config("data_threads", "must be ≥ 1"));
         }
-        if matches!(self.data.train_subset, Some(0)) || matches!(self.data.test_subset, Some(0)) {
-            return Err(TrainError::config(
-                "data.train_subset",
-                "subsets must hold at least one image",
-            ));
+        for (field, subset) in [
+            ("data.train_subset", self.data.train_subset),
+            ("data.test_subset", self.data.test_subset),
+        ] {
+            if subset == Some(0) {
+                return Err(TrainError::config(field, "must hold at least one image"));
+            }
         }
         self.ast.validate()?;
         let schedule = &self.ast.schedule;

@@ -313,6 +313,21 @@ fn every_bad_input_is_one_clear_error() {
             "invalid value 'resnet33' for '--model <MODEL>'",
         ),
         case(
+            "bench: absurd batch",
+            &["bench", "--model", "small-cnn", "--batch", "4611686018427387904"],
+            "`batch` must be ≤ 65536",
+        ),
+        with_args(
+            "empty test subset",
+            quick(&good, &out("e1"), &["--test-subset", "0"]),
+            "`data.test_subset` must hold at least one image",
+        ),
+        with_args(
+            "prune rate below the final one",
+            quick(&good, &out("e2"), &["--prune-rate", "0"]),
+            "`schedule.prune_rate` 0 is below schedule.final_prune_rate 0.005",
+        ),
+        case(
             "bench: density 0",
             &["bench", "--model", "small-cnn", "--density", "0"],
             "`density` must lie in (0, 1], got 0",
