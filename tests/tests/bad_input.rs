@@ -314,7 +314,13 @@ fn every_bad_input_is_one_clear_error() {
         ),
         case(
             "bench: absurd batch",
-            &["bench", "--model", "small-cnn", "--batch", "4611686018427387904"],
+            &[
+                "bench",
+                "--model",
+                "small-cnn",
+                "--batch",
+                "4611686018427387904",
+            ],
             "`batch` must be ≤ 65536",
         ),
         with_args(
