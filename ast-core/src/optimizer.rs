@@ -406,7 +406,7 @@ mod tests {
     #[test]
     fn adam_matches_pytorch() {
         let got = two_steps(OptimizerKind::Adam, 0.0, None);
-        assert_close(&got, &[[0.9, -1.9], [0.800_000_0, -1.832_994_1]]);
+        assert_close(&got, &[[0.9, -1.9], [0.8, -1.832_994_1]]);
     }
 
     #[test]
@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn adamw_decays_decoupled_as_pytorch() {
         let got = two_steps(OptimizerKind::AdamW, 0.1, None);
-        assert_close(&got, &[[0.89, -1.88], [0.781_100_0, -1.794_194_1]]);
+        assert_close(&got, &[[0.89, -1.88], [0.7811, -1.794_194_1]]);
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub fn final_ramp_iteration(
     let subnets = subnets.max(1);
     let f = config.update_frequency.max(1);
     let s = config.final_prune_epoch * steps_per_epoch / f * f;
-    if s == 0 || s < config.init_prune_epoch * steps_per_epoch || s % subnets != 0 {
+    if s == 0 || s < config.init_prune_epoch * steps_per_epoch || !s.is_multiple_of(subnets) {
         return None;
     }
     Some(s + k * (subnets * config.subnet_offset + 1))

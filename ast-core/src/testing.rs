@@ -88,7 +88,7 @@ pub fn synthetic_batch<B: Backend>(
     let mut labels = Vec::with_capacity(batch);
     for _ in 0..batch {
         let label = (rng.next_u64() % CLASSES as u64) as usize;
-        let line = if label % 2 == 0 { 1 } else { SIDE - 2 };
+        let line = if label.is_multiple_of(2) { 1 } else { SIDE - 2 };
         for r in 0..SIDE {
             for c in 0..SIDE {
                 let on = if label < 2 { r == line } else { c == line };

@@ -187,9 +187,23 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     let mut model = model;
     let mut store = SafetensorsStore::from_file(&model_file);
-    let applied = model
-        .load_from(&mut store)
-        .map_err(|e| corrupt(&model_file, e.to_string()))?;
+    let applied = model.load_from(&mut store).map_err(|e| {
+        // burn-store's message is a multi-line table; its first line names the problem.
+        let text = e.to_string();
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches(':');
+        corrupt(
+            &model_file,
+            format!(
+                "its tensors do not fit the run's model ({first}): config.json's model or \
+                     sub-net count, or the file, changed since the checkpoint was written"
+            ),
+        )
+    })?;
     if !applied.errors.is_empty() || !applied.missing.is_empty() {
         return Err(corrupt(
             &model_file,

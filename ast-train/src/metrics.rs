@@ -316,7 +316,7 @@ impl Progress {
             }
         } else {
             let step = (self.total / 10).max(1);
-            if done % step == 0 || done == self.total {
+            if done.is_multiple_of(step) || done == self.total {
                 eprintln!(
                     "epoch {}/{} iteration {done}/{} loss {loss:.4} {rate:.2} it/s ETA {eta:.0}s",
                     self.epoch + 1,

@@ -707,7 +707,7 @@ where
             }
         }
         let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        if state.next_epoch % config.checkpoint_every == 0
+        if state.next_epoch.is_multiple_of(config.checkpoint_every)
             || state.next_epoch == config.epochs
             || stop
         {

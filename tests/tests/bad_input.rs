@@ -623,3 +623,28 @@ fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_
     let records = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(records.lines().count(), 2, "{records}");
 }
+
+#[test]
+fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 32, 28);
+    write_idx(&data, "t10k", 16, 28);
+    let out = work.path().join("run");
+    let args = quick(&data, &out, &[]);
+    let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let config = out.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"small-cnn\"", "\"resnet20\"")).unwrap();
+    let expect = "its tensors do not fit the run's model";
+    check(&case(
+        "another model",
+        &["eval", "--run", out.to_str().unwrap()],
+        expect,
+    ));
+    let output = cli(&["eval", "--run", out.to_str().unwrap()]);
+    let err = stderr(&output);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

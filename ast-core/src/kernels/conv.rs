@@ -109,8 +109,8 @@ impl ConvGeometry {
     /// Whether the kernels here handle this geometry (else: use the generic path).
     pub fn supported(&self) -> bool {
         self.groups >= 1
-            && self.c_in % self.groups == 0
-            && self.c_out % self.groups == 0
+            && self.c_in.is_multiple_of(self.groups)
+            && self.c_out.is_multiple_of(self.groups)
             && self.kernel.iter().all(|&k| k >= 1)
             && self.stride.iter().all(|&s| s >= 1)
             && self.dilation.iter().all(|&d| d >= 1)

@@ -20,7 +20,7 @@ impl GroupLayout {
     /// axis length.
     pub fn new(shape: &[usize], axis: usize, m: usize) -> Option<Self> {
         let channels = shape[axis];
-        if m == 0 || channels % m != 0 {
+        if m == 0 || !channels.is_multiple_of(m) {
             return None;
         }
         Some(Self {

@@ -416,7 +416,7 @@ mod tests {
         let w = head.weight.val();
         head.weight = Param::from_tensor(w.clone().slice_fill([0..1, 1..2], f32::NAN));
         let bias = head.bias.take().unwrap().val();
-        head.bias = Some(Param::from_tensor(bias.slice_fill([2..3], f32::INFINITY)));
+        head.bias = Some(Param::from_tensor(bias.slice_fill(2..3, f32::INFINITY)));
         let model = Toy { head, ..model };
         assert_eq!(non_finite_params(&model), ["head.weight", "head.bias"]);
     }
