@@ -29,7 +29,9 @@ fn run(fast: bool) -> (Vec<f32>, usize, Vec<Vec<TensorData>>) {
     set_flex_kernels(fast);
     let device = Default::default();
     B::seed(&device, 3);
-    let model = CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true).init::<B>(&device);
+    let model = CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true)
+        .with_classifier_std(Some(0.01))
+        .init::<B>(&device);
     let switch = model.switch().clone();
     let mut config = AstConfig::new(vec![
         SubnetTarget::Density(0.5),
