@@ -68,6 +68,22 @@ pub const MODEL_FILE: &str = "model.safetensors";
 /// The optimizer state and correction references of a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
+/// Test hook: `AST_KILL_AT=<point>:<n>` ends the process (exit status 137, no cleanup, as a
+/// SIGKILL would) the `n`-th time the run reaches `<point>` (`n` defaults to 1). The points sit
+/// between the writes of a checkpoint and of an epoch's metrics; the kill tests use them to
+/// prove that a run killed anywhere resumes to the same bytes as an uninterrupted one.
+pub fn kill_point(point: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static REACHED: AtomicUsize = AtomicUsize::new(0);
+    let Ok(spec) = std::env::var("AST_KILL_AT") else {
+        return;
+    };
+    let (name, nth) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+    if name == point && REACHED.fetch_add(1, Ordering::SeqCst) + 1 == nth.parse().unwrap_or(1) {
+        std::process::exit(137);
+    }
+}
+
 fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
@@ -91,6 +107,7 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    kill_point("checkpoint-started");
 
     sync_running_stats(model);
     let model_file = tmp.join(MODEL_FILE);
@@ -100,9 +117,11 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     model
         .save_into(&mut store)
         .map_err(|e| TrainError::io(&model_file, e))?;
+    kill_point("checkpoint-model-written");
     let optimizer_file = tmp.join(OPTIMIZER_FILE);
     let (tensors, times) = optimizer_tensors(model, ast);
     write_tensors(&optimizer_file, tensors, times)?;
+    kill_point("checkpoint-optimizer-written");
     let mut state = state.clone();
     state.sha256 = [MODEL_FILE, OPTIMIZER_FILE]
         .iter()
@@ -110,6 +129,7 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         .collect::<Result<_>>()?;
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
     write_atomic(&tmp.join("state.json"), &state_json)?;
+    kill_point("checkpoint-state-written");
     sync_file(&model_file)?;
 
     let target = root.join(&name);
@@ -117,7 +137,9 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
     }
     std::fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+    kill_point("checkpoint-renamed");
     write_atomic(&root.join("latest"), name.as_bytes())?;
+    kill_point("checkpoint-latest-written");
     prune_old(&root, &name)?;
     Ok(target)
 }

@@ -692,6 +692,7 @@ where
                 )
                 .collect(),
         })?;
+        checkpoint::kill_point("epoch-metrics-written");
         if opts.progress {
             for m in &last_eval {
                 eprintln!(

@@ -1,12 +1,19 @@
 //! A run killed in the middle of an epoch and resumed ends bit-identical to the same run
 //! uninterrupted: same checkpoint bytes (weights, masks, BatchNorms, optimizer state, correction
-//! references) and the same metrics — with SGD and with AdamW.
+//! references) and the same metrics — with SGD and with AdamW, after a kill at an iteration,
+//! a kill inside a checkpoint write, or a graceful stop.
 
 use std::path::Path;
 
 use ast_tests::{cli, stderr, write_idx};
 
 fn run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let args = run_args(data, out, extra);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The arguments of a 3-epoch run (6 iterations per epoch) on `data` into `out`.
+fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "run",
         "--recipe",
@@ -36,7 +43,7 @@ fn run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "2",
     ];
     args.extend_from_slice(extra);
-    cli(&args)
+    args.into_iter().map(String::from).collect()
 }
 
 fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
@@ -146,6 +153,13 @@ fn killed_and_resumed_equals_uninterrupted(extra: &[&str]) -> Vec<u64> {
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
 
+    assert_same_run(&full, &killed);
+    step_counts(&full.join("checkpoints/epoch-0003/optimizer.safetensors"))
+}
+
+/// The last checkpoint (whole files), the metrics, the events and the summary of two 3-epoch
+/// runs are the same (times of day aside).
+fn assert_same_run(full: &Path, killed: &Path) {
     let (a, b) = (
         full.join("checkpoints/epoch-0003"),
         killed.join("checkpoints/epoch-0003"),
@@ -162,10 +176,78 @@ fn killed_and_resumed_equals_uninterrupted(extra: &[&str]) -> Vec<u64> {
         std::fs::read(a.join("state.json")).unwrap(),
         std::fs::read(b.join("state.json")).unwrap()
     );
-    assert_eq!(metrics_without_time(&full), metrics_without_time(&killed));
+    assert_eq!(metrics_without_time(full), metrics_without_time(killed));
     // The mask events the killed run wrote after its checkpoint were dropped and redone.
     let events = |dir: &Path| std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
-    assert!(events(&full).lines().count() >= 4, "{}", events(&full));
-    assert_eq!(events(&full), events(&killed));
-    step_counts(&a.join("optimizer.safetensors"))
+    assert!(events(full).lines().count() >= 4, "{}", events(full));
+    assert_eq!(events(full), events(killed));
+    let summary = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("summary.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v
+    };
+    assert_eq!(summary(full), summary(killed));
+}
+
+#[test]
+fn killed_anywhere_even_inside_a_checkpoint_write_and_resumed_equals_uninterrupted() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), "train", 96, 28);
+    write_idx(data.path(), "t10k", 40, 28);
+    let work = tempfile::tempdir().unwrap();
+    let full = work.path().join("full");
+    let output = run(data.path(), &full, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // Three iterations (6 per epoch) and, through the AST_KILL_AT hook (exit 137, no cleanup),
+    // every gap between the writes of the second checkpoint and of the second epoch's metrics,
+    // and the first checkpoint's last one.
+    let iterations = ["4", "9", "14"].map(|t| (None, Some(t)));
+    let hooks = [
+        "epoch-metrics-written:2",
+        "checkpoint-started:2",
+        "checkpoint-model-written:2",
+        "checkpoint-optimizer-written:2",
+        "checkpoint-state-written:2",
+        "checkpoint-renamed:2",
+        "checkpoint-latest-written:1",
+    ]
+    .map(|h| (Some(h), None));
+    for (i, (hook, iteration)) in iterations.into_iter().chain(hooks).enumerate() {
+        let killed = work.path().join(format!("killed-{i}"));
+        let mut args = run_args(data.path(), &killed, &[]);
+        if let Some(t) = iteration {
+            args.extend(["--stop-after-iterations".into(), t.into()]);
+        }
+        let mut command = std::process::Command::new(ast_tests::cli_path());
+        command.args(&args);
+        if let Some(h) = hook {
+            command.env("AST_KILL_AT", h);
+        }
+        let output = command.output().unwrap();
+        let point = hook.or(iteration).unwrap();
+        match hook {
+            Some(_) => assert_eq!(
+                output.status.code(),
+                Some(137),
+                "{point}: {}",
+                stderr(&output)
+            ),
+            None => assert!(output.status.success(), "{point}: {}", stderr(&output)),
+        }
+        let k = killed.to_str().unwrap();
+        let mut output = cli(&["run", "--resume", "--quiet", "--out", k]);
+        if point == "4" {
+            // Killed before its first checkpoint: nothing to resume, and a plain new start in
+            // the same directory is allowed.
+            assert!(
+                stderr(&output).contains("has no checkpoint yet"),
+                "{}",
+                stderr(&output)
+            );
+            output = run(data.path(), &killed, &[]);
+        }
+        assert!(output.status.success(), "{point}: {}", stderr(&output));
+        assert_same_run(&full, &killed);
+    }
 }
