@@ -19,7 +19,53 @@ fn case(name: &'static str, args: &[&str], expect: &'static str) -> Case {
     }
 }
 
+/// Every file under `dir` (recursively) with its bytes; empty when `dir` does not exist.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                files.push((path, bytes));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
 fn check(case: &Case) {
+    let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+    // The directories the command names (--out, --run, --data-path) hold the same files, with
+    // the same bytes, after it fails (a failed new run may add its own, never change one).
+    let named: Vec<&Path> = args
+        .windows(2)
+        .filter(|w| matches!(w[0], "--out" | "--run" | "--data-path"))
+        .map(|w| Path::new(w[1]))
+        .collect();
+    let before: Vec<_> = named.iter().map(|d| snapshot(d)).collect();
+    check_error(case);
+    for files in before {
+        for (path, bytes) in files {
+            let now = std::fs::read(&path).ok();
+            assert!(
+                now.as_ref() == Some(&bytes) || path.ends_with(".lock"),
+                "{}: {} changed or vanished",
+                case.name,
+                path.display()
+            );
+        }
+    }
+}
+
+/// Runs the case: a non-zero exit, no panic, the expected message; returns the output.
+fn check_error(case: &Case) -> std::process::Output {
     let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
     let output = cli(&args);
     let err = stderr(&output);
@@ -35,6 +81,7 @@ fn check(case: &Case) {
         case.name,
         case.expect
     );
+    output
 }
 
 /// Arguments of a tiny quickstart run on `data` into `out`; `extra` flags replace the defaults.
@@ -432,7 +479,8 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     std::fs::write(&config, serde_json::to_string(&value).unwrap()).unwrap();
     std::fs::remove_dir_all(out.join("checkpoints/epoch-0002")).unwrap();
     std::fs::write(out.join("checkpoints/latest"), "epoch-0001").unwrap();
-    check(&case(
+    // Not a bad input: the resumed run trains (rewriting its metrics) until it diverges.
+    check_error(&case(
         "non-finite loss",
         &["run", "--resume", "--out", out.to_str().unwrap()],
         "training stopped, the last good checkpoint is kept",
