@@ -596,13 +596,22 @@ fn run(args: RunArgs) -> Result<()> {
             args.backend.backend
         );
     }
-    let summary = backend::dispatch(
+    let summary = match backend::dispatch(
         &args.backend,
         backend::Train {
             config,
             opts: &opts,
         },
-    )?;
+    ) {
+        Ok(summary) => summary,
+        Err(e) => {
+            if !opts.resume {
+                // A new run that failed before its first checkpoint leaves nothing behind.
+                ast_train::discard_unstarted_run(&opts.dir)?;
+            }
+            return Err(e);
+        }
+    };
     if summary.interrupted {
         eprintln!("stopped after the requested number of iterations");
         return Ok(());

@@ -20,5 +20,6 @@ pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, T
 pub use error::{Result, TrainError};
 pub use lock::RunLock;
 pub use train::{
-    evaluate, load_data, prepare_run_dir, read_run_config, train, RunOptions, RunSummary,
+    discard_unstarted_run, evaluate, load_data, prepare_run_dir, read_run_config, train,
+    RunOptions, RunSummary,
 };

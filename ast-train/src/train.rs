@@ -22,7 +22,7 @@ use crate::data::{
     FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader, SampleSource,
 };
 use crate::error::{Result, TrainError};
-use crate::lock::RunLock;
+use crate::lock::{RunLock, LOCK_FILE};
 use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
     SubnetMetrics, SubnetTraining, METRICS_FILE,
@@ -267,6 +267,43 @@ fn holds_progress(dir: &Path) -> Result<bool> {
     Ok(checkpoint::latest(dir)?.is_some() || metrics > 0)
 }
 
+/// After a new run failed: removes what it wrote when it has no checkpoint yet (its
+/// configuration, metrics, events, a partial checkpoint, the lock), and `dir` itself when
+/// nothing else is left in it, so that a failed start leaves no half run behind. A run with a
+/// checkpoint is left as it is.
+pub fn discard_unstarted_run(dir: &Path) -> Result<()> {
+    if checkpoint::latest(dir)?.is_some() {
+        return Ok(());
+    }
+    for name in RUN_FILES.iter().chain([&CONFIG_FILE]) {
+        let p = dir.join(name);
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(e) = removed {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(TrainError::io(&p, e));
+            }
+        }
+    }
+    // The lock may be held by the caller (removing it is then allowed on Unix only); the
+    // directory goes only when empty: anything of the user's stays.
+    let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// The files and directories a run writes besides its configuration.
+const RUN_FILES: [&str; 5] = [
+    "checkpoints",
+    METRICS_FILE,
+    "metrics.csv",
+    "events.jsonl",
+    "summary.json",
+];
+
 /// Creates (or checks) the run directory, locks it for the life of the returned [`RunLock`],
 /// and returns the configuration to run: the given one for a new run, the saved one when
 /// resuming.
@@ -319,13 +356,7 @@ pub fn prepare_run_dir(
     if saved.exists() && !opts.overwrite && holds_progress(dir)? {
         return Err(TrainError::RunExists(dir.clone()));
     }
-    for stale in [
-        "checkpoints",
-        METRICS_FILE,
-        "metrics.csv",
-        "events.jsonl",
-        "summary.json",
-    ] {
+    for stale in RUN_FILES {
         let p = dir.join(stale);
         let removed = if p.is_dir() {
             std::fs::remove_dir_all(&p)
