@@ -241,6 +241,18 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
             ),
         ));
     }
+    if let Some(extra) = applied.unused.first() {
+        // E.g. a checkpoint of 3 sub-nets read with a config of 2: loading the rest would
+        // silently drop a sub-net.
+        return Err(corrupt(
+            &model_file,
+            format!(
+                "holds {} tensors the run's model does not have (e.g. `{extra}`): config.json's \
+                 model or sub-net count changed since the checkpoint was written",
+                applied.unused.len()
+            ),
+        ));
+    }
 
     let optimizer_file = dir.join(OPTIMIZER_FILE);
     let bytes =

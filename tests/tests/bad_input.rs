@@ -696,4 +696,13 @@ fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
     let output = cli(&["eval", "--run", out.to_str().unwrap()]);
     let err = stderr(&output);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Fewer sub-nets than the checkpoint holds: refused, not evaluated on the first two.
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["ast"]["subnets"].as_array_mut().unwrap().pop();
+    std::fs::write(&config, serde_json::to_vec(&value).unwrap()).unwrap();
+    check(&case(
+        "fewer sub-nets",
+        &["eval", "--run", out.to_str().unwrap()],
+        "tensors the run's model does not have",
+    ));
 }
