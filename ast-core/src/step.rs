@@ -8,7 +8,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::{AstConfig, SubnetTarget, UpdateScope};
+use crate::config::{AstConfig, SubnetTarget};
 use crate::correction::CorrectionState;
 use crate::criteria::{gradient_magnitude, magnitude, prune_and_regrow};
 use crate::density::{erk_densities, random_masks};
@@ -262,17 +262,13 @@ impl<B: AutodiffBackend> AstStep<B> {
                 masked.insert(self.layers[l].weight_id, g);
             }
         }
-        // The optimizer restricts the update to the active mask only in the `Active` scope; the
+        // The optimizer restricts the update to the active mask in the `Active` scope only; the
         // gradient itself is masked above in both.
-        let update_masks = match self.config.update_scope {
-            UpdateScope::Active => self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
-            UpdateScope::Dense => HashMap::new(),
-        };
         let mut apply = ApplyUpdates::<B> {
             optimizer: &mut self.optimizer,
             grads: &mut grads,
             prepared: masked,
-            masks: update_masks,
+            masks: self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
             lr,
         };
         let model = model.map(&mut apply);
@@ -456,7 +452,7 @@ fn flatten<IB: Backend, const D: usize>(t: Tensor<IB, D>) -> Tensor<IB, 1> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CorrectionMode, MaskScheduleConfig, SgdSettings};
+    use crate::config::{CorrectionMode, MaskScheduleConfig, SgdSettings, UpdateScope};
     use crate::layers::{mask_param, MaskedLinear, MaskedLinearConfig};
     use crate::schedule::MaskEvent;
     use crate::subnet::{density, mask_vec, read_masks, replace_masks};

@@ -276,23 +276,26 @@ pub fn discard_unstarted_run(dir: &Path) -> Result<()> {
         return Ok(());
     }
     for name in RUN_FILES.iter().chain([&CONFIG_FILE]) {
-        let p = dir.join(name);
-        let removed = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        if let Err(e) = removed {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(TrainError::io(&p, e));
-            }
-        }
+        remove_if_present(&dir.join(name))?;
     }
     // The lock may be held by the caller (removing it is then allowed on Unix only); the
     // directory goes only when empty: anything of the user's stays.
     let _ = std::fs::remove_file(dir.join(LOCK_FILE));
     let _ = std::fs::remove_dir(dir);
     Ok(())
+}
+
+/// Removes the file or directory `path`; one that does not exist is fine.
+fn remove_if_present(path: &Path) -> Result<()> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(TrainError::io(path, e)),
+        _ => Ok(()),
+    }
 }
 
 /// The files and directories a run writes besides its configuration.
@@ -357,17 +360,7 @@ pub fn prepare_run_dir(
         return Err(TrainError::RunExists(dir.clone()));
     }
     for stale in RUN_FILES {
-        let p = dir.join(stale);
-        let removed = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        if let Err(e) = removed {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(TrainError::io(&p, e));
-            }
-        }
+        remove_if_present(&dir.join(stale))?;
     }
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     write_atomic(&saved, &json).map_err(|e| TrainError::Unwritable {

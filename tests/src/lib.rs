@@ -116,3 +116,59 @@ pub fn write_cifar10(dir: &Path, per_file: usize) {
         std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
     }
 }
+
+/// `<root>/data` holding a small IDX dataset (`train` training and `test` test images, 28×28).
+pub fn tiny_idx_data(root: &Path, train: usize, test: usize) -> PathBuf {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", train, 28);
+    write_idx(&data, "t10k", test, 28);
+    data
+}
+
+/// Arguments of a quickstart run of dense sub-nets on the 256 training images of `data` (16
+/// iterations per epoch) into `out`, followed by `extra`.
+pub fn dense_run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let fixed = [
+        "run",
+        "--recipe",
+        "quickstart",
+        "--quiet",
+        "--densities",
+        "1,1,1",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "16",
+        "--batch-size",
+        "16",
+        "--final-prune-epoch",
+        "1",
+    ];
+    let mut args: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
+    args.extend([
+        "--data-path".into(),
+        data.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Waits (up to 60 s) until process `pid` holds the lock of run directory `out`.
+///
+/// # Panics
+/// If it does not within 60 s.
+pub fn wait_for_lock(out: &Path, pid: u32) {
+    let lock = out.join(".lock");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid.to_string() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "process {pid} took no lock on {}",
+            out.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

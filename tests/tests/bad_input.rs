@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ast_tests::{cli, stderr, write_cifar10, write_idx};
+use ast_tests::{cli, stderr, tiny_idx_data, write_cifar10, write_idx};
 
 struct Case {
     name: &'static str,
@@ -413,10 +413,7 @@ fn every_bad_input_is_one_clear_error() {
 #[test]
 fn an_existing_run_is_never_overwritten_without_consent() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 32, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 32, 16);
     let out = work.path().join("run");
     let first = cli(&quick(&data, &out, &[])
         .iter()
@@ -459,10 +456,7 @@ fn an_existing_run_is_never_overwritten_without_consent() {
 #[test]
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 64, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 64, 16);
     let out = work.path().join("run");
     // Epoch 1 trains normally and checkpoints; resumed with lr 1e30 the loss overflows within
     // a few iterations, and the run stops without writing a checkpoint after it.
@@ -502,10 +496,7 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn a_diverged_model_is_an_error_never_a_result() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 32, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 32, 16);
     // lr 1e30: the weights overflow; the run must fail, not report a top-1 (NaN logits used to
     // count as correct: 100 %), and keep no checkpoint of the diverged weights.
     let out = work.path().join("diverged");
@@ -581,10 +572,7 @@ fn a_diverged_model_is_an_error_never_a_result() {
 #[test]
 fn a_start_that_failed_or_was_killed_before_its_first_checkpoint_can_simply_start_again() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 32, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 32, 16);
     let out = work.path().join("run");
     let run = |extra: &[&str]| {
         let args = quick(&data, &out, extra);
@@ -611,10 +599,7 @@ fn a_start_that_failed_or_was_killed_before_its_first_checkpoint_can_simply_star
 #[test]
 fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_alone() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 32, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 32, 16);
     let out = work.path().join("run");
     let args = quick(&data, &out, &[]);
     let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -676,10 +661,7 @@ fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_
 #[test]
 fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 32, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 32, 16);
     let out = work.path().join("run");
     let args = quick(&data, &out, &[]);
     let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());

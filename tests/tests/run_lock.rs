@@ -1,49 +1,14 @@
 //! Two real processes on one run directory: while one trains, a second `run --resume` or
 //! `run --overwrite` is refused with the holder's PID and changes nothing.
 
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use ast_tests::{cli, cli_path, stderr, write_idx};
-
-fn run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "run",
-        "--recipe",
-        "quickstart",
-        "--quiet",
-        "--densities",
-        "1,1,1",
-        "--train-subset",
-        "256",
-        "--test-subset",
-        "16",
-        "--batch-size",
-        "16",
-        "--final-prune-epoch",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend([
-        "--data-path".into(),
-        data.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
+use ast_tests::{cli, cli_path, dense_run_args as run_args, stderr, tiny_idx_data, wait_for_lock};
 
 #[test]
 fn a_second_process_on_a_running_run_directory_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 256, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 256, 16);
     let out = work.path().join("run");
 
     // The first process trains for a while (many epochs of 16 iterations).
@@ -51,12 +16,7 @@ fn a_second_process_on_a_running_run_directory_is_refused() {
         .args(run_args(&data, &out, &["--epochs", "200"]))
         .spawn()
         .unwrap();
-    let lock = out.join(".lock");
-    let start = Instant::now();
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no lock taken");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_lock(&out, first.id());
     let config = std::fs::read(out.join("config.json")).unwrap();
     let holder = format!("in use by process {}", first.id());
 

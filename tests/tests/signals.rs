@@ -4,52 +4,21 @@
 #![cfg(unix)]
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ast_tests::{cli, cli_path, stderr, write_idx};
+use ast_tests::{cli, cli_path, dense_run_args, stderr, tiny_idx_data, wait_for_lock};
 
 fn stop_with(signal: &str) {
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 256, 28);
-    write_idx(&data, "t10k", 16, 28);
+    let data = tiny_idx_data(work.path(), 256, 16);
     let out = work.path().join("run");
     let o = out.to_str().unwrap();
     let child = Command::new(cli_path())
-        .args([
-            "run",
-            "--recipe",
-            "quickstart",
-            "--quiet",
-            "--densities",
-            "1,1,1",
-            "--train-subset",
-            "256",
-            "--test-subset",
-            "16",
-            "--batch-size",
-            "16",
-            "--final-prune-epoch",
-            "1",
-            "--epochs",
-            "200",
-            "--data-path",
-        ])
-        .arg(&data)
-        .args(["--out", o])
+        .args(dense_run_args(&data, &out, &["--epochs", "200"]))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while std::fs::read_to_string(out.join(".lock"))
-        .unwrap_or_default()
-        .trim()
-        != child.id().to_string()
-    {
-        assert!(start.elapsed() < Duration::from_secs(60), "no lock taken");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_lock(&out, child.id());
     // Let it train a few iterations, then ask it to stop.
     std::thread::sleep(Duration::from_millis(1500));
     let sent = Command::new("kill")
