@@ -61,6 +61,34 @@ pub trait AstBackend: Backend {
         generic_masked_conv2d(x, weight, mask, bias, options)
     }
 
+    /// Training-mode batch norm of `x`, then the residual add and ReLU that follow it in the
+    /// models: `y = act(γ·(x − μ)/√(σ² + ε) + β + r)` with the batch mean `μ` and biased
+    /// variance `σ²` of each channel, which are returned (detached) for the running statistics.
+    ///
+    /// # Shapes
+    /// - `x`, `residual`, output `y`: `[N, C, H, W]`; `gamma`, `beta`, `mean`, `var`: `[C]`.
+    fn batch_norm_train(
+        x: Tensor<Self, 4>,
+        gamma: Tensor<Self, 1>,
+        beta: Tensor<Self, 1>,
+        residual: Option<Tensor<Self, 4>>,
+        norm: NormOptions,
+    ) -> NormOutput<Self> {
+        generic_batch_norm_train(x, gamma, beta, residual, norm)
+    }
+
+    /// [`AstBackend::batch_norm_train`] of `Autodiff<Self, C>`: a backend with its own backward
+    /// overrides this one (the `Autodiff` implementation delegates here).
+    fn autodiff_batch_norm_train<C: CheckpointStrategy>(
+        x: Tensor<Autodiff<Self, C>, 4>,
+        gamma: Tensor<Autodiff<Self, C>, 1>,
+        beta: Tensor<Autodiff<Self, C>, 1>,
+        residual: Option<Tensor<Autodiff<Self, C>, 4>>,
+        norm: NormOptions,
+    ) -> NormOutput<Autodiff<Self, C>> {
+        generic_batch_norm_train(x, gamma, beta, residual, norm)
+    }
+
     /// `x · (W ⊙ M) + b` with the weight stored `[d_input, d_output]` as burn does.
     fn masked_linear<const D: usize>(
         x: Tensor<Self, D>,
@@ -69,6 +97,85 @@ pub trait AstBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
         linear(x, Self::masked_weight(weight, mask), bias)
+    }
+}
+
+/// The constants of [`AstBackend::batch_norm_train`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormOptions {
+    /// `ε` added to the variance.
+    pub epsilon: f64,
+    /// Whether a ReLU follows (after the residual add).
+    pub relu: bool,
+}
+
+/// What [`AstBackend::batch_norm_train`] returns.
+#[derive(Debug, Clone)]
+pub struct NormOutput<B: Backend> {
+    /// The normalised (and activated) output.
+    pub y: Tensor<B, 4>,
+    /// The batch mean of each channel, detached.
+    pub mean: Tensor<B, 1>,
+    /// The biased batch variance of each channel, detached.
+    pub var: Tensor<B, 1>,
+}
+
+/// [`AstBackend::batch_norm_train`] in burn's tensor API, with `[N·C, H·W]` rows so that every
+/// reduction and broadcast is row-wise (burn-flex runs `[1, C, 1, 1]` broadcasts through a
+/// slow strided iterator). The variance is `E[x²] − E[x]²`.
+pub fn generic_batch_norm_train<B: Backend>(
+    x: Tensor<B, 4>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    residual: Option<Tensor<B, 4>>,
+    norm: NormOptions,
+) -> NormOutput<B> {
+    let [n, c, h, w] = x.dims();
+    let rows = x.reshape([n * c, h * w]);
+    let count = (n * h * w) as f64;
+    let per_channel = |rows: Tensor<B, 2>| rows.sum_dim(1).reshape([n, c]).sum_dim(0).reshape([c]);
+    let mean = per_channel(rows.clone()) / count;
+    let mean_sq = per_channel(rows.clone() * rows.clone()) / count;
+    let var = (mean_sq - mean.clone() * mean.clone()).clamp_min(0.0);
+    let y = normalize_rows(rows, gamma, beta, mean.clone(), var.clone(), norm.epsilon);
+    NormOutput {
+        y: activate(y.reshape([n, c, h, w]), residual, norm.relu),
+        mean: mean.detach(),
+        var: var.detach(),
+    }
+}
+
+/// `γ·(x − μ)/√(σ² + ε) + β` of `[N·C, H·W]` rows with per-channel `μ`, `σ²`.
+pub(crate) fn normalize_rows<B: Backend>(
+    rows: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    mean: Tensor<B, 1>,
+    var: Tensor<B, 1>,
+    epsilon: f64,
+) -> Tensor<B, 2> {
+    let [c] = gamma.dims();
+    let n = rows.dims()[0] / c.max(1);
+    let scale = gamma / (var + epsilon).sqrt();
+    let shift = beta - mean * scale.clone();
+    let per_row = |v: Tensor<B, 1>| v.reshape([1, c]).repeat_dim(0, n).reshape([n * c, 1]);
+    rows * per_row(scale) + per_row(shift)
+}
+
+/// `act(y + r)`: the residual add and ReLU after a batch norm, where there are.
+pub(crate) fn activate<B: Backend>(
+    y: Tensor<B, 4>,
+    residual: Option<Tensor<B, 4>>,
+    relu: bool,
+) -> Tensor<B, 4> {
+    let y = match residual {
+        Some(r) => y + r,
+        None => y,
+    };
+    if relu {
+        burn::tensor::activation::relu(y)
+    } else {
+        y
     }
 }
 
@@ -109,5 +216,15 @@ impl<B: AstBackend, C: CheckpointStrategy> AstBackend for Autodiff<B, C> {
         dense_weight_grad: bool,
     ) -> Tensor<Self, 4> {
         B::autodiff_masked_conv2d::<C>(x, weight, mask, bias, options, dense_weight_grad)
+    }
+
+    fn batch_norm_train(
+        x: Tensor<Self, 4>,
+        gamma: Tensor<Self, 1>,
+        beta: Tensor<Self, 1>,
+        residual: Option<Tensor<Self, 4>>,
+        norm: NormOptions,
+    ) -> NormOutput<Self> {
+        B::autodiff_batch_norm_train::<C>(x, gamma, beta, residual, norm)
     }
 }

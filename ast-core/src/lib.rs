@@ -40,7 +40,7 @@ pub mod subnet;
 #[doc(hidden)]
 pub mod testing;
 
-pub use backend::AstBackend;
+pub use backend::{AstBackend, NormOptions, NormOutput};
 pub use config::{
     AdamSettings, AstConfig, CorrectionKind, CorrectionMode, MaskScheduleConfig, OptimizerKind,
     SgdSettings, SubnetTarget, UpdateScope,

@@ -14,7 +14,6 @@
 
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use burn::tensor::module::avg_pool2d;
 
 use crate::build::LayerBuilder;
@@ -104,8 +103,8 @@ impl<B: AstBackend> DepthwiseSeparable<B> {
     /// - input `[batch, C_in, H, W]`
     /// - output `[batch, C_out, H / stride, W / stride]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = relu(self.bn1.forward(self.depthwise.forward(x)));
-        relu(self.bn2.forward(self.pointwise.forward(x)))
+        let x = (self.bn1).forward_act(self.depthwise.forward(x), None, true);
+        (self.bn2).forward_act(self.pointwise.forward(x), None, true)
     }
 }
 
@@ -139,7 +138,7 @@ impl<B: AstBackend> MobileNetV1<B> {
     /// - input `[batch, 3, 32, 32]` (the final average pooling 2 expects a 2×2 map)
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = (self.bn1).forward_act(self.conv1.forward(x), None, true);
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         let x = avg_pool2d(x, [2, 2], [2, 2], [0, 0], true, false);
         self.linear.forward(x.flatten(1, 3))

@@ -6,13 +6,12 @@
 //! BatchNorm; the stem is plain (shared by all sub-nets). The CIFAR variants end in a masked
 //! linear layer, the ImageNet variant in a plain one.
 
-use ast_core::layers::batch_norm_2d;
+use ast_core::layers::{batch_norm_2d, batch_norm_act};
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use burn::tensor::module::{avg_pool2d, max_pool2d};
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +28,7 @@ pub enum Norm<B: Backend> {
     Switchable(SwitchableBatchNorm<B>),
 }
 
-impl<B: Backend> Norm<B> {
+impl<B: AstBackend> Norm<B> {
     /// Normalises with the shared BatchNorm or the active sub-net's.
     ///
     /// # Shapes
@@ -126,9 +125,9 @@ impl<B: AstBackend> BasicBlock<B> {
     /// - input `[batch, C_in, H, W]`
     /// - output `[batch, C_out, H / stride, W / stride]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
-        let out = self.bn2.forward(self.conv2.forward(out));
-        relu(out + residual(&self.shortcut, x))
+        let out = (self.bn1).forward_act(self.conv1.forward(x.clone()), None, true);
+        let shortcut = residual(&self.shortcut, x);
+        (self.bn2).forward_act(self.conv2.forward(out), Some(shortcut), true)
     }
 }
 
@@ -189,10 +188,10 @@ impl<B: AstBackend> Bottleneck<B> {
     /// - input `[batch, C_in, H, W]`
     /// - output `[batch, 4 · planes, H / stride, W / stride]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
-        let out = relu(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
-        relu(out + residual(&self.shortcut, x))
+        let out = (self.bn1).forward_act(self.conv1.forward(x.clone()), None, true);
+        let out = (self.bn2).forward_act(self.conv2.forward(out), None, true);
+        let shortcut = residual(&self.shortcut, x);
+        (self.bn3).forward_act(self.conv3.forward(out), Some(shortcut), true)
     }
 }
 
@@ -422,7 +421,7 @@ impl<B: AstBackend> ResNet<B> {
     ///   ([`Stem::ImageNet`]): the final average pooling expects a 4×4 resp. 7×7 map
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(batch_norm_2d(&self.bn1, self.conv1.forward(x)));
+        let x = batch_norm_act(&self.bn1, self.conv1.forward(x), None, true);
         let x = match self.stem {
             Stem::Cifar => x,
             Stem::ImageNet => max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false),

@@ -5,12 +5,11 @@
 //! minutes on two CPU cores (about 9 M multiply-adds per 32×32 image, against 41 M for
 //! ResNet-20).
 
-use ast_core::layers::batch_norm_2d;
+use ast_core::layers::batch_norm_act;
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use burn::tensor::module::adaptive_avg_pool2d;
 
 use crate::build::LayerBuilder;
@@ -76,12 +75,14 @@ impl<B: AstBackend> SmallCnn<B> {
     /// - input `[batch, 3, H, W]` (any size; 32×32 in the recipes)
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = relu(batch_norm_2d(&self.stem_norm, self.stem.forward(x)));
+        let x = batch_norm_act(&self.stem_norm, self.stem.forward(x), None, true);
         let x = self
             .convs
             .iter()
             .zip(&self.norms)
-            .fold(x, |x, (conv, norm)| relu(norm.forward(conv.forward(x))));
+            .fold(x, |x, (conv, norm)| {
+                norm.forward_act(conv.forward(x), None, true)
+            });
         self.linear
             .forward(adaptive_avg_pool2d(x, [1, 1]).flatten(1, 3))
     }

@@ -15,12 +15,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, TensorPrimitive};
 
-use super::{generic_masked_conv2d, AstBackend};
+use super::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions, NormOutput};
 use crate::kernels::conv::{ConvGeometry, MaskedConvPlan};
 use crate::kernels::flex_kernels_enabled;
+use crate::kernels::norm::{self, NormShape};
 
 impl AstBackend for Flex {
     fn masked_conv2d(
@@ -76,6 +77,127 @@ impl AstBackend for Flex {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         add_bias(Tensor::from_primitive(TensorPrimitive::Float(y)), bias)
+    }
+
+    fn batch_norm_train(
+        x: Tensor<Self, 4>,
+        gamma: Tensor<Self, 1>,
+        beta: Tensor<Self, 1>,
+        residual: Option<Tensor<Self, 4>>,
+        options: NormOptions,
+    ) -> NormOutput<Self> {
+        let Some(shape) = norm_shape(&x, residual.as_ref()) else {
+            return generic_batch_norm_train(x, gamma, beta, residual, options);
+        };
+        let dims = x.dims();
+        let [x, gamma, beta] = [float(x), float(gamma), float(beta)];
+        let residual = residual.map(float);
+        let (y, stats) = norm::forward(
+            &shape,
+            f32s(&x),
+            f32s(&gamma),
+            f32s(&beta),
+            options.epsilon as f32,
+            residual.as_ref().map(f32s),
+            options.relu,
+        );
+        NormOutput {
+            y: Tensor::from_primitive(TensorPrimitive::Float(flex(y, dims))),
+            mean: vector(stats.mean),
+            var: vector(stats.var),
+        }
+    }
+
+    fn autodiff_batch_norm_train<C: CheckpointStrategy>(
+        x: Tensor<Autodiff<Self, C>, 4>,
+        gamma: Tensor<Autodiff<Self, C>, 1>,
+        beta: Tensor<Autodiff<Self, C>, 1>,
+        residual: Option<Tensor<Autodiff<Self, C>, 4>>,
+        options: NormOptions,
+    ) -> NormOutput<Autodiff<Self, C>> {
+        let Some(shape) = norm_shape(&x, residual.as_ref()) else {
+            return generic_batch_norm_train(x, gamma, beta, residual, options);
+        };
+        let dims = x.dims();
+        let x = x.into_primitive().tensor();
+        let gamma = gamma.into_primitive().tensor();
+        let beta = beta.into_primitive().tensor();
+        let residual = residual.map(|r| r.into_primitive().tensor());
+        let input = contiguous(x.primitive.clone());
+        let gamma_values = contiguous(gamma.primitive.clone());
+        let residual_values = residual.as_ref().map(|r| contiguous(r.primitive.clone()));
+        let (y, stats) = norm::forward(
+            &shape,
+            f32s(&input),
+            f32s(&gamma_values),
+            f32s(&contiguous(beta.primitive.clone())),
+            options.epsilon as f32,
+            residual_values.as_ref().map(f32s),
+            options.relu,
+        );
+        let y = flex(y, dims);
+        let state = NormState {
+            shape,
+            dims,
+            input,
+            output: y.clone(),
+            inv_std: norm::inv_std(&stats.var, options.epsilon as f32),
+            mean: stats.mean.clone(),
+            gamma: gamma_values,
+            relu: options.relu,
+        };
+        let y = match residual {
+            Some(r) => track::<C, 4>([x, gamma, beta, r], state, y),
+            None => track::<C, 3>([x, gamma, beta], state, y),
+        };
+        let untracked = |v: Vec<f32>| Tensor::from_inner(vector(v));
+        NormOutput {
+            y: Tensor::from_primitive(TensorPrimitive::Float(y)),
+            mean: untracked(stats.mean),
+            var: untracked(stats.var),
+        }
+    }
+}
+
+/// The kernels' layout of a batch norm's input, or `None` for what they do not cover (non-f32
+/// data, a residual of another shape) or when they are switched off: the generic path runs.
+fn norm_shape<B: Backend>(x: &Tensor<B, 4>, residual: Option<&Tensor<B, 4>>) -> Option<NormShape> {
+    let [batch, channels, h, w] = x.dims();
+    let fits = flex_kernels_enabled()
+        && x.dtype() == DType::F32
+        && residual.is_none_or(|r| r.dims() == x.dims() && r.dtype() == DType::F32);
+    fits.then_some(NormShape {
+        batch,
+        channels,
+        plane: h * w,
+    })
+}
+
+/// The contiguous Flex primitive of a float tensor.
+fn float<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    contiguous(t.into_primitive().tensor())
+}
+
+fn flex<const D: usize>(values: Vec<f32>, dims: [usize; D]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, dims))
+}
+
+fn vector(values: Vec<f32>) -> Tensor<Flex, 1> {
+    let len = values.len();
+    Tensor::from_primitive(TensorPrimitive::Float(flex(values, [len])))
+}
+
+/// Records the batch norm's backward step on the graph (`parents`: `x`, `γ`, `β` and, when
+/// there is one, the residual).
+fn track<C: CheckpointStrategy, const N: usize>(
+    parents: [FloatTensor<Autodiff<Flex, C>>; N],
+    state: NormState,
+    y: FlexTensor,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let nodes = parents.map(|t| t.node);
+    match NormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
 
@@ -177,6 +299,55 @@ impl Backward<Flex, 2> for MaskedConvBackward {
             let dw = plan.weight_grad(f32s(&input), f32s(&dy), dense_weight_grad);
             let shape = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, shape)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NormBackward;
+
+#[derive(Debug, Clone)]
+struct NormState {
+    shape: NormShape,
+    dims: [usize; 4],
+    input: FlexTensor,
+    output: FlexTensor,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    gamma: FlexTensor,
+    relu: bool,
+}
+
+impl<const N: usize> Backward<Flex, N> for NormBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let s = ops.state;
+        let residual = ops.parents.get(3).is_some_and(Option::is_some);
+        let d = norm::backward(
+            &s.shape,
+            f32s(&s.input),
+            f32s(&s.output),
+            f32s(&dy),
+            &s.mean,
+            &s.inv_std,
+            f32s(&s.gamma),
+            residual,
+            s.relu,
+        );
+        let dims = s.dims;
+        let channels = [s.shape.channels];
+        let results = [
+            Some(flex(d.x, dims)),
+            Some(flex(d.gamma, channels)),
+            Some(flex(d.beta, channels)),
+            d.residual.map(|r| flex(r, dims)),
+        ];
+        for (parent, grad) in ops.parents.iter().zip(results) {
+            if let (Some(node), Some(grad)) = (parent, grad) {
+                grads.register::<Flex>(node.id, grad);
+            }
         }
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! - [`conv`]: masked 2-D convolution, dense (im2col + GEMM) or sparse (active weights only),
 //!   forward, input gradient, and weight gradient at every or only the active positions;
+//! - [`norm`]: training-mode batch norm with the residual add and ReLU after it fused in;
 //! - [`gemm`]: the safe front of the GEMM they use.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod conv;
 pub mod gemm;
+pub mod norm;
 #[cfg(test)]
 mod tests;
 

@@ -1,12 +1,13 @@
-//! The kernels against burn's generic convolution on Flex (`generic_masked_conv2d`):
-//! forward, input gradient and weight gradient on random shapes and densities.
+//! The kernels against burn's generic operations on Flex (`generic_masked_conv2d`,
+//! `generic_batch_norm_train`): outputs and every gradient on random shapes (and densities).
 
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
 use super::conv::{sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight};
-use crate::backend::{generic_masked_conv2d, AstBackend};
+use super::norm::{self, NormShape};
+use crate::backend::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions};
 use crate::rng::MaskRng;
 
 type AD = Autodiff<Flex>;
@@ -239,4 +240,111 @@ fn sparse_weight_by_hand() {
         plan.weight_grad(&[5.0, 7.0], &[1.0, 1.0], true),
         vec![5.0, 7.0, 5.0, 7.0]
     );
+}
+
+/// Batch norm (with residual and ReLU) through the kernels and through burn's operations
+/// (`generic_batch_norm_train`): output, statistics and every gradient.
+fn compare_norm(shape: [usize; 4], residual: bool, relu: bool, seed: u64) -> f32 {
+    let device = Default::default();
+    let [n, c, h, w] = shape;
+    let mut rng = MaskRng::new(seed, 1);
+    // Shifted and scaled so that the mean is far from zero, as after a convolution with bias.
+    let x: Vec<f32> = values(&mut rng, n * c * h * w)
+        .iter()
+        .map(|v| 3.0 * v + 1.5)
+        .collect();
+    let r = values(&mut rng, x.len());
+    let gamma = values(&mut rng, c);
+    let beta = values(&mut rng, c);
+    let dy = values(&mut rng, x.len());
+    let norm = NormOptions {
+        epsilon: 1e-5,
+        relu,
+    };
+    let run = |fast: bool| {
+        let tensor = |v: &[f32]| {
+            Tensor::<AD, 4>::from_data(TensorData::new(v.to_vec(), shape), &device).require_grad()
+        };
+        let vector = |v: &[f32]| {
+            Tensor::<AD, 1>::from_data(TensorData::new(v.to_vec(), [c]), &device).require_grad()
+        };
+        let (xt, rt, gt, bt) = (tensor(&x), tensor(&r), vector(&gamma), vector(&beta));
+        let res = residual.then(|| rt.clone());
+        let out = if fast {
+            AD::batch_norm_train(xt.clone(), gt.clone(), bt.clone(), res, norm)
+        } else {
+            generic_batch_norm_train(xt.clone(), gt.clone(), bt.clone(), res, norm)
+        };
+        let grads = (out.y.clone() * tensor(&dy)).sum().backward();
+        let mut all = vec![
+            vec_of(out.y.inner()),
+            vec_of(out.mean.inner()),
+            vec_of(out.var.inner()),
+            vec_of(xt.grad(&grads).unwrap()),
+            vec_of(gt.grad(&grads).unwrap()),
+            vec_of(bt.grad(&grads).unwrap()),
+        ];
+        if residual {
+            all.push(vec_of(rt.grad(&grads).unwrap()));
+        }
+        all
+    };
+    let (fast, generic) = (run(true), run(false));
+    assert_eq!(fast.len(), generic.len());
+    fast.iter()
+        .zip(&generic)
+        .map(|(a, b)| rel_err(a, b))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fast_batch_norm_equals_burns_operations_on_random_shapes() {
+    let mut rng = MaskRng::new(7, 0);
+    let mut pick = |lo: usize, hi: usize| lo + (rng.next_f64() * (hi - lo + 1) as f64) as usize;
+    for case in 0..24u64 {
+        let shape = [pick(1, 9), pick(1, 20), pick(1, 9), pick(1, 9)];
+        let (residual, relu) = (case % 2 == 1, case % 4 >= 2);
+        let err = compare_norm(shape, residual, relu, case);
+        assert!(
+            err <= 1e-4,
+            "{shape:?} residual {residual} relu {relu}: relative error {err}"
+        );
+    }
+}
+
+#[test]
+fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
+    let shape = NormShape {
+        batch: 6,
+        channels: 5,
+        plane: 37,
+    };
+    let mut rng = MaskRng::new(3, 0);
+    let x = values(&mut rng, shape.len());
+    let r = values(&mut rng, shape.len());
+    let dy = values(&mut rng, shape.len());
+    let (gamma, beta) = (values(&mut rng, 5), values(&mut rng, 5));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
+            let inv_std = norm::inv_std(&stats.var, 1e-5);
+            let grads = norm::backward(
+                &shape,
+                &x,
+                &y,
+                &dy,
+                &stats.mean,
+                &inv_std,
+                &gamma,
+                true,
+                true,
+            );
+            (y, stats, grads)
+        })
+    };
+    assert_eq!(run(1), run(3));
 }

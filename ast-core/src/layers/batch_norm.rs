@@ -10,49 +10,53 @@
 use burn::nn::BatchNorm;
 use burn::prelude::*;
 
+use crate::backend::{activate, normalize_rows, AstBackend, NormOptions};
+
 /// Batch norm of `x` with `bn`'s parameters: batch statistics (and a running-statistics update)
 /// when the backend tracks gradients, running statistics otherwise.
 ///
 /// # Shapes
 /// - `x`: `[N, C, H, W]`, output the same.
-pub fn batch_norm_2d<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn batch_norm_2d<B: AstBackend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    batch_norm_act(bn, x, None, false)
+}
+
+/// [`batch_norm_2d`] followed by the residual add and ReLU of a ResNet block,
+/// `act(bn(x) + r)`, computed in one pass where the backend fuses them
+/// ([`AstBackend::batch_norm_train`]).
+///
+/// # Shapes
+/// - `x`, `residual`: `[N, C, H, W]`, output the same.
+pub fn batch_norm_act<B: AstBackend>(
+    bn: &BatchNorm<B>,
+    x: Tensor<B, 4>,
+    residual: Option<Tensor<B, 4>>,
+    relu: bool,
+) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let device = x.device();
-    let rows = x.reshape([n * c, h * w]);
-    let (mean, var) = if B::ad_enabled(&device) {
-        let count = (n * h * w) as f64;
-        let sum = rows
-            .clone()
-            .sum_dim(1)
-            .reshape([n, c])
-            .sum_dim(0)
-            .reshape([c]);
-        let sum_sq = (rows.clone() * rows.clone())
-            .sum_dim(1)
-            .reshape([n, c])
-            .sum_dim(0)
-            .reshape([c]);
-        let mean = sum / count;
-        let var = (sum_sq / count - mean.clone() * mean.clone()).clamp_min(0.0);
-        let unbiased = var.clone().detach() * (count / (count - 1.0).max(1.0));
-        let m = bn.momentum;
-        let running_mean = bn.running_mean.value_sync().to_device(&device);
-        let running_var = bn.running_var.value_sync().to_device(&device);
-        bn.running_mean
-            .update((running_mean * (1.0 - m) + mean.clone().detach() * m).detach());
-        bn.running_var
-            .update((running_var * (1.0 - m) + unbiased * m).detach());
-        (mean, var)
-    } else {
-        (
-            bn.running_mean.value().to_device(&device),
-            bn.running_var.value().to_device(&device),
-        )
+    if !B::ad_enabled(&device) {
+        let mean = bn.running_mean.value().to_device(&device);
+        let var = bn.running_var.value().to_device(&device);
+        let rows = x.reshape([n * c, h * w]);
+        let y = normalize_rows(rows, bn.gamma.val(), bn.beta.val(), mean, var, bn.epsilon);
+        return activate(y.reshape([n, c, h, w]), residual, relu);
+    }
+    let norm = NormOptions {
+        epsilon: bn.epsilon,
+        relu,
     };
-    let scale = bn.gamma.val() / (var + bn.epsilon).sqrt();
-    let shift = bn.beta.val() - mean * scale.clone();
-    let per_row = |v: Tensor<B, 1>| v.reshape([1, c]).repeat_dim(0, n).reshape([n * c, 1]);
-    (rows * per_row(scale) + per_row(shift)).reshape([n, c, h, w])
+    let out = B::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), residual, norm);
+    let count = (n * h * w) as f64;
+    let unbiased = out.var * (count / (count - 1.0).max(1.0));
+    let m = bn.momentum;
+    let running_mean = bn.running_mean.value_sync().to_device(&device);
+    let running_var = bn.running_var.value_sync().to_device(&device);
+    bn.running_mean
+        .update((running_mean * (1.0 - m) + out.mean * m).detach());
+    bn.running_var
+        .update((running_var * (1.0 - m) + unbiased * m).detach());
+    out.y
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod masked_linear;
 mod switch;
 mod switch_norm;
 
-pub use batch_norm::batch_norm_2d;
+pub use batch_norm::{batch_norm_2d, batch_norm_act};
 pub use masked_conv2d::{MaskedConv2d, MaskedConv2dConfig};
 pub use masked_linear::{MaskedLinear, MaskedLinearConfig};
 pub use switch::SubnetSwitch;

@@ -3,7 +3,8 @@
 use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 
-use super::{active_index, batch_norm_2d, SubnetSwitch};
+use super::{active_index, batch_norm_2d, batch_norm_act, SubnetSwitch};
+use crate::AstBackend;
 
 /// Configuration of a [`SwitchableBatchNorm`].
 #[derive(Config, Debug)]
@@ -58,7 +59,7 @@ impl SwitchableBatchNormConfig {
     }
 }
 
-impl<B: Backend> SwitchableBatchNorm<B> {
+impl<B: AstBackend> SwitchableBatchNorm<B> {
     /// Normalises with the active sub-net's BatchNorm.
     ///
     /// # Shapes
@@ -69,6 +70,23 @@ impl<B: Backend> SwitchableBatchNorm<B> {
     pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
         let k = active_index(&self.switch, self.norms.len(), "BatchNorms");
         batch_norm_2d(&self.norms[k], input)
+    }
+
+    /// `act(bn(x) + r)` with the active sub-net's BatchNorm (see [`batch_norm_act`]).
+    ///
+    /// # Shapes
+    /// - input and residual `[batch, channels, height, width]`, output the same.
+    ///
+    /// # Panics
+    /// If the active sub-net index is not below the number of BatchNorms.
+    pub fn forward_act(
+        &self,
+        input: Tensor<B, 4>,
+        residual: Option<Tensor<B, 4>>,
+        relu: bool,
+    ) -> Tensor<B, 4> {
+        let k = active_index(&self.switch, self.norms.len(), "BatchNorms");
+        batch_norm_act(&self.norms[k], input, residual, relu)
     }
 }
 

@@ -1,0 +1,420 @@
+//! Training-mode batch normalisation of `[N, C, H, W]` activations on host slices, with the
+//! residual add and ReLU that follow it in the models fused in:
+//! `y = act(γ·x̂ + β + r)`, `x̂ = (x − μ)/√(σ² + ε)`, `act` ReLU or the identity.
+//!
+//! `μ`, `σ²` are the batch mean and biased variance of each channel over its `N·H·W` values,
+//! summed in `f64` in two passes (mean, then squared deviations). The backward pass is
+//! `g = dy·[y > 0]` (ReLU) or `dy`, `∂r = g`, `∂β = Σg`, `∂γ = Σg·x̂` and
+//! `∂x = γ/√(σ² + ε) · (g − ∂β/M − x̂·∂γ/M)` with `M = N·H·W`.
+//!
+//! Sums run per channel and element-wise passes per plane, split with rayon; every sum is taken
+//! in a fixed order, so results are bit-identical whatever the thread count. One forward reads
+//! `x` three times and writes `y` once, one backward reads `x` and `dy` twice: burn's composed
+//! operations take about four times as many passes (and as many temporary tensors).
+
+use rayon::prelude::*;
+
+/// The layout of a `[N, C, H, W]` activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormShape {
+    /// Batch size `N`.
+    pub batch: usize,
+    /// Channels `C`.
+    pub channels: usize,
+    /// Values per plane, `H·W`.
+    pub plane: usize,
+}
+
+impl NormShape {
+    /// Values in the activation.
+    pub fn len(&self) -> usize {
+        self.batch * self.channels * self.plane
+    }
+
+    /// Whether the activation holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per channel, `M = N·H·W`.
+    fn count(&self) -> f64 {
+        (self.batch * self.plane) as f64
+    }
+
+    /// Channel `c`'s planes, sample by sample.
+    fn planes<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let [channels, plane] = [self.channels, self.plane];
+        (0..self.batch).map(move |n| &data[(n * channels + c) * plane..][..plane])
+    }
+
+    /// Planes per rayon task of an element-wise pass (about 4 096 values per task).
+    fn planes_per_task(&self) -> usize {
+        (4096 / self.plane.max(1)).max(1)
+    }
+
+    fn check(&self, name: &str, len: usize) {
+        assert_eq!(len, self.len(), "{name} does not match {self:?}");
+    }
+}
+
+/// Per-channel batch statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Mean `μ` of each channel.
+    pub mean: Vec<f32>,
+    /// Biased variance `σ²` of each channel.
+    pub var: Vec<f32>,
+}
+
+/// What [`backward`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormGrads {
+    /// `∂L/∂x`, shaped as `x`.
+    pub x: Vec<f32>,
+    /// `∂L/∂γ`, one per channel.
+    pub gamma: Vec<f32>,
+    /// `∂L/∂β`, one per channel.
+    pub beta: Vec<f32>,
+    /// `∂L/∂r`, shaped as `x`, when asked for.
+    pub residual: Option<Vec<f32>>,
+}
+
+/// Lanes of the partial sums: wide enough for the compiler to vectorise the loops, and a fixed
+/// summation order.
+const LANES: usize = 16;
+
+/// `Σ f(a_i)` over one plane: `f32` lanes, added up in `f64`.
+#[inline(always)]
+fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(f(v))).sum();
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] += f(chunk[i]);
+        }
+    }
+    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+}
+
+/// `(Σg, Σg·(x − μ))` over one plane, `g = gate(dy, y)`: `f32` lanes added up in `f64`.
+#[inline(always)]
+fn gated_sums(dy: &[f32], y: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
+    let mut acc_g = [0.0f32; LANES];
+    let mut acc_gx = [0.0f32; LANES];
+    let n = dy.len() / LANES * LANES;
+    for ((d, yv), xv) in (dy[..n].chunks_exact(LANES))
+        .zip(y[..n].chunks_exact(LANES))
+        .zip(x[..n].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            let g = gate(d[i], yv[i], relu);
+            acc_g[i] += g;
+            acc_gx[i] += g * (xv[i] - mean);
+        }
+    }
+    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+    for i in 0..LANES {
+        sum_g += f64::from(acc_g[i]);
+        sum_gx += f64::from(acc_gx[i]);
+    }
+    for i in n..dy.len() {
+        let g = gate(dy[i], y[i], relu);
+        sum_g += f64::from(g);
+        sum_gx += f64::from(g * (x[i] - mean));
+    }
+    (sum_g, sum_gx)
+}
+
+/// Per-channel mean and biased variance of `x`.
+///
+/// # Panics
+/// If `x` does not hold `shape.len()` values.
+pub fn batch_stats(shape: &NormShape, x: &[f32]) -> BatchStats {
+    shape.check("the input", x.len());
+    let count = shape.count();
+    let (mean, var) = (0..shape.channels)
+        .into_par_iter()
+        .map(|c| {
+            let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+            let mean = (sum / count) as f32;
+            let squares: f64 = (shape.planes(x, c))
+                .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
+                .sum();
+            (mean, (squares / count) as f32)
+        })
+        .unzip();
+    BatchStats { mean, var }
+}
+
+/// `1/√(σ² + ε)` per channel.
+pub fn inv_std(var: &[f32], epsilon: f32) -> Vec<f32> {
+    var.iter().map(|&v| 1.0 / (v + epsilon).sqrt()).collect()
+}
+
+/// The forward pass: `y = act(γ·x̂ + β + r)` with the batch statistics of `x`, which it also
+/// returns.
+///
+/// # Panics
+/// If `x` or `residual` do not hold `shape.len()` values, or `gamma`/`beta` not one per channel.
+pub fn forward(
+    shape: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> (Vec<f32>, BatchStats) {
+    let stats = batch_stats(shape, x);
+    let inv_std = inv_std(&stats.var, epsilon);
+    let y = normalize(shape, x, gamma, beta, &stats.mean, &inv_std, residual, relu);
+    (y, stats)
+}
+
+/// `act(γ·(x − μ)·s + β + r)` with given per-channel `μ` and `s = 1/√(σ² + ε)` (the batch's in
+/// training, the running statistics' in inference).
+///
+/// # Panics
+/// If `x` or `residual` do not hold `shape.len()` values, or a per-channel slice is not one per
+/// channel.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize(
+    shape: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    shape.check("the input", x.len());
+    if let Some(r) = residual {
+        shape.check("the residual", r.len());
+    }
+    for (name, v) in [("γ", gamma), ("β", beta), ("μ", mean), ("1/σ", inv_std)] {
+        assert_eq!(v.len(), shape.channels, "{name} is not one per channel");
+    }
+    let scale: Vec<f32> = gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
+    let shift: Vec<f32> = (beta.iter().zip(mean).zip(&scale))
+        .map(|((b, m), s)| b - m * s)
+        .collect();
+    let p = shape.plane;
+    let mut y = vec![0.0f32; shape.len()];
+    y.par_chunks_mut(p)
+        .with_min_len(shape.planes_per_task())
+        .enumerate()
+        .for_each(|(i, out)| {
+            let c = i % shape.channels;
+            let (a, b) = (scale[c], shift[c]);
+            let xin = &x[i * p..][..p];
+            match residual {
+                Some(r) => {
+                    let r = &r[i * p..][..p];
+                    for ((o, &v), &r) in out.iter_mut().zip(xin).zip(r) {
+                        *o = activate(a * v + b + r, relu);
+                    }
+                }
+                None => {
+                    for (o, &v) in out.iter_mut().zip(xin) {
+                        *o = activate(a * v + b, relu);
+                    }
+                }
+            }
+        });
+    y
+}
+
+#[inline(always)]
+fn activate(v: f32, relu: bool) -> f32 {
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
+}
+
+/// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`.
+#[inline(always)]
+fn gate(dy: f32, y: f32, relu: bool) -> f32 {
+    if relu && y <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
+/// The backward pass of [`forward`] from the saved input `x`, the output `y` (read only after a
+/// ReLU, for its gate), the batch statistics and `γ`. `residual` says whether `∂L/∂r` is wanted.
+///
+/// # Panics
+/// If a slice does not match `shape`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    shape: &NormShape,
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    gamma: &[f32],
+    residual: bool,
+    relu: bool,
+) -> NormGrads {
+    shape.check("the input", x.len());
+    shape.check("the gradient", dy.len());
+    if relu {
+        shape.check("the output", y.len());
+    }
+    // Per channel: ∂β = Σg and Σg·(x − μ) (∂γ = that times 1/σ).
+    let gate_source = if relu { y } else { dy };
+    let (beta_grad, centred): (Vec<f64>, Vec<f64>) = (0..shape.channels)
+        .into_par_iter()
+        .map(|c| {
+            let planes = (shape.planes(dy, c))
+                .zip(shape.planes(gate_source, c))
+                .zip(shape.planes(x, c));
+            planes.fold((0.0, 0.0), |(sum_g, sum_gx), ((d, yv), xv)| {
+                let (g, gx) = gated_sums(d, yv, xv, mean[c], relu);
+                (sum_g + g, sum_gx + gx)
+            })
+        })
+        .unzip();
+    let count = shape.count();
+    // ∂x = k·(g − ∂β/M − (x − μ)·s²·Σg(x − μ)/M), k = γ·s: ∂x = k·g + r·x + q per channel.
+    let coefficients: Vec<[f32; 3]> = (0..shape.channels)
+        .map(|c| {
+            let s = f64::from(inv_std[c]);
+            let k = f64::from(gamma[c]) * s;
+            let a = beta_grad[c] / count;
+            let b = s * s * centred[c] / count;
+            let m = f64::from(mean[c]);
+            [k as f32, (-k * b) as f32, (k * (b * m - a)) as f32]
+        })
+        .collect();
+    let p = shape.plane;
+    let mut dx = vec![0.0f32; shape.len()];
+    let mut dr = residual.then(|| vec![0.0f32; shape.len()]);
+    let tasks = shape.planes_per_task();
+    let pass = |i: usize, out: &mut [f32], out_r: Option<&mut [f32]>| {
+        let [k, r, q] = coefficients[i % shape.channels];
+        let (d, xv) = (&dy[i * p..][..p], &x[i * p..][..p]);
+        let yv = &gate_source[i * p..][..p];
+        for (((o, &d), &y), &xv) in out.iter_mut().zip(d).zip(yv).zip(xv) {
+            *o = k * gate(d, y, relu) + r * xv + q;
+        }
+        if let Some(out_r) = out_r {
+            for ((o, &d), &y) in out_r.iter_mut().zip(d).zip(yv) {
+                *o = gate(d, y, relu);
+            }
+        }
+    };
+    match dr.as_mut() {
+        Some(dr) => dx
+            .par_chunks_mut(p)
+            .zip(dr.par_chunks_mut(p))
+            .with_min_len(tasks)
+            .enumerate()
+            .for_each(|(i, (out, out_r))| pass(i, out, Some(out_r))),
+        None => dx
+            .par_chunks_mut(p)
+            .with_min_len(tasks)
+            .enumerate()
+            .for_each(|(i, out)| pass(i, out, None)),
+    }
+    NormGrads {
+        x: dx,
+        gamma: (centred.iter().zip(inv_std))
+            .map(|(&v, &s)| (v * f64::from(s)) as f32)
+            .collect(),
+        beta: beta_grad.iter().map(|&v| v as f32).collect(),
+        residual: dr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} != {b:?}");
+        }
+    }
+
+    #[test]
+    fn one_channel_by_hand() {
+        // x = 1, 3, 5, 7 (two samples of two values): μ = 4, σ² = 5, x̂ = (−3, −1, 1, 3)/√5.
+        // γ = 2, β = 1, ε = 0: y = 1 + 2·x̂; after the ReLU the first value is 0.
+        let shape = NormShape {
+            batch: 2,
+            channels: 1,
+            plane: 2,
+        };
+        let x = [1.0, 3.0, 5.0, 7.0];
+        let r5 = 5.0f32.sqrt();
+        let (y, stats) = forward(&shape, &x, &[2.0], &[1.0], 0.0, None, true);
+        assert_eq!(
+            stats,
+            BatchStats {
+                mean: vec![4.0],
+                var: vec![5.0]
+            }
+        );
+        close(&y, &[0.0, 1.0 - 2.0 / r5, 1.0 + 2.0 / r5, 1.0 + 6.0 / r5]);
+        // dy = 1 everywhere, gated to g = (0, 1, 1, 1): ∂β = 3, ∂γ = Σg·x̂ = 3/√5,
+        // ∂x_i = (2/√5)·(g_i − 3/4 − x̂_i·(3/√5)/4) = (−0.6, 0.8, 0.2, −0.4)/√5; ∂r = g.
+        let g = backward(
+            &shape,
+            &x,
+            &y,
+            &[1.0; 4],
+            &[4.0],
+            &[1.0 / r5],
+            &[2.0],
+            true,
+            true,
+        );
+        close(&g.beta, &[3.0]);
+        close(&g.gamma, &[3.0 / r5]);
+        close(&g.x, &[-0.6 / r5, 0.8 / r5, 0.2 / r5, -0.4 / r5]);
+        close(&g.residual.unwrap(), &[0.0, 1.0, 1.0, 1.0]);
+        // Without the ReLU a constant dy moves nothing but β.
+        let g = backward(
+            &shape,
+            &x,
+            &y,
+            &[1.0; 4],
+            &[4.0],
+            &[1.0 / r5],
+            &[2.0],
+            false,
+            false,
+        );
+        close(&g.beta, &[4.0]);
+        close(&g.gamma, &[0.0]);
+        close(&g.x, &[0.0; 4]);
+        assert!(g.residual.is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "the residual does not match")]
+    fn a_residual_of_another_length_is_refused() {
+        let shape = NormShape {
+            batch: 1,
+            channels: 1,
+            plane: 2,
+        };
+        forward(
+            &shape,
+            &[1.0, 2.0],
+            &[1.0],
+            &[0.0],
+            0.0,
+            Some(&[1.0]),
+            false,
+        );
+    }
+}
