@@ -526,12 +526,13 @@ fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
 }
 
 #[inline(always)]
-/// Sample `x`'s input channels zero-padded, `[C_in, H + 2p_h, W + 2p_w]`, into `padded`.
+/// Sample `x`'s input channels zero-padded, `[C_in, H + 2p_h, W + 2p_w]`, into `padded`. Only
+/// the interior is written: the border must be zero already (buffers start zeroed, and no
+/// kernel writes a border of its `padded` copy), which saves a pass over the buffer.
 fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
     let [h, w] = g.in_hw;
     let [hp, wp] = g.padded_hw();
     let [ph, pw] = g.padding;
-    padded.fill(0.0);
     for (src, dst) in x.chunks_exact(h * w).zip(padded.chunks_exact_mut(hp * wp)) {
         for (row, dst_row) in src.chunks_exact(w).zip(dst[ph * wp..].chunks_exact_mut(wp)) {
             dst_row[pw..pw + w].copy_from_slice(row);
@@ -542,27 +543,28 @@ fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
 #[inline(always)]
 /// One output plane `[H_out, W_out]` laid out with the padded input's row pitch `W + 2p_w`
 /// (the columns past `W_out` are zero), so that each active weight's contribution is one long
-/// strided product (see [`SparseWeight`]).
+/// strided product (see [`SparseWeight`]). Only the first `W_out` columns of each row are
+/// written: the others must be zero already (as in [`pad_input`]).
 fn widen(g: &ConvGeometry, plane: &[f32], wide: &mut [f32]) {
     let [_, wo] = g.out_hw().expect("supported geometry");
     let wp = g.padded_hw()[1];
-    wide.fill(0.0);
     for (src, dst) in plane.chunks_exact(wo).zip(wide.chunks_mut(wp)) {
         dst[..wo].copy_from_slice(src);
     }
 }
 
-/// `out[j] += v · inp[j·stride]` for `j < out.len()`.
+/// `out[j] += v · inp[j·stride]` for `j < out.len()` (`out[j] = …` when `ASSIGN`).
 #[inline(always)]
-fn axpy_strided(out: &mut [f32], inp: &[f32], v: f32, stride: usize) {
+fn axpy_strided<const ASSIGN: bool>(out: &mut [f32], inp: &[f32], v: f32, stride: usize) {
+    let update = |o: &mut f32, x: f32| *o = if ASSIGN { v * x } else { *o + v * x };
     if stride == 1 {
         let inp = &inp[..out.len()];
         for (o, &x) in out.iter_mut().zip(inp) {
-            *o += v * x;
+            update(o, x);
         }
     } else {
         for (o, &x) in out.iter_mut().zip(inp.iter().step_by(stride)) {
-            *o += v * x;
+            update(o, x);
         }
     }
 }
@@ -604,9 +606,21 @@ fn forward_sparse_sample(
     let (wp, len, s) = (g.padded_hw()[1], g.span_len(), g.stride[1]);
     pad_input(g, x, padded);
     for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
-        wide.fill(0.0);
-        for e in w.row_start[co]..w.row_start[co + 1] {
-            axpy_strided(&mut wide[..len], &padded[w.offset[e]..], w.value[e], s);
+        let entries = w.row_start[co]..w.row_start[co + 1];
+        if entries.is_empty() {
+            out.fill(0.0);
+            continue;
+        }
+        // The first active weight assigns, the others accumulate: no pass to clear `wide`.
+        let (first, rest) = (entries.start, entries.start + 1..entries.end);
+        axpy_strided::<true>(
+            &mut wide[..len],
+            &padded[w.offset[first]..],
+            w.value[first],
+            s,
+        );
+        for e in rest {
+            axpy_strided::<false>(&mut wide[..len], &padded[w.offset[e]..], w.value[e], s);
         }
         for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
             dst.copy_from_slice(&src[..wo]);

@@ -52,6 +52,14 @@ impl NormShape {
         (4096 / self.plane.max(1)).max(1)
     }
 
+    /// The per-channel `values` of each plane in the flat `range` (whole planes).
+    fn per_plane<T: Copy>(&self, values: &[T], range: &core::ops::Range<usize>) -> Vec<T> {
+        let p = self.plane.max(1);
+        (range.start / p..range.end / p)
+            .map(|i| values[i % self.channels])
+            .collect()
+    }
+
     fn check(&self, name: &str, len: usize) {
         assert_eq!(len, self.len(), "{name} does not match {self:?}");
     }
@@ -83,6 +91,126 @@ pub struct NormGrads {
 /// summation order.
 const LANES: usize = 16;
 
+/// One rayon task's share of a pass, run through `pulp`'s dispatch so that the loops are
+/// compiled for the widest SIMD set this CPU has (chosen at run time). The loops and their
+/// helpers are `#[inline(always)]` so that they are compiled inside the dispatched function.
+enum Pass<'a> {
+    /// `(Σx, Σ(x − μ)²)` over the planes of one channel (`μ` computed from the first sum).
+    Stats { planes: Vec<&'a [f32]> },
+    /// `(Σg, Σg·(x − μ))` over the planes of one channel.
+    GatedSums {
+        planes: Vec<[&'a [f32]; 3]>,
+        mean: f32,
+        relu: bool,
+    },
+    /// `out = act(a·x + b + r)` plane by plane, `(a, b)` per plane.
+    Normalize {
+        out: &'a mut [f32],
+        x: &'a [f32],
+        residual: Option<&'a [f32]>,
+        coefficients: Vec<[f32; 2]>,
+        relu: bool,
+    },
+    /// `∂x = k·g + r·x + q` (and `∂r = g`) plane by plane, `[k, r, q]` per plane.
+    Backward {
+        dx: &'a mut [f32],
+        dr: Option<&'a mut [f32]>,
+        dy: &'a [f32],
+        gate: &'a [f32],
+        x: &'a [f32],
+        coefficients: Vec<[f32; 3]>,
+        relu: bool,
+    },
+}
+
+impl pulp::WithSimd for Pass<'_> {
+    type Output = [f64; 2];
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> [f64; 2] {
+        match self {
+            Pass::Stats { planes } => {
+                let count = planes.iter().map(|p| p.len()).sum::<usize>().max(1) as f64;
+                let sum: f64 = planes.iter().map(|p| lane_sum(p, |v| v)).sum();
+                let mean = (sum / count) as f32;
+                let squares = planes
+                    .iter()
+                    .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)));
+                [sum, squares.sum()]
+            }
+            Pass::GatedSums { planes, mean, relu } => {
+                planes.iter().fold([0.0, 0.0], |[g, gx], [dy, y, x]| {
+                    let [pg, pgx] = if relu {
+                        gated_sums::<true>(dy, y, x, mean)
+                    } else {
+                        gated_sums::<false>(dy, y, x, mean)
+                    };
+                    [g + pg, gx + pgx]
+                })
+            }
+            Pass::Normalize {
+                out,
+                x,
+                residual,
+                coefficients,
+                relu,
+            } => {
+                let p = out.len() / coefficients.len().max(1);
+                for (i, &[a, b]) in coefficients.iter().enumerate() {
+                    let (o, xv) = (&mut out[i * p..][..p], &x[i * p..][..p]);
+                    let r = residual.map(|r| &r[i * p..][..p]);
+                    match (r, relu) {
+                        (Some(r), true) => normalize_plane::<true>(o, xv, r, a, b),
+                        (Some(r), false) => normalize_plane::<false>(o, xv, r, a, b),
+                        (None, true) => normalize_plane::<true>(o, xv, &[], a, b),
+                        (None, false) => normalize_plane::<false>(o, xv, &[], a, b),
+                    }
+                }
+                [0.0; 2]
+            }
+            Pass::Backward {
+                dx,
+                mut dr,
+                dy,
+                gate,
+                x,
+                coefficients,
+                relu,
+            } => {
+                let p = dx.len() / coefficients.len().max(1);
+                for (i, &c) in coefficients.iter().enumerate() {
+                    let (o, d, y, xv) = (
+                        &mut dx[i * p..][..p],
+                        &dy[i * p..][..p],
+                        &gate[i * p..][..p],
+                        &x[i * p..][..p],
+                    );
+                    if relu {
+                        backward_plane::<true>(o, d, y, xv, c);
+                    } else {
+                        backward_plane::<false>(o, d, y, xv, c);
+                    }
+                    if let Some(dr) = dr.as_deref_mut() {
+                        let o = &mut dr[i * p..][..p];
+                        if relu {
+                            gate_plane::<true>(o, d, y);
+                        } else {
+                            o.copy_from_slice(d);
+                        }
+                    }
+                }
+                [0.0; 2]
+            }
+        }
+    }
+}
+
+impl Pass<'_> {
+    fn run(self) -> [f64; 2] {
+        pulp::Arch::new().dispatch(self)
+    }
+}
+
 /// `Σ f(a_i)` over one plane: `f32` lanes, added up in `f64`.
 #[inline(always)]
 fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
@@ -97,9 +225,19 @@ fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
 }
 
-/// `(Σg, Σg·(x − μ))` over one plane, `g = gate(dy, y)`: `f32` lanes added up in `f64`.
+/// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`.
 #[inline(always)]
-fn gated_sums(dy: &[f32], y: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
+fn gate<const RELU: bool>(dy: f32, y: f32) -> f32 {
+    if RELU && y <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
+/// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, y)`: `f32` lanes added up in `f64`.
+#[inline(always)]
+fn gated_sums<const RELU: bool>(dy: &[f32], y: &[f32], x: &[f32], mean: f32) -> [f64; 2] {
     let mut acc_g = [0.0f32; LANES];
     let mut acc_gx = [0.0f32; LANES];
     let n = dy.len() / LANES * LANES;
@@ -108,7 +246,7 @@ fn gated_sums(dy: &[f32], y: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, 
         .zip(x[..n].chunks_exact(LANES))
     {
         for i in 0..LANES {
-            let g = gate(d[i], yv[i], relu);
+            let g = gate::<RELU>(d[i], yv[i]);
             acc_g[i] += g;
             acc_gx[i] += g * (xv[i] - mean);
         }
@@ -119,11 +257,49 @@ fn gated_sums(dy: &[f32], y: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, 
         sum_gx += f64::from(acc_gx[i]);
     }
     for i in n..dy.len() {
-        let g = gate(dy[i], y[i], relu);
+        let g = gate::<RELU>(dy[i], y[i]);
         sum_g += f64::from(g);
         sum_gx += f64::from(g * (x[i] - mean));
     }
-    (sum_g, sum_gx)
+    [sum_g, sum_gx]
+}
+
+/// `out = act(a·x + b + r)` over one plane (`r` empty: no residual).
+#[inline(always)]
+fn normalize_plane<const RELU: bool>(out: &mut [f32], x: &[f32], r: &[f32], a: f32, b: f32) {
+    let act = |v: f32| if RELU { v.max(0.0) } else { v };
+    if r.is_empty() {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = act(a * v + b);
+        }
+    } else {
+        for ((o, &v), &r) in out.iter_mut().zip(x).zip(r) {
+            *o = act(a * v + b + r);
+        }
+    }
+}
+
+/// `∂x = k·g + r·x + q` over one plane.
+#[inline(always)]
+fn backward_plane<const RELU: bool>(
+    out: &mut [f32],
+    dy: &[f32],
+    y: &[f32],
+    x: &[f32],
+    c: [f32; 3],
+) {
+    let [k, r, q] = c;
+    for (((o, &d), &y), &xv) in out.iter_mut().zip(dy).zip(y).zip(x) {
+        *o = k * gate::<RELU>(d, y) + r * xv + q;
+    }
+}
+
+/// `out = g = gate(dy, y)` over one plane.
+#[inline(always)]
+fn gate_plane<const RELU: bool>(out: &mut [f32], dy: &[f32], y: &[f32]) {
+    for ((o, &d), &y) in out.iter_mut().zip(dy).zip(y) {
+        *o = gate::<RELU>(d, y);
+    }
 }
 
 /// Per-channel mean and biased variance of `x`.
@@ -136,12 +312,11 @@ pub fn batch_stats(shape: &NormShape, x: &[f32]) -> BatchStats {
     let (mean, var) = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = shape.planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
-            let mean = (sum / count) as f32;
-            let squares: f64 = (shape.planes(x, c))
-                .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
-                .sum();
-            (mean, (squares / count) as f32)
+            let [sum, squares] = Pass::Stats {
+                planes: shape.planes(x, c).collect(),
+            }
+            .run();
+            ((sum / count) as f32, (squares / count) as f32)
         })
         .unzip();
     BatchStats { mean, var }
@@ -196,53 +371,29 @@ pub fn normalize(
     for (name, v) in [("γ", gamma), ("β", beta), ("μ", mean), ("1/σ", inv_std)] {
         assert_eq!(v.len(), shape.channels, "{name} is not one per channel");
     }
-    let scale: Vec<f32> = gamma.iter().zip(inv_std).map(|(g, s)| g * s).collect();
-    let shift: Vec<f32> = (beta.iter().zip(mean).zip(&scale))
-        .map(|((b, m), s)| b - m * s)
+    let coefficients: Vec<[f32; 2]> = (0..shape.channels)
+        .map(|c| {
+            let scale = gamma[c] * inv_std[c];
+            [scale, beta[c] - mean[c] * scale]
+        })
         .collect();
-    let p = shape.plane;
     let mut y = vec![0.0f32; shape.len()];
-    y.par_chunks_mut(p)
-        .with_min_len(shape.planes_per_task())
+    let task = shape.planes_per_task() * shape.plane;
+    y.par_chunks_mut(task.max(1))
         .enumerate()
-        .for_each(|(i, out)| {
-            let c = i % shape.channels;
-            let (a, b) = (scale[c], shift[c]);
-            let xin = &x[i * p..][..p];
-            match residual {
-                Some(r) => {
-                    let r = &r[i * p..][..p];
-                    for ((o, &v), &r) in out.iter_mut().zip(xin).zip(r) {
-                        *o = activate(a * v + b + r, relu);
-                    }
-                }
-                None => {
-                    for (o, &v) in out.iter_mut().zip(xin) {
-                        *o = activate(a * v + b, relu);
-                    }
-                }
+        .for_each(|(t, out)| {
+            let start = t * task;
+            let range = start..start + out.len();
+            Pass::Normalize {
+                coefficients: shape.per_plane(&coefficients, &range),
+                x: &x[range.clone()],
+                residual: residual.map(|r| &r[range]),
+                out,
+                relu,
             }
+            .run();
         });
     y
-}
-
-#[inline(always)]
-fn activate(v: f32, relu: bool) -> f32 {
-    if relu {
-        v.max(0.0)
-    } else {
-        v
-    }
-}
-
-/// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`.
-#[inline(always)]
-fn gate(dy: f32, y: f32, relu: bool) -> f32 {
-    if relu && y <= 0.0 {
-        0.0
-    } else {
-        dy
-    }
 }
 
 /// The backward pass of [`forward`] from the saved input `x`, the output `y` (read only after a
@@ -268,17 +419,22 @@ pub fn backward(
         shape.check("the output", y.len());
     }
     // Per channel: ∂β = Σg and Σg·(x − μ) (∂γ = that times 1/σ).
-    let gate_source = if relu { y } else { dy };
+    let gate = if relu { y } else { dy };
     let (beta_grad, centred): (Vec<f64>, Vec<f64>) = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
             let planes = (shape.planes(dy, c))
-                .zip(shape.planes(gate_source, c))
-                .zip(shape.planes(x, c));
-            planes.fold((0.0, 0.0), |(sum_g, sum_gx), ((d, yv), xv)| {
-                let (g, gx) = gated_sums(d, yv, xv, mean[c], relu);
-                (sum_g + g, sum_gx + gx)
-            })
+                .zip(shape.planes(gate, c))
+                .zip(shape.planes(x, c))
+                .map(|((d, g), x)| [d, g, x])
+                .collect();
+            let [g, gx] = Pass::GatedSums {
+                planes,
+                mean: mean[c],
+                relu,
+            }
+            .run();
+            (g, gx)
         })
         .unzip();
     let count = shape.count();
@@ -293,35 +449,30 @@ pub fn backward(
             [k as f32, (-k * b) as f32, (k * (b * m - a)) as f32]
         })
         .collect();
-    let p = shape.plane;
     let mut dx = vec![0.0f32; shape.len()];
     let mut dr = residual.then(|| vec![0.0f32; shape.len()]);
-    let tasks = shape.planes_per_task();
-    let pass = |i: usize, out: &mut [f32], out_r: Option<&mut [f32]>| {
-        let [k, r, q] = coefficients[i % shape.channels];
-        let (d, xv) = (&dy[i * p..][..p], &x[i * p..][..p]);
-        let yv = &gate_source[i * p..][..p];
-        for (((o, &d), &y), &xv) in out.iter_mut().zip(d).zip(yv).zip(xv) {
-            *o = k * gate(d, y, relu) + r * xv + q;
+    let task = (shape.planes_per_task() * shape.plane).max(1);
+    let pass = |t: usize, dx: &mut [f32], dr: Option<&mut [f32]>| {
+        let start = t * task;
+        let range = start..start + dx.len();
+        Pass::Backward {
+            coefficients: shape.per_plane(&coefficients, &range),
+            dy: &dy[range.clone()],
+            gate: &gate[range.clone()],
+            x: &x[range],
+            dx,
+            dr,
+            relu,
         }
-        if let Some(out_r) = out_r {
-            for ((o, &d), &y) in out_r.iter_mut().zip(d).zip(yv) {
-                *o = gate(d, y, relu);
-            }
-        }
+        .run();
     };
     match dr.as_mut() {
-        Some(dr) => dx
-            .par_chunks_mut(p)
-            .zip(dr.par_chunks_mut(p))
-            .with_min_len(tasks)
+        Some(dr) => (dx.par_chunks_mut(task).zip(dr.par_chunks_mut(task)))
             .enumerate()
-            .for_each(|(i, (out, out_r))| pass(i, out, Some(out_r))),
-        None => dx
-            .par_chunks_mut(p)
-            .with_min_len(tasks)
+            .for_each(|(t, (dx, dr))| pass(t, dx, Some(dr))),
+        None => (dx.par_chunks_mut(task))
             .enumerate()
-            .for_each(|(i, out)| pass(i, out, None)),
+            .for_each(|(t, dx)| pass(t, dx, None)),
     }
     NormGrads {
         x: dx,
