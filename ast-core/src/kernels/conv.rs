@@ -777,18 +777,19 @@ fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
 /// convolutions at batch 128, 2-core AMD EPYC with AVX-512):
 /// - sparse: `active · (L + 60)`, `L` the span of one strided product (≈ the output plane) and
 ///   60 the fixed cost per active weight and sample, in element-steps;
-/// - dense: `0.3·√(P/64) · C_out·(C_in/groups·kh·kw)·P`, `P` the output plane: the GEMM's
-///   work, with im2col/col2im costing relatively more as the plane grows.
+/// - dense: `2.4·P^0.11 / C^0.58 · W·P` for `W` weights, output plane `P` and `C` output
+///   channels per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's
+///   rows (`C`) grow, with im2col/col2im costing a little more as the plane grows.
 ///
-/// Measured crossovers (with the tiled im2col): 16 ch at 32×32 ≈ 1.0, 32 ch at 32×32 ≈ 0.45,
-/// 32 ch at 16×16 ≈ 0.4, 64/128 ch at 8×8 ≈ 0.1–0.15. The model picks the faster form at
-/// every density of that bench except 32 ch at 32×32 between 0.5 and 1.0, where it picks the
-/// sparse form, 1.2–1.8× slower for that layer (fitted before the tiling made the dense form
-/// faster on large planes; a channel-count term would fix it).
+/// Measured crossovers (2026-11-29): 16 ch at 32×32 ≈ 1.0, 32 ch at 32×32 ≈ 0.57, 32 ch at
+/// 16×16 ≈ 0.42, 64 ch at 8×8 ≈ 0.15, 128 ch at 8×8 ≈ 0.11; the model's are within 8 % of
+/// them (0.92, 0.62, 0.44, 0.16, 0.11). The earlier model, without the channel term, kept
+/// 32 ch at 32×32 sparse up to density 1.0, where it is 1.75× slower than the dense form.
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
     let sparse = active as f64 * (geometry.span_len() as f64 + 60.0);
-    let dense = 0.3 * (p / 64.0).sqrt() * (geometry.weight_len() as f64) * p;
+    let per_mac = 2.4 * p.powf(0.11) / (geometry.cout_g() as f64).powf(0.58);
+    let dense = per_mac * (geometry.weight_len() as f64) * p;
     sparse < dense
 }
 
