@@ -3,8 +3,8 @@
 //! Every masked layer computes through [`AstBackend`], a trait on the backend with a generic
 //! implementation written in burn's tensor API. A backend with faster kernels overrides the
 //! methods for itself; the layers, the algorithms and the step do not change. Flex does: its
-//! masked convolution runs on [`crate::kernels::conv`] (dense or sparse by density) with a
-//! backward of its own ([`flex`]).
+//! masked convolution runs on [`crate::kernels::conv`] (dense or sparse by density) and its
+//! training BatchNorm on [`crate::kernels::norm`], each with a backward of its own ([`flex`]).
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;

@@ -1,10 +1,12 @@
-//! Flex: the masked convolution on our CPU kernels, with its own backward.
+//! Flex: the masked convolution and the training BatchNorm (with the residual add and ReLU
+//! after it) on our CPU kernels, each with its own backward.
 //!
 //! Forward, input gradient and weight gradient run on [`MaskedConvPlan`] (sparse where
 //! [`crate::kernels::conv::sparse_is_faster`], else im2col + GEMM). The weight gradient is
 //! computed at every position only when the caller asks for it (mask-event iterations, where
-//! growth ranks inactive positions), else only at the active positions. Geometries or dtypes
-//! the kernels do not cover take the generic path.
+//! growth ranks inactive positions), else only at the active positions. The BatchNorm runs on
+//! [`crate::kernels::norm`]. Geometries or dtypes the kernels do not cover take the generic
+//! path.
 
 use std::sync::Arc;
 
@@ -363,5 +365,19 @@ mod tests {
         assert!(geometry(&[1, 2, 5, 5], &[4, 2, 3, 3], &options, DType::F64).is_none());
         assert!(geometry(&[1, 2, 2, 2], &[4, 2, 3, 3], &options, DType::F32).is_none());
         assert!(geometry(&[1, 3, 5, 5], &[4, 2, 3, 3], &options, DType::F32).is_none());
+    }
+
+    #[test]
+    fn a_batch_norm_the_kernel_does_not_cover_is_left_to_the_generic_path() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 4>::zeros([2, 3, 4, 5], &device);
+        let same = Tensor::<Flex, 4>::zeros([2, 3, 4, 5], &device);
+        let other = Tensor::<Flex, 4>::zeros([2, 3, 5, 4], &device);
+        let shape = norm_shape(&x, Some(&same)).expect("covered");
+        assert_eq!((shape.batch, shape.channels, shape.plane), (2, 3, 20));
+        assert!(norm_shape(&x, Some(&other)).is_none());
+        let doubles = x.clone().cast(burn::tensor::FloatDType::F64);
+        assert_eq!(doubles.dtype(), DType::F64);
+        assert!(norm_shape(&doubles, None).is_none());
     }
 }
