@@ -138,15 +138,23 @@ impl AstBackend for Flex {
             options.relu,
         );
         let y = flex(y, dims);
+        // After a ReLU without a residual the backward recomputes the gate from the input;
+        // with a residual it reads the output.
+        let gate = match (options.relu, &residual) {
+            (false, _) => SavedGate::None,
+            (true, Some(_)) => SavedGate::Output(y.clone()),
+            (true, None) => {
+                SavedGate::Recompute(f32s(&contiguous(beta.primitive.clone())).to_vec())
+            }
+        };
         let state = NormState {
             shape,
             dims,
             input,
-            output: y.clone(),
+            gate,
             inv_std: norm::inv_std(&stats.var, options.epsilon as f32),
             mean: stats.mean.clone(),
             gamma: gamma_values,
-            relu: options.relu,
         };
         let y = match residual {
             Some(r) => track::<C, 4>([x, gamma, beta, r], state, y),
@@ -313,11 +321,18 @@ struct NormState {
     shape: NormShape,
     dims: [usize; 4],
     input: FlexTensor,
-    output: FlexTensor,
+    gate: SavedGate,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
     gamma: FlexTensor,
-    relu: bool,
+}
+
+/// What the backward needs for the ReLU's gate ([`norm::ReluGate`]).
+#[derive(Debug, Clone)]
+enum SavedGate {
+    None,
+    Output(FlexTensor),
+    Recompute(Vec<f32>),
 }
 
 impl<const N: usize> Backward<Flex, N> for NormBackward {
@@ -327,16 +342,20 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let s = ops.state;
         let residual = ops.parents.get(3).is_some_and(Option::is_some);
+        let gate = match &s.gate {
+            SavedGate::None => norm::ReluGate::None,
+            SavedGate::Output(y) => norm::ReluGate::Output(f32s(y)),
+            SavedGate::Recompute(beta) => norm::ReluGate::Recompute { beta },
+        };
         let d = norm::backward(
             &s.shape,
             f32s(&s.input),
-            f32s(&s.output),
+            gate,
             f32s(&dy),
             &s.mean,
             &s.inv_std,
             f32s(&s.gamma),
             residual,
-            s.relu,
         );
         let dims = s.dims;
         let channels = [s.shape.channels];

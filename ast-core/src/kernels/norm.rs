@@ -97,11 +97,12 @@ const LANES: usize = 16;
 enum Pass<'a> {
     /// `(Σx, Σ(x − μ)²)` over the planes of one channel (`μ` computed from the first sum).
     Stats { planes: Vec<&'a [f32]> },
-    /// `(Σg, Σg·(x − μ))` over the planes of one channel.
+    /// `(Σg, Σg·(x − μ))` over the planes of one channel (planes of `dy`, gate source, `x`).
     GatedSums {
         planes: Vec<[&'a [f32]; 3]>,
         mean: f32,
-        relu: bool,
+        gate: GateMode,
+        affine: [f32; 2],
     },
     /// `out = act(a·x + b + r)` plane by plane, `(a, b)` per plane.
     Normalize {
@@ -111,15 +112,16 @@ enum Pass<'a> {
         coefficients: Vec<[f32; 2]>,
         relu: bool,
     },
-    /// `∂x = k·g + r·x + q` (and `∂r = g`) plane by plane, `[k, r, q]` per plane.
+    /// `∂x = k·g + r·x + q` (and `∂r = g`) plane by plane, `[k, r, q, a, b]` per plane
+    /// (`a`, `b`: the forward's affine map, for a recomputed gate).
     Backward {
         dx: &'a mut [f32],
         dr: Option<&'a mut [f32]>,
         dy: &'a [f32],
-        gate: &'a [f32],
+        source: &'a [f32],
         x: &'a [f32],
-        coefficients: Vec<[f32; 3]>,
-        relu: bool,
+        coefficients: Vec<[f32; 5]>,
+        gate: GateMode,
     },
 }
 
@@ -138,16 +140,19 @@ impl pulp::WithSimd for Pass<'_> {
                     .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)));
                 [sum, squares.sum()]
             }
-            Pass::GatedSums { planes, mean, relu } => {
-                planes.iter().fold([0.0, 0.0], |[g, gx], [dy, y, x]| {
-                    let [pg, pgx] = if relu {
-                        gated_sums::<true>(dy, y, x, mean)
-                    } else {
-                        gated_sums::<false>(dy, y, x, mean)
-                    };
-                    [g + pg, gx + pgx]
-                })
-            }
+            Pass::GatedSums {
+                planes,
+                mean,
+                gate,
+                affine,
+            } => planes.iter().fold([0.0, 0.0], |[g, gx], [dy, s, x]| {
+                let [pg, pgx] = match gate {
+                    GateMode::None => gated_sums::<NO_GATE>(dy, s, x, mean, affine),
+                    GateMode::Output => gated_sums::<OUTPUT_GATE>(dy, s, x, mean, affine),
+                    GateMode::Input => gated_sums::<INPUT_GATE>(dy, s, x, mean, affine),
+                };
+                [g + pg, gx + pgx]
+            }),
             Pass::Normalize {
                 out,
                 x,
@@ -172,30 +177,30 @@ impl pulp::WithSimd for Pass<'_> {
                 dx,
                 mut dr,
                 dy,
-                gate,
+                source,
                 x,
                 coefficients,
-                relu,
+                gate,
             } => {
                 let p = dx.len() / coefficients.len().max(1);
                 for (i, &c) in coefficients.iter().enumerate() {
-                    let (o, d, y, xv) = (
+                    let (o, d, s, xv) = (
                         &mut dx[i * p..][..p],
                         &dy[i * p..][..p],
-                        &gate[i * p..][..p],
+                        &source[i * p..][..p],
                         &x[i * p..][..p],
                     );
-                    if relu {
-                        backward_plane::<true>(o, d, y, xv, c);
-                    } else {
-                        backward_plane::<false>(o, d, y, xv, c);
+                    match gate {
+                        GateMode::None => backward_plane::<NO_GATE>(o, d, s, xv, c),
+                        GateMode::Output => backward_plane::<OUTPUT_GATE>(o, d, s, xv, c),
+                        GateMode::Input => backward_plane::<INPUT_GATE>(o, d, s, xv, c),
                     }
                     if let Some(dr) = dr.as_deref_mut() {
                         let o = &mut dr[i * p..][..p];
-                        if relu {
-                            gate_plane::<true>(o, d, y);
-                        } else {
-                            o.copy_from_slice(d);
+                        match gate {
+                            GateMode::None => o.copy_from_slice(d),
+                            GateMode::Output => gate_plane::<OUTPUT_GATE>(o, d, s, c),
+                            GateMode::Input => gate_plane::<INPUT_GATE>(o, d, s, c),
                         }
                     }
                 }
@@ -225,28 +230,70 @@ fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
 }
 
-/// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`.
+/// Where the backward pass reads the ReLU's gate `[y > 0]` from.
+#[derive(Debug, Clone, Copy)]
+pub enum ReluGate<'a> {
+    /// No ReLU followed the normalisation.
+    None,
+    /// The saved output `y` (needed when a residual was added before the ReLU).
+    Output(&'a [f32]),
+    /// Recomputed from the input as the forward computed it, `y = max(a·x + b, 0)` with
+    /// `a = γ/σ`, `b = β − μ·a` (the same operations in the same order, so the same decisions),
+    /// saving a read of `y` in each of the two passes. Only without a residual.
+    Recompute {
+        /// `β`, one per channel.
+        beta: &'a [f32],
+    },
+}
+
+/// [`ReluGate`] inside a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateMode {
+    None,
+    Output,
+    Input,
+}
+
+/// The gate modes as const parameters of the per-plane loops.
+const NO_GATE: u8 = 0;
+const OUTPUT_GATE: u8 = 1;
+const INPUT_GATE: u8 = 2;
+
+/// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`; `y` is
+/// `source` (`OUTPUT_GATE`) or recomputed from `x = source` with the forward's `[a, b]`
+/// (`INPUT_GATE`).
 #[inline(always)]
-fn gate<const RELU: bool>(dy: f32, y: f32) -> f32 {
-    if RELU && y <= 0.0 {
+fn gate<const MODE: u8>(dy: f32, source: f32, [a, b]: [f32; 2]) -> f32 {
+    let y = match MODE {
+        NO_GATE => return dy,
+        OUTPUT_GATE => source,
+        _ => (a * source + b).max(0.0),
+    };
+    if y <= 0.0 {
         0.0
     } else {
         dy
     }
 }
 
-/// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, y)`: `f32` lanes added up in `f64`.
+/// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, source)`: `f32` lanes added up in `f64`.
 #[inline(always)]
-fn gated_sums<const RELU: bool>(dy: &[f32], y: &[f32], x: &[f32], mean: f32) -> [f64; 2] {
+fn gated_sums<const MODE: u8>(
+    dy: &[f32],
+    source: &[f32],
+    x: &[f32],
+    mean: f32,
+    affine: [f32; 2],
+) -> [f64; 2] {
     let mut acc_g = [0.0f32; LANES];
     let mut acc_gx = [0.0f32; LANES];
     let n = dy.len() / LANES * LANES;
-    for ((d, yv), xv) in (dy[..n].chunks_exact(LANES))
-        .zip(y[..n].chunks_exact(LANES))
+    for ((d, sv), xv) in (dy[..n].chunks_exact(LANES))
+        .zip(source[..n].chunks_exact(LANES))
         .zip(x[..n].chunks_exact(LANES))
     {
         for i in 0..LANES {
-            let g = gate::<RELU>(d[i], yv[i]);
+            let g = gate::<MODE>(d[i], sv[i], affine);
             acc_g[i] += g;
             acc_gx[i] += g * (xv[i] - mean);
         }
@@ -257,7 +304,7 @@ fn gated_sums<const RELU: bool>(dy: &[f32], y: &[f32], x: &[f32], mean: f32) -> 
         sum_gx += f64::from(acc_gx[i]);
     }
     for i in n..dy.len() {
-        let g = gate::<RELU>(dy[i], y[i]);
+        let g = gate::<MODE>(dy[i], source[i], affine);
         sum_g += f64::from(g);
         sum_gx += f64::from(g * (x[i] - mean));
     }
@@ -279,26 +326,26 @@ fn normalize_plane<const RELU: bool>(out: &mut [f32], x: &[f32], r: &[f32], a: f
     }
 }
 
-/// `∂x = k·g + r·x + q` over one plane.
+/// `∂x = k·g + r·x + q` over one plane, `c = [k, r, q, a, b]`.
 #[inline(always)]
-fn backward_plane<const RELU: bool>(
+fn backward_plane<const MODE: u8>(
     out: &mut [f32],
     dy: &[f32],
-    y: &[f32],
+    source: &[f32],
     x: &[f32],
-    c: [f32; 3],
+    c: [f32; 5],
 ) {
-    let [k, r, q] = c;
-    for (((o, &d), &y), &xv) in out.iter_mut().zip(dy).zip(y).zip(x) {
-        *o = k * gate::<RELU>(d, y) + r * xv + q;
+    let [k, r, q, a, b] = c;
+    for (((o, &d), &s), &xv) in out.iter_mut().zip(dy).zip(source).zip(x) {
+        *o = k * gate::<MODE>(d, s, [a, b]) + r * xv + q;
     }
 }
 
-/// `out = g = gate(dy, y)` over one plane.
+/// `out = g = gate(dy, source)` over one plane, `c = [_, _, _, a, b]`.
 #[inline(always)]
-fn gate_plane<const RELU: bool>(out: &mut [f32], dy: &[f32], y: &[f32]) {
-    for ((o, &d), &y) in out.iter_mut().zip(dy).zip(y) {
-        *o = gate::<RELU>(d, y);
+fn gate_plane<const MODE: u8>(out: &mut [f32], dy: &[f32], source: &[f32], c: [f32; 5]) {
+    for ((o, &d), &s) in out.iter_mut().zip(dy).zip(source) {
+        *o = gate::<MODE>(d, s, [c[3], c[4]]);
     }
 }
 
@@ -371,12 +418,7 @@ pub fn normalize(
     for (name, v) in [("γ", gamma), ("β", beta), ("μ", mean), ("1/σ", inv_std)] {
         assert_eq!(v.len(), shape.channels, "{name} is not one per channel");
     }
-    let coefficients: Vec<[f32; 2]> = (0..shape.channels)
-        .map(|c| {
-            let scale = gamma[c] * inv_std[c];
-            [scale, beta[c] - mean[c] * scale]
-        })
-        .collect();
+    let coefficients = affine(gamma, beta, mean, inv_std);
     let mut y = vec![0.0f32; shape.len()];
     let task = shape.planes_per_task() * shape.plane;
     y.par_chunks_mut(task.max(1))
@@ -396,42 +438,66 @@ pub fn normalize(
     y
 }
 
-/// The backward pass of [`forward`] from the saved input `x`, the output `y` (read only after a
-/// ReLU, for its gate), the batch statistics and `γ`. `residual` says whether `∂L/∂r` is wanted.
+/// The forward's per-channel affine map `[a, b]`: `a = γ·s`, `b = β − μ·a`.
+fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], inv_std: &[f32]) -> Vec<[f32; 2]> {
+    (0..gamma.len())
+        .map(|c| {
+            let scale = gamma[c] * inv_std[c];
+            [scale, beta[c] - mean[c] * scale]
+        })
+        .collect()
+}
+
+/// The backward pass of [`forward`] from the saved input `x`, the ReLU's gate (if one
+/// followed), the batch statistics and `γ`. `residual` says whether `∂L/∂r` is wanted.
 ///
 /// # Panics
-/// If a slice does not match `shape`.
+/// If a slice does not match `shape`, or the gate is recomputed for a residual block.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     shape: &NormShape,
     x: &[f32],
-    y: &[f32],
+    relu: ReluGate<'_>,
     dy: &[f32],
     mean: &[f32],
     inv_std: &[f32],
     gamma: &[f32],
     residual: bool,
-    relu: bool,
 ) -> NormGrads {
     shape.check("the input", x.len());
     shape.check("the gradient", dy.len());
-    if relu {
-        shape.check("the output", y.len());
-    }
+    let (gate, source, beta) = match relu {
+        ReluGate::None => (GateMode::None, dy, None),
+        ReluGate::Output(y) => {
+            shape.check("the output", y.len());
+            (GateMode::Output, y, None)
+        }
+        ReluGate::Recompute { beta } => {
+            assert!(
+                !residual,
+                "the ReLU gate of a residual block cannot be recomputed"
+            );
+            (GateMode::Input, x, Some(beta))
+        }
+    };
+    let affine = match beta {
+        Some(beta) => affine(gamma, beta, mean, inv_std),
+        None => vec![[0.0; 2]; shape.channels],
+    };
     // Per channel: ∂β = Σg and Σg·(x − μ) (∂γ = that times 1/σ).
-    let gate = if relu { y } else { dy };
     let (beta_grad, centred): (Vec<f64>, Vec<f64>) = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
             let planes = (shape.planes(dy, c))
-                .zip(shape.planes(gate, c))
+                .zip(shape.planes(source, c))
                 .zip(shape.planes(x, c))
-                .map(|((d, g), x)| [d, g, x])
+                .map(|((d, s), x)| [d, s, x])
                 .collect();
             let [g, gx] = Pass::GatedSums {
                 planes,
                 mean: mean[c],
-                relu,
+                gate,
+                affine: affine[c],
             }
             .run();
             (g, gx)
@@ -439,14 +505,15 @@ pub fn backward(
         .unzip();
     let count = shape.count();
     // ∂x = k·(g − ∂β/M − (x − μ)·s²·Σg(x − μ)/M), k = γ·s: ∂x = k·g + r·x + q per channel.
-    let coefficients: Vec<[f32; 3]> = (0..shape.channels)
+    let coefficients: Vec<[f32; 5]> = (0..shape.channels)
         .map(|c| {
             let s = f64::from(inv_std[c]);
             let k = f64::from(gamma[c]) * s;
             let a = beta_grad[c] / count;
             let b = s * s * centred[c] / count;
             let m = f64::from(mean[c]);
-            [k as f32, (-k * b) as f32, (k * (b * m - a)) as f32]
+            let [fa, fb] = affine[c];
+            [k as f32, (-k * b) as f32, (k * (b * m - a)) as f32, fa, fb]
         })
         .collect();
     let mut dx = vec![0.0f32; shape.len()];
@@ -458,11 +525,11 @@ pub fn backward(
         Pass::Backward {
             coefficients: shape.per_plane(&coefficients, &range),
             dy: &dy[range.clone()],
-            gate: &gate[range.clone()],
+            source: &source[range.clone()],
             x: &x[range],
             dx,
             dr,
-            relu,
+            gate,
         }
         .run();
     };
@@ -517,31 +584,35 @@ mod tests {
         close(&y, &[0.0, 1.0 - 2.0 / r5, 1.0 + 2.0 / r5, 1.0 + 6.0 / r5]);
         // dy = 1 everywhere, gated to g = (0, 1, 1, 1): ∂β = 3, ∂γ = Σg·x̂ = 3/√5,
         // ∂x_i = (2/√5)·(g_i − 3/4 − x̂_i·(3/√5)/4) = (−0.6, 0.8, 0.2, −0.4)/√5; ∂r = g.
+        let (mean, inv_std, dy) = ([4.0], [1.0 / r5], [1.0; 4]);
         let g = backward(
             &shape,
             &x,
-            &y,
-            &[1.0; 4],
-            &[4.0],
-            &[1.0 / r5],
+            ReluGate::Output(&y),
+            &dy,
+            &mean,
+            &inv_std,
             &[2.0],
-            true,
             true,
         );
         close(&g.beta, &[3.0]);
         close(&g.gamma, &[3.0 / r5]);
         close(&g.x, &[-0.6 / r5, 0.8 / r5, 0.2 / r5, -0.4 / r5]);
         close(&g.residual.unwrap(), &[0.0, 1.0, 1.0, 1.0]);
+        // The gate recomputed from x (no residual) is the same.
+        let recompute = ReluGate::Recompute { beta: &[1.0] };
+        let h = backward(&shape, &x, recompute, &dy, &mean, &inv_std, &[2.0], false);
+        assert_eq!((&h.x, &h.gamma, &h.beta), (&g.x, &g.gamma, &g.beta));
+        assert!(h.residual.is_none());
         // Without the ReLU a constant dy moves nothing but β.
         let g = backward(
             &shape,
             &x,
-            &y,
-            &[1.0; 4],
-            &[4.0],
-            &[1.0 / r5],
+            ReluGate::None,
+            &dy,
+            &mean,
+            &inv_std,
             &[2.0],
-            false,
             false,
         );
         close(&g.beta, &[4.0]);
