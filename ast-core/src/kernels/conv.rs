@@ -176,6 +176,25 @@ impl ConvGeometry {
         (ho - 1) * self.padded_hw()[1] + wo
     }
 
+    /// The span rounded up to whole 16-lane vectors: the sparse kernels' products run over this
+    /// many positions, so that no product ends in a scalar tail (spans are short on small
+    /// planes: 78 at 8×8). The positions past the span only touch buffer slack, border or
+    /// zeros (see [`SparseWeight`]).
+    fn lanes_len(&self) -> usize {
+        self.span_len().next_multiple_of(16)
+    }
+
+    /// The sparse kernels' padded-input buffer: the padded input plus the slack that products
+    /// over [`Self::lanes_len`] positions reach past it.
+    fn padded_buffer_len(&self) -> usize {
+        self.padded_len() + 16 * self.stride[1]
+    }
+
+    /// The sparse kernels' wide-plane buffer: at least [`Self::lanes_len`] positions.
+    fn wide_buffer_len(&self) -> usize {
+        self.wide_len().max(self.lanes_len())
+    }
+
     /// A 1×1, stride-1, unpadded convolution: its im2col is the input itself.
     fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
@@ -211,6 +230,11 @@ impl ConvGeometry {
 /// offset `(ky, kx)` reads padded input position `j·stride + offset` with
 /// `offset = ci·plane + ky·d_h·(W + 2p_w) + kx·d_w`: each active weight is one long strided
 /// product over the plane, whatever the padding.
+///
+/// Products run over the span rounded up to whole vectors. The extra positions of the forward
+/// land in its own wide plane past the outputs (never copied out); the input gradient and the
+/// weight gradient read the wide `dy` plane there, which is zero (never written), so they add
+/// or sum nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparseWeight {
     /// Offsets of each output channel's entries (`C_out + 1` values).
@@ -576,7 +600,12 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
         .for_each_init(
-            || (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]),
+            || {
+                (
+                    vec![0.0; g.padded_buffer_len()],
+                    vec![0.0; g.wide_buffer_len()],
+                )
+            },
             |(padded, wide), (y, x)| {
                 SparseSample {
                     kernel: SparseKernel::Forward,
@@ -603,7 +632,7 @@ fn forward_sparse_sample(
     wide: &mut [f32],
 ) {
     let [_, wo] = g.out_hw().expect("supported geometry");
-    let (wp, len, s) = (g.padded_hw()[1], g.span_len(), g.stride[1]);
+    let (wp, len, s) = (g.padded_hw()[1], g.lanes_len(), g.stride[1]);
     pad_input(g, x, padded);
     for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
         let entries = w.row_start[co]..w.row_start[co + 1];
@@ -635,7 +664,12 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
     dx.par_chunks_mut(g.in_len())
         .zip(dy.par_chunks(g.out_len()))
         .for_each_init(
-            || (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]),
+            || {
+                (
+                    vec![0.0; g.padded_buffer_len()],
+                    vec![0.0; g.wide_buffer_len()],
+                )
+            },
             |(padded, wide), (dx, dy)| {
                 SparseSample {
                     kernel: SparseKernel::InputGrad,
@@ -664,7 +698,7 @@ fn input_grad_sparse_sample(
     let [h, wi] = g.in_hw;
     let [hp, wp] = g.padded_hw();
     let [ph, pw] = g.padding;
-    let (len, s) = (g.span_len(), g.stride[1]);
+    let (len, s) = (g.lanes_len(), g.stride[1]);
     padded.fill(0.0);
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
@@ -703,7 +737,10 @@ pub fn weight_grad_sparse(g: &ConvGeometry, x: &[f32], dy: &[f32], w: &SparseWei
         .into_par_iter()
         .map(|chunk| {
             let mut acc = vec![0.0; w.nnz()];
-            let (mut padded, mut wide) = (vec![0.0; g.padded_len()], vec![0.0; g.wide_len()]);
+            let (mut padded, mut wide) = (
+                vec![0.0; g.padded_buffer_len()],
+                vec![0.0; g.wide_buffer_len()],
+            );
             for n in chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch) {
                 let xn = &x[n * g.in_len()..][..g.in_len()];
                 let dyn_ = &dy[n * g.out_len()..][..g.out_len()];
@@ -737,7 +774,7 @@ fn weight_grad_sparse_sample(
     padded: &mut [f32],
     wide: &mut [f32],
 ) {
-    let (len, s) = (g.span_len(), g.stride[1]);
+    let (len, s) = (g.lanes_len(), g.stride[1]);
     pad_input(g, x, padded);
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
