@@ -812,20 +812,22 @@ fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
 /// weights, by a cost model fitted to `cargo bench -p ast-core --bench conv_kernels` (forward,
 /// input gradient and active-position weight gradient of the ResNet-32 / wide ResNet-32
 /// convolutions at batch 128, 2-core AMD EPYC with AVX-512):
-/// - sparse: `active · (L + 60)`, `L` the span of one strided product (≈ the output plane) and
-///   60 the fixed cost per active weight and sample, in element-steps;
-/// - dense: `2.4·P^0.11 / C^0.58 · W·P` for `W` weights, output plane `P` and `C` output
+/// - sparse: `active · (L + 60)`, `L` the length of one strided product (the span of the
+///   output plane rounded up to whole vectors) and 60 the fixed cost per active weight and
+///   sample, in element-steps;
+/// - dense: `2.3·P^0.12 / C^0.54 · W·P` for `W` weights, output plane `P` and `C` output
 ///   channels per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's
 ///   rows (`C`) grow, with im2col/col2im costing a little more as the plane grows.
 ///
-/// Measured crossovers (2026-11-29): 16 ch at 32×32 ≈ 1.0, 32 ch at 32×32 ≈ 0.57, 32 ch at
-/// 16×16 ≈ 0.42, 64 ch at 8×8 ≈ 0.15, 128 ch at 8×8 ≈ 0.11; the model's are within 8 % of
-/// them (0.92, 0.62, 0.44, 0.16, 0.11). The earlier model, without the channel term, kept
-/// 32 ch at 32×32 sparse up to density 1.0, where it is 1.75× slower than the dense form.
+/// Measured crossovers (2026-11-29, vector-length products): 16 ch at 32×32 ≈ 1.25 (sparse
+/// even dense), 32 ch at 32×32 ≈ 0.67, 32 ch at 16×16 ≈ 0.44, 64 ch at 8×8 ≈ 0.18, 128 ch at
+/// 8×8 ≈ 0.14; the model's: 1.05, 0.73, 0.51, 0.18, 0.13. The model of the first kernels had
+/// no channel term and kept 32 ch at 32×32 sparse up to density 1.0, where it was 1.75×
+/// slower than the dense form.
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
-    let sparse = active as f64 * (geometry.span_len() as f64 + 60.0);
-    let per_mac = 2.4 * p.powf(0.11) / (geometry.cout_g() as f64).powf(0.58);
+    let sparse = active as f64 * (geometry.lanes_len() as f64 + 60.0);
+    let per_mac = 2.3 * p.powf(0.12) / (geometry.cout_g() as f64).powf(0.54);
     let dense = per_mac * (geometry.weight_len() as f64) * p;
     sparse < dense
 }
