@@ -6,7 +6,7 @@
 //! BatchNorm; the stem is plain (shared by all sub-nets). The CIFAR variants end in a masked
 //! linear layer, the ImageNet variant in a plain one.
 
-use ast_core::layers::{batch_norm_2d, batch_norm_act};
+use ast_core::layers::{batch_norm_2d, batch_norm_act, plain_conv2d};
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
@@ -421,7 +421,7 @@ impl<B: AstBackend> ResNet<B> {
     ///   ([`Stem::ImageNet`]): the final average pooling expects a 4×4 resp. 7×7 map
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = batch_norm_act(&self.bn1, self.conv1.forward(x), None, true);
+        let x = batch_norm_act(&self.bn1, plain_conv2d(&self.conv1, x), None, true);
         let x = match self.stem {
             Stem::Cifar => x,
             Stem::ImageNet => max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false),

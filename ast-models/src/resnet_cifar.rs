@@ -8,7 +8,7 @@
 //! Kaiming-normal with fan-out; the classifier as in the original (Kaiming-normal with fan-in,
 //! or normal(0, 0.01) for the wide ResNet-32; bias zero).
 
-use ast_core::layers::batch_norm_act;
+use ast_core::layers::{batch_norm_act, plain_conv2d};
 use ast_core::{AstBackend, MaskedLinear, SubnetSwitch};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
@@ -130,7 +130,7 @@ impl<B: AstBackend> CifarResNet<B> {
     /// - input `[batch, 3, H, W]` (32×32 for CIFAR; pooling is global)
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = batch_norm_act(&self.bn1, self.conv1.forward(x), None, true);
+        let x = batch_norm_act(&self.bn1, plain_conv2d(&self.conv1, x), None, true);
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         self.linear
             .forward(adaptive_avg_pool2d(x, [1, 1]).flatten(1, 3))

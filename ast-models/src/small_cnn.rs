@@ -5,7 +5,7 @@
 //! minutes on two CPU cores (about 9 M multiply-adds per 32×32 image, against 41 M for
 //! ResNet-20).
 
-use ast_core::layers::batch_norm_act;
+use ast_core::layers::{batch_norm_act, plain_conv2d};
 use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
@@ -75,7 +75,7 @@ impl<B: AstBackend> SmallCnn<B> {
     /// - input `[batch, 3, H, W]` (any size; 32×32 in the recipes)
     /// - output `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = batch_norm_act(&self.stem_norm, self.stem.forward(x), None, true);
+        let x = batch_norm_act(&self.stem_norm, plain_conv2d(&self.stem, x), None, true);
         let x = self
             .convs
             .iter()

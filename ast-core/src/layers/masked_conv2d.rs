@@ -134,12 +134,90 @@ impl<B: Backend> MaskedConv2d<B> {
     }
 }
 
+/// burn's plain (unmasked) [`Conv2d`](burn::nn::conv::Conv2d) computed through the backend's
+/// masked convolution with an all-ones mask, so that it runs on the same kernels as the masked
+/// layers (on Flex: ours, whose backward avoids burn-flex's strided copies). The value and the
+/// gradients are those of `conv.forward(x)`. Asymmetric padding is left to `conv.forward`.
+///
+/// # Shapes
+/// - input `[batch, C_in, H, W]`, output `[batch, C_out, H_out, W_out]`.
+pub fn plain_conv2d<B: AstBackend>(
+    conv: &burn::nn::conv::Conv2d<B>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
+        return conv.forward(x);
+    };
+    if top != bottom || left != right {
+        return conv.forward(x);
+    }
+    let weight = conv.weight.val();
+    let mask = Tensor::<B, 4, Bool>::full(weight.dims(), true, &weight.device());
+    let options = ConvOptions::new(conv.stride, [top, left], conv.dilation, conv.groups);
+    B::masked_conv2d(
+        x,
+        weight,
+        mask,
+        conv.bias.as_ref().map(Param::val),
+        options,
+        true,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layers::mask_param;
     use crate::tests::{device, TestBackend};
     use burn::tensor::Tolerance;
+
+    #[test]
+    fn a_plain_convolution_through_the_kernels_equals_burns() {
+        use burn::nn::conv::Conv2dConfig;
+        use burn::nn::PaddingConfig2d;
+        type AD = burn::backend::Autodiff<TestBackend>;
+        let device = device();
+        TestBackend::seed(&device, 5);
+        // Symmetric padding (the kernels), no padding with stride 2, asymmetric (burn's own).
+        let cases = [
+            (1, PaddingConfig2d::Explicit(1, 1, 1, 1)),
+            (2, PaddingConfig2d::Explicit(0, 0, 0, 0)),
+            (1, PaddingConfig2d::Explicit(1, 0, 0, 1)),
+        ];
+        for (stride, padding) in cases {
+            let conv = Conv2dConfig::new([3, 4], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(padding)
+                .init::<AD>(&device);
+            let x =
+                Tensor::<AD, 4>::random([2, 3, 7, 7], burn::tensor::Distribution::Default, &device)
+                    .require_grad();
+            let run = |fast: bool| {
+                let y = if fast {
+                    plain_conv2d(&conv, x.clone())
+                } else {
+                    conv.forward(x.clone())
+                };
+                let grads = (y.clone() * y.clone()).sum().backward();
+                (
+                    y.inner(),
+                    x.grad(&grads).unwrap(),
+                    conv.weight.grad(&grads).unwrap(),
+                )
+            };
+            let (fast, reference) = (run(true), run(false));
+            let tolerance = burn::tensor::Tolerance::<f32>::absolute(1e-4);
+            fast.0
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.0.into_data(), tolerance);
+            fast.1
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.1.into_data(), tolerance);
+            fast.2
+                .into_data()
+                .assert_approx_eq::<f32>(&reference.2.into_data(), tolerance);
+        }
+    }
 
     #[test]
     fn forward_equals_conv_with_hand_masked_weight() {

@@ -7,7 +7,7 @@ mod switch;
 mod switch_norm;
 
 pub use batch_norm::{batch_norm_2d, batch_norm_act};
-pub use masked_conv2d::{MaskedConv2d, MaskedConv2dConfig};
+pub use masked_conv2d::{plain_conv2d, MaskedConv2d, MaskedConv2dConfig};
 pub use masked_linear::{MaskedLinear, MaskedLinearConfig};
 pub use switch::SubnetSwitch;
 pub use switch_norm::{SwitchableBatchNorm, SwitchableBatchNormConfig};
