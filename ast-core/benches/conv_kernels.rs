@@ -31,20 +31,24 @@ fn geometry(c: usize, hw: usize) -> ConvGeometry {
     }
 }
 
-/// Median milliseconds of forward + input gradient + active-position weight gradient.
-fn time(plan: &MaskedConvPlan, x: &[f32], dy: &[f32]) -> f64 {
-    let mut ms: Vec<f64> = (0..5)
+/// Median milliseconds of forward, input gradient and active-position weight gradient, and
+/// of their sum.
+fn time(plan: &MaskedConvPlan, x: &[f32], dy: &[f32]) -> [f64; 4] {
+    let mut runs: Vec<[f64; 4]> = (0..5)
         .map(|_| {
             let start = Instant::now();
             let y = plan.forward(x);
+            let forward = start.elapsed().as_secs_f64() * 1000.0;
             let dx = plan.input_grad(dy);
+            let input_grad = start.elapsed().as_secs_f64() * 1000.0 - forward;
             let dw = plan.weight_grad(x, dy, false);
+            let total = start.elapsed().as_secs_f64() * 1000.0;
             assert!(y.len() + dx.len() + dw.len() > 0);
-            start.elapsed().as_secs_f64() * 1000.0
+            [forward, input_grad, total - forward - input_grad, total]
         })
         .collect();
-    ms.sort_by(f64::total_cmp);
-    ms[2]
+    runs.sort_by(|a, b| a[3].total_cmp(&b[3]));
+    runs[2]
 }
 
 fn main() {
@@ -64,7 +68,10 @@ fn main() {
             .map(|_| rng.next_f64() as f32)
             .collect();
         let w: Vec<f32> = (0..g.weight_len()).map(|_| rng.next_f64() as f32).collect();
-        println!("{name}: density, dense form ms, sparse form ms, model picks");
+        println!(
+            "{name}: density, dense form ms, sparse form ms \
+             (forward + input gradient + weight gradient), model picks"
+        );
         let mut crossover = 0.0;
         for d in DENSITIES {
             let mask: Vec<bool> = (0..g.weight_len()).map(|_| rng.next_f64() < d).collect();
@@ -77,7 +84,7 @@ fn main() {
                 geometry: g,
                 weights: PlanWeights::Sparse(SparseWeight::new(&g, &w, &mask)),
             };
-            let (td, ts) = (time(&dense, &x, &dy), time(&sparse, &x, &dy));
+            let (td, [f, i, w, ts]) = (time(&dense, &x, &dy)[3], time(&sparse, &x, &dy));
             if ts < td && crossover == 0.0 {
                 crossover = d;
             }
@@ -87,7 +94,7 @@ fn main() {
             } else {
                 "dense"
             };
-            println!("  {d:>5}  {td:>8.1}  {ts:>8.1}  {pick}");
+            println!("  {d:>5}  {td:>8.1}  {ts:>8.1} ({f:.1} + {i:.1} + {w:.1})  {pick}");
         }
         println!("  sparse form faster from density {crossover} down");
     }
