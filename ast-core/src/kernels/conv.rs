@@ -190,6 +190,32 @@ impl ConvGeometry {
         self.padded_len() + 16 * self.stride[1]
     }
 
+    /// Positions of one stride phase of the padded input (positions `r, r + s, r + 2s, …` for
+    /// stride `s`, phase `r`).
+    fn phase_len(&self) -> usize {
+        self.padded_buffer_len().div_ceil(self.stride[1])
+    }
+
+    /// The sparse kernels' padded buffer: the padded input and, for a stride `s > 1`, its `s`
+    /// phases one after another (plus the slack products reach past the last one). On the
+    /// phases a product of stride `s` is a contiguous one.
+    fn sparse_buffer_len(&self) -> usize {
+        let s = self.stride[1];
+        let phases = if s == 1 {
+            0
+        } else {
+            s * self.phase_len() + self.lanes_len()
+        };
+        self.padded_buffer_len() + phases
+    }
+
+    /// Where the product of an active weight at padded position `offset` starts: the position
+    /// itself for stride 1, else its place in the phases (`offset mod s` picks the phase).
+    fn phase_offset(&self, offset: usize) -> usize {
+        let s = self.stride[1];
+        (offset % s) * self.phase_len() + offset / s
+    }
+
     /// The sparse kernels' wide-plane buffer: at least [`Self::lanes_len`] positions.
     fn wide_buffer_len(&self) -> usize {
         self.wide_len().max(self.lanes_len())
@@ -230,6 +256,11 @@ impl ConvGeometry {
 /// offset `(ky, kx)` reads padded input position `j·stride + offset` with
 /// `offset = ci·plane + ky·d_h·(W + 2p_w) + kx·d_w`: each active weight is one long strided
 /// product over the plane, whatever the padding.
+///
+/// For a stride `s > 1` the kernels first copy the padded input into its `s` phases
+/// (positions `r, r + s, r + 2s, …` one after another): position `j·s + offset` is then
+/// position `j` of a contiguous run ([`ConvGeometry::phase_offset`]), so every product is a
+/// contiguous, vectorised one (the strided products were scalar).
 ///
 /// Products run over the span rounded up to whole vectors. The extra positions of the forward
 /// land in its own wide plane past the outputs (never copied out); the input gradient and the
@@ -577,19 +608,34 @@ fn widen(g: &ConvGeometry, plane: &[f32], wide: &mut [f32]) {
     }
 }
 
-/// `out[j] += v · inp[j·stride]` for `j < out.len()` (`out[j] = …` when `ASSIGN`).
+/// Splits a sparse kernel's padded buffer into the padded input and the stride phases, and
+/// for a stride above 1 copies the padded input into its phases: `phases[r·L + i] =
+/// padded[i·s + r]`. Returns what the products read (the padded input for stride 1).
 #[inline(always)]
-fn axpy_strided<const ASSIGN: bool>(out: &mut [f32], inp: &[f32], v: f32, stride: usize) {
-    let update = |o: &mut f32, x: f32| *o = if ASSIGN { v * x } else { *o + v * x };
-    if stride == 1 {
-        let inp = &inp[..out.len()];
-        for (o, &x) in out.iter_mut().zip(inp) {
-            update(o, x);
+fn phases_of<'a>(g: &ConvGeometry, buffer: &'a mut [f32]) -> &'a [f32] {
+    let (s, len) = (g.stride[1], g.padded_buffer_len());
+    let (padded, phases) = buffer.split_at_mut(len);
+    if s == 1 {
+        return padded;
+    }
+    let l = g.phase_len();
+    for r in 0..s {
+        for (dst, &v) in phases[r * l..]
+            .iter_mut()
+            .zip(padded[r..].iter().step_by(s))
+        {
+            *dst = v;
         }
-    } else {
-        for (o, &x) in out.iter_mut().zip(inp.iter().step_by(stride)) {
-            update(o, x);
-        }
+    }
+    phases
+}
+
+/// `out[j] += v · inp[j]` for `j < out.len()` (`out[j] = …` when `ASSIGN`).
+#[inline(always)]
+fn axpy<const ASSIGN: bool>(out: &mut [f32], inp: &[f32], v: f32) {
+    let inp = &inp[..out.len()];
+    for (o, &x) in out.iter_mut().zip(inp) {
+        *o = if ASSIGN { v * x } else { *o + v * x };
     }
 }
 
@@ -602,7 +648,7 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
         .for_each_init(
             || {
                 (
-                    vec![0.0; g.padded_buffer_len()],
+                    vec![0.0; g.sparse_buffer_len()],
                     vec![0.0; g.wide_buffer_len()],
                 )
             },
@@ -632,8 +678,9 @@ fn forward_sparse_sample(
     wide: &mut [f32],
 ) {
     let [_, wo] = g.out_hw().expect("supported geometry");
-    let (wp, len, s) = (g.padded_hw()[1], g.lanes_len(), g.stride[1]);
+    let (wp, len) = (g.padded_hw()[1], g.lanes_len());
     pad_input(g, x, padded);
+    let src = phases_of(g, padded);
     for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
         let entries = w.row_start[co]..w.row_start[co + 1];
         if entries.is_empty() {
@@ -642,14 +689,10 @@ fn forward_sparse_sample(
         }
         // The first active weight assigns, the others accumulate: no pass to clear `wide`.
         let (first, rest) = (entries.start, entries.start + 1..entries.end);
-        axpy_strided::<true>(
-            &mut wide[..len],
-            &padded[w.offset[first]..],
-            w.value[first],
-            s,
-        );
+        let input = |e: usize| &src[g.phase_offset(w.offset[e])..];
+        axpy::<true>(&mut wide[..len], input(first), w.value[first]);
         for e in rest {
-            axpy_strided::<false>(&mut wide[..len], &padded[w.offset[e]..], w.value[e], s);
+            axpy::<false>(&mut wide[..len], input(e), w.value[e]);
         }
         for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
             dst.copy_from_slice(&src[..wo]);
@@ -666,7 +709,7 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
         .for_each_init(
             || {
                 (
-                    vec![0.0; g.padded_buffer_len()],
+                    vec![0.0; g.sparse_buffer_len()],
                     vec![0.0; g.wide_buffer_len()],
                 )
             },
@@ -699,19 +742,26 @@ fn input_grad_sparse_sample(
     let [hp, wp] = g.padded_hw();
     let [ph, pw] = g.padding;
     let (len, s) = (g.lanes_len(), g.stride[1]);
-    padded.fill(0.0);
+    // Accumulates on the padded input (stride 1) or on its phases, then puts the phases back
+    // in place: `padded[i·s + r] = phases[r·L + i]`.
+    let (padded, phases) = padded.split_at_mut(g.padded_buffer_len());
+    let acc = if s == 1 { &mut *padded } else { &mut *phases };
+    acc.fill(0.0);
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
         for e in w.row_start[co]..w.row_start[co + 1] {
-            let (v, dst) = (w.value[e], &mut padded[w.offset[e]..]);
-            if s == 1 {
-                for (d, &t) in dst[..len].iter_mut().zip(&wide[..len]) {
-                    *d += v * t;
-                }
-            } else {
-                for (d, &t) in dst.iter_mut().step_by(s).zip(&wide[..len]) {
-                    *d += v * t;
-                }
+            let dst = &mut acc[g.phase_offset(w.offset[e])..][..len];
+            let v = w.value[e];
+            for (d, &t) in dst.iter_mut().zip(&wide[..len]) {
+                *d += v * t;
+            }
+        }
+    }
+    if s > 1 {
+        let l = g.phase_len();
+        for r in 0..s {
+            for (dst, &v) in padded[r..].iter_mut().step_by(s).zip(&phases[r * l..]) {
+                *dst = v;
             }
         }
     }
@@ -738,7 +788,7 @@ pub fn weight_grad_sparse(g: &ConvGeometry, x: &[f32], dy: &[f32], w: &SparseWei
         .map(|chunk| {
             let mut acc = vec![0.0; w.nnz()];
             let (mut padded, mut wide) = (
-                vec![0.0; g.padded_buffer_len()],
+                vec![0.0; g.sparse_buffer_len()],
                 vec![0.0; g.wide_buffer_len()],
             );
             for n in chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch) {
@@ -774,38 +824,32 @@ fn weight_grad_sparse_sample(
     padded: &mut [f32],
     wide: &mut [f32],
 ) {
-    let (len, s) = (g.lanes_len(), g.stride[1]);
+    let len = g.lanes_len();
     pad_input(g, x, padded);
+    let src = phases_of(g, padded);
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
         for e in w.row_start[co]..w.row_start[co + 1] {
-            acc[e] += dot_strided(&wide[..len], &padded[w.offset[e]..], s);
+            acc[e] += dot(&wide[..len], &src[g.phase_offset(w.offset[e])..]);
         }
     }
 }
 
-/// `Σ_j a[j] · b[j·stride]`, with 16 independent partial sums so that it vectorises (the same
-/// sums in the same order on every CPU).
+/// `Σ_j a[j] · b[j]`, with 16 independent partial sums so that it vectorises (the same sums
+/// in the same order on every CPU).
 #[inline(always)]
-fn dot_strided(a: &[f32], b: &[f32], stride: usize) -> f32 {
-    if stride == 1 {
-        let b = &b[..a.len()];
-        let mut acc = [0.0f32; 16];
-        let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-        let (ar, br) = (ac.remainder(), bc.remainder());
-        for (x, y) in ac.zip(bc) {
-            for j in 0..16 {
-                acc[j] += x[j] * y[j];
-            }
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let b = &b[..a.len()];
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
         }
-        let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-        acc.iter().sum::<f32>() + tail
-    } else {
-        a.iter()
-            .zip(b.iter().step_by(stride))
-            .map(|(x, y)| x * y)
-            .sum()
     }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether the sparse form is expected to be faster than the dense form for `active` active
