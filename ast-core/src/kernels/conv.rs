@@ -276,6 +276,9 @@ pub struct SparseWeight {
     pub value: Vec<f32>,
     /// Each entry's position in the padded input of one sample (see above).
     pub offset: Vec<usize>,
+    /// Where each entry's product starts in what the kernels read: `offset` for stride 1, its
+    /// place in the stride phases otherwise (computed once here, not per sample).
+    start: Vec<usize>,
     geometry: ConvGeometry,
 }
 
@@ -316,12 +319,14 @@ impl SparseWeight {
                 let (ky, kx) = (within / kw % kh, within % kw);
                 ci * hp * wp + ky * geometry.dilation[0] * wp + kx * geometry.dilation[1]
             })
-            .collect();
+            .collect::<Vec<usize>>();
+        let start = offset.iter().map(|&o| geometry.phase_offset(o)).collect();
         Self {
             row_start,
             index,
             value,
             offset,
+            start,
             geometry: *geometry,
         }
     }
@@ -689,7 +694,7 @@ fn forward_sparse_sample(
         }
         // The first active weight assigns, the others accumulate: no pass to clear `wide`.
         let (first, rest) = (entries.start, entries.start + 1..entries.end);
-        let input = |e: usize| &src[g.phase_offset(w.offset[e])..];
+        let input = |e: usize| &src[w.start[e]..];
         axpy::<true>(&mut wide[..len], input(first), w.value[first]);
         for e in rest {
             axpy::<false>(&mut wide[..len], input(e), w.value[e]);
@@ -750,7 +755,7 @@ fn input_grad_sparse_sample(
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
         for e in w.row_start[co]..w.row_start[co + 1] {
-            let dst = &mut acc[g.phase_offset(w.offset[e])..][..len];
+            let dst = &mut acc[w.start[e]..][..len];
             let v = w.value[e];
             for (d, &t) in dst.iter_mut().zip(&wide[..len]) {
                 *d += v * t;
@@ -830,7 +835,7 @@ fn weight_grad_sparse_sample(
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
         for e in w.row_start[co]..w.row_start[co + 1] {
-            acc[e] += dot(&wide[..len], &src[g.phase_offset(w.offset[e])..]);
+            acc[e] += dot(&wide[..len], &src[w.start[e]..]);
         }
     }
 }
