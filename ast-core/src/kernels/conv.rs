@@ -882,6 +882,8 @@ pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
 }
 
 /// The weights a masked convolution computes with, in the form its density calls for.
+// One per layer and call, moved rarely: the padding of the smaller variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlanWeights {
     /// The masked dense weight `W ⊙ M`.
