@@ -339,7 +339,9 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
     type State = NormState;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        // ∂x is written over dy's buffer: no copy when the gradient is not shared.
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let dy: Vec<f32> = dy.into_data().into_vec().expect("an f32 gradient");
         let s = ops.state;
         let residual = ops.parents.get(3).is_some_and(Option::is_some);
         let gate = match &s.gate {
@@ -351,7 +353,7 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
             &s.shape,
             f32s(&s.input),
             gate,
-            f32s(&dy),
+            dy,
             &s.mean,
             &s.inv_std,
             f32s(&s.gamma),

@@ -113,11 +113,11 @@ enum Pass<'a> {
         relu: bool,
     },
     /// `∂x = k·g + r·x + q` (and `∂r = g`) plane by plane, `[k, r, q, a, b]` per plane
-    /// (`a`, `b`: the forward's affine map, for a recomputed gate).
+    /// (`a`, `b`: the forward's affine map, for a recomputed gate), in place: `grad` holds
+    /// `dy` and receives `∂x`.
     Backward {
-        dx: &'a mut [f32],
+        grad: &'a mut [f32],
         dr: Option<&'a mut [f32]>,
-        dy: &'a [f32],
         source: &'a [f32],
         x: &'a [f32],
         coefficients: Vec<[f32; 5]>,
@@ -174,34 +174,33 @@ impl pulp::WithSimd for Pass<'_> {
                 [0.0; 2]
             }
             Pass::Backward {
-                dx,
+                grad,
                 mut dr,
-                dy,
                 source,
                 x,
                 coefficients,
                 gate,
             } => {
-                let p = dx.len() / coefficients.len().max(1);
+                let p = grad.len() / coefficients.len().max(1);
                 for (i, &c) in coefficients.iter().enumerate() {
-                    let (o, d, s, xv) = (
-                        &mut dx[i * p..][..p],
-                        &dy[i * p..][..p],
+                    let (g, s, xv) = (
+                        &mut grad[i * p..][..p],
                         &source[i * p..][..p],
                         &x[i * p..][..p],
                     );
-                    match gate {
-                        GateMode::None => backward_plane::<NO_GATE>(o, d, s, xv, c),
-                        GateMode::Output => backward_plane::<OUTPUT_GATE>(o, d, s, xv, c),
-                        GateMode::Input => backward_plane::<INPUT_GATE>(o, d, s, xv, c),
-                    }
+                    // ∂r first: it reads `dy`, which ∂x then overwrites.
                     if let Some(dr) = dr.as_deref_mut() {
                         let o = &mut dr[i * p..][..p];
                         match gate {
-                            GateMode::None => o.copy_from_slice(d),
-                            GateMode::Output => gate_plane::<OUTPUT_GATE>(o, d, s, c),
-                            GateMode::Input => gate_plane::<INPUT_GATE>(o, d, s, c),
+                            GateMode::None => o.copy_from_slice(g),
+                            GateMode::Output => gate_plane::<OUTPUT_GATE>(o, g, s, c),
+                            GateMode::Input => gate_plane::<INPUT_GATE>(o, g, s, c),
                         }
+                    }
+                    match gate {
+                        GateMode::None => backward_plane::<NO_GATE>(g, s, xv, c),
+                        GateMode::Output => backward_plane::<OUTPUT_GATE>(g, s, xv, c),
+                        GateMode::Input => backward_plane::<INPUT_GATE>(g, s, xv, c),
                     }
                 }
                 [0.0; 2]
@@ -326,18 +325,12 @@ fn normalize_plane<const RELU: bool>(out: &mut [f32], x: &[f32], r: &[f32], a: f
     }
 }
 
-/// `∂x = k·g + r·x + q` over one plane, `c = [k, r, q, a, b]`.
+/// `∂x = k·g + r·x + q` over one plane, in place of `dy`, `c = [k, r, q, a, b]`.
 #[inline(always)]
-fn backward_plane<const MODE: u8>(
-    out: &mut [f32],
-    dy: &[f32],
-    source: &[f32],
-    x: &[f32],
-    c: [f32; 5],
-) {
+fn backward_plane<const MODE: u8>(grad: &mut [f32], source: &[f32], x: &[f32], c: [f32; 5]) {
     let [k, r, q, a, b] = c;
-    for (((o, &d), &s), &xv) in out.iter_mut().zip(dy).zip(source).zip(x) {
-        *o = k * gate::<MODE>(d, s, [a, b]) + r * xv + q;
+    for ((o, &s), &xv) in grad.iter_mut().zip(source).zip(x) {
+        *o = k * gate::<MODE>(*o, s, [a, b]) + r * xv + q;
     }
 }
 
@@ -449,7 +442,8 @@ fn affine(gamma: &[f32], beta: &[f32], mean: &[f32], inv_std: &[f32]) -> Vec<[f3
 }
 
 /// The backward pass of [`forward`] from the saved input `x`, the ReLU's gate (if one
-/// followed), the batch statistics and `γ`. `residual` says whether `∂L/∂r` is wanted.
+/// followed), the batch statistics and `γ`. `residual` says whether `∂L/∂r` is wanted. `∂x`
+/// is written over `dy` (no new buffer to allocate and clear).
 ///
 /// # Panics
 /// If a slice does not match `shape`, or the gate is recomputed for a residual block.
@@ -458,7 +452,7 @@ pub fn backward(
     shape: &NormShape,
     x: &[f32],
     relu: ReluGate<'_>,
-    dy: &[f32],
+    dy: Vec<f32>,
     mean: &[f32],
     inv_std: &[f32],
     gamma: &[f32],
@@ -467,7 +461,7 @@ pub fn backward(
     shape.check("the input", x.len());
     shape.check("the gradient", dy.len());
     let (gate, source, beta) = match relu {
-        ReluGate::None => (GateMode::None, dy, None),
+        ReluGate::None => (GateMode::None, &dy[..], None),
         ReluGate::Output(y) => {
             shape.check("the output", y.len());
             (GateMode::Output, y, None)
@@ -488,7 +482,7 @@ pub fn backward(
     let (beta_grad, centred): (Vec<f64>, Vec<f64>) = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
-            let planes = (shape.planes(dy, c))
+            let planes = (shape.planes(&dy, c))
                 .zip(shape.planes(source, c))
                 .zip(shape.planes(x, c))
                 .map(|((d, s), x)| [d, s, x])
@@ -516,18 +510,23 @@ pub fn backward(
             [k as f32, (-k * b) as f32, (k * (b * m - a)) as f32, fa, fb]
         })
         .collect();
-    let mut dx = vec![0.0f32; shape.len()];
+    // The gate's source for the write pass (`x`, unused, when there is no gate: `dy` is
+    // overwritten there).
+    let source = match relu {
+        ReluGate::Output(y) => y,
+        ReluGate::None | ReluGate::Recompute { .. } => x,
+    };
+    let mut dx = dy;
     let mut dr = residual.then(|| vec![0.0f32; shape.len()]);
     let task = (shape.planes_per_task() * shape.plane).max(1);
-    let pass = |t: usize, dx: &mut [f32], dr: Option<&mut [f32]>| {
+    let pass = |t: usize, grad: &mut [f32], dr: Option<&mut [f32]>| {
         let start = t * task;
-        let range = start..start + dx.len();
+        let range = start..start + grad.len();
         Pass::Backward {
             coefficients: shape.per_plane(&coefficients, &range),
-            dy: &dy[range.clone()],
             source: &source[range.clone()],
             x: &x[range],
-            dx,
+            grad,
             dr,
             gate,
         }
@@ -589,7 +588,7 @@ mod tests {
             &shape,
             &x,
             ReluGate::Output(&y),
-            &dy,
+            dy.to_vec(),
             &mean,
             &inv_std,
             &[2.0],
@@ -601,7 +600,16 @@ mod tests {
         close(&g.residual.unwrap(), &[0.0, 1.0, 1.0, 1.0]);
         // The gate recomputed from x (no residual) is the same.
         let recompute = ReluGate::Recompute { beta: &[1.0] };
-        let h = backward(&shape, &x, recompute, &dy, &mean, &inv_std, &[2.0], false);
+        let h = backward(
+            &shape,
+            &x,
+            recompute,
+            dy.to_vec(),
+            &mean,
+            &inv_std,
+            &[2.0],
+            false,
+        );
         assert_eq!((&h.x, &h.gamma, &h.beta), (&g.x, &g.gamma, &g.beta));
         assert!(h.residual.is_none());
         // Without the ReLU a constant dy moves nothing but β.
@@ -609,7 +617,7 @@ mod tests {
             &shape,
             &x,
             ReluGate::None,
-            &dy,
+            dy.to_vec(),
             &mean,
             &inv_std,
             &[2.0],

@@ -335,7 +335,16 @@ fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
             let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
             let inv_std = norm::inv_std(&stats.var, 1e-5);
             let gate = norm::ReluGate::Output(&y);
-            let grads = norm::backward(&shape, &x, gate, &dy, &stats.mean, &inv_std, &gamma, true);
+            let grads = norm::backward(
+                &shape,
+                &x,
+                gate,
+                dy.clone(),
+                &stats.mean,
+                &inv_std,
+                &gamma,
+                true,
+            );
             (y, stats, grads)
         })
     };
