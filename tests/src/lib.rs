@@ -145,7 +145,16 @@ pub fn dense_run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
         "--final-prune-epoch",
         "1",
     ];
-    let mut args: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
+    with_paths(
+        fixed.iter().map(|s| s.to_string()).collect(),
+        data,
+        out,
+        extra,
+    )
+}
+
+/// `args` followed by `--data-path data --out out` and then `extra`.
+pub fn with_paths(mut args: Vec<String>, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     args.extend([
         "--data-path".into(),
         data.display().to_string(),

@@ -1,9 +1,9 @@
 //! Bad input gets one clear error line naming the problem, a non-zero exit, no panic, and
 //! leaves what the user had untouched. Table-driven over the CLI.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use ast_tests::{cli, stderr, tiny_idx_data, write_cifar10, write_idx};
+use ast_tests::{cli, stderr, tiny_idx_data, with_paths, write_cifar10, write_idx};
 
 struct Case {
     name: &'static str,
@@ -20,7 +20,7 @@ fn case(name: &'static str, args: &[&str], expect: &'static str) -> Case {
 }
 
 /// Every file under `dir` (recursively) with its bytes; empty when `dir` does not exist.
-fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -106,14 +106,17 @@ fn quick(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
             args.extend([flag.to_string(), value.to_string()]);
         }
     }
-    args.extend([
-        "--data-path".into(),
-        data.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    with_paths(args, data, out, extra)
+}
+
+/// `<root>/run`: a finished tiny quickstart run (`quick` defaults) on data under `root`.
+fn finished_quick_run(root: &Path) -> PathBuf {
+    let data = tiny_idx_data(root, 32, 16);
+    let out = root.join("run");
+    let args = quick(&data, &out, &[]);
+    let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.status.success(), "{}", stderr(&first));
+    out
 }
 
 fn with_args(name: &'static str, args: Vec<String>, expect: &'static str) -> Case {
@@ -599,11 +602,7 @@ fn a_start_that_failed_or_was_killed_before_its_first_checkpoint_can_simply_star
 #[test]
 fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_alone() {
     let work = tempfile::tempdir().unwrap();
-    let data = tiny_idx_data(work.path(), 32, 16);
-    let out = work.path().join("run");
-    let args = quick(&data, &out, &[]);
-    let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(first.status.success(), "{}", stderr(&first));
+    let out = finished_quick_run(work.path());
     let snapshot = |name: &str| std::fs::read(out.join(name)).unwrap();
     let files = [
         "config.json",
@@ -661,11 +660,7 @@ fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_
 #[test]
 fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
     let work = tempfile::tempdir().unwrap();
-    let data = tiny_idx_data(work.path(), 32, 16);
-    let out = work.path().join("run");
-    let args = quick(&data, &out, &[]);
-    let first = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(first.status.success(), "{}", stderr(&first));
+    let out = finished_quick_run(work.path());
     let config = out.join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"small-cnn\"", "\"resnet20\"")).unwrap();
