@@ -127,12 +127,13 @@ impl AstBackend for Flex {
         let residual = residual.map(|r| r.into_primitive().tensor());
         let input = contiguous(x.primitive.clone());
         let gamma_values = contiguous(gamma.primitive.clone());
+        let beta_values = contiguous(beta.primitive.clone());
         let residual_values = residual.as_ref().map(|r| contiguous(r.primitive.clone()));
         let (y, stats) = norm::forward(
             &shape,
             f32s(&input),
             f32s(&gamma_values),
-            f32s(&contiguous(beta.primitive.clone())),
+            f32s(&beta_values),
             options.epsilon as f32,
             residual_values.as_ref().map(f32s),
             options.relu,
@@ -143,9 +144,7 @@ impl AstBackend for Flex {
         let gate = match (options.relu, &residual) {
             (false, _) => SavedGate::None,
             (true, Some(_)) => SavedGate::Output(y.clone()),
-            (true, None) => {
-                SavedGate::Recompute(f32s(&contiguous(beta.primitive.clone())).to_vec())
-            }
+            (true, None) => SavedGate::Recompute(f32s(&beta_values).to_vec()),
         };
         let state = NormState {
             shape,
