@@ -69,8 +69,8 @@ fn main() {
             .collect();
         let w: Vec<f32> = (0..g.weight_len()).map(|_| rng.next_f64() as f32).collect();
         println!(
-            "{name}: density, dense form ms, sparse form ms \
-             (forward + input gradient + weight gradient), model picks"
+            "{name}: density, dense form ms, sparse form ms (each: forward + input gradient + \
+             weight gradient), model picks"
         );
         let mut crossover = 0.0;
         for d in DENSITIES {
@@ -84,7 +84,7 @@ fn main() {
                 geometry: g,
                 weights: PlanWeights::Sparse(SparseWeight::new(&g, &w, &mask)),
             };
-            let (td, [f, i, w, ts]) = (time(&dense, &x, &dy)[3], time(&sparse, &x, &dy));
+            let ([df, di, dw, td], [f, i, w, ts]) = (time(&dense, &x, &dy), time(&sparse, &x, &dy));
             if ts < td && crossover == 0.0 {
                 crossover = d;
             }
@@ -94,7 +94,9 @@ fn main() {
             } else {
                 "dense"
             };
-            println!("  {d:>5}  {td:>8.1}  {ts:>8.1} ({f:.1} + {i:.1} + {w:.1})  {pick}");
+            println!(
+                "  {d:>5}  {td:>8.1} ({df:.1} + {di:.1} + {dw:.1})  {ts:>8.1} ({f:.1} + {i:.1} + {w:.1})  {pick}"
+            );
         }
         println!("  sparse form faster from density {crossover} down");
     }

@@ -357,6 +357,66 @@ fn for_rows(g: &ConvGeometry, ky: usize, kx: usize, mut f: impl FnMut(usize, usi
     }
 }
 
+/// Whether every kernel offset reads the input shifted by a constant: stride 1 and output rows
+/// as wide as input rows ("same" padding). Then the columns of a block of output rows are one
+/// contiguous copy of the input plane, with zeros only where the offset reaches the padding.
+fn shifted_plane(g: &ConvGeometry) -> bool {
+    g.stride == [1, 1] && g.out_hw().expect("supported geometry")[1] == g.in_hw[1]
+}
+
+/// For kernel offset `(ky, kx)` of a [`shifted_plane`] geometry, restricted to output rows
+/// `rows`: the column positions (relative to the tile) that read the input, as one range
+/// `block` (output position `o` reads input position `o + shift`), and how many positions
+/// between two rows of the block fall in the padding instead (see [`for_gaps`]). `None` when
+/// no position reads the input.
+fn shifted_block(
+    g: &ConvGeometry,
+    ky: usize,
+    kx: usize,
+    rows: &Range<usize>,
+) -> Option<(Range<usize>, isize, usize)> {
+    let [ho, wo] = g.out_hw().expect("supported geometry");
+    let (oy0, oy1, iy0) = g.valid(0, ky, ho);
+    let (ox0, ox1, ix0) = g.valid(1, kx, wo);
+    let (a, b) = (oy0.max(rows.start), oy1.min(rows.end));
+    if a >= b || ox0 >= ox1 {
+        return None;
+    }
+    let iy = iy0 + (a - oy0);
+    let first = rows.start * wo;
+    let block = a * wo + ox0 - first..(b - 1) * wo + ox1 - first;
+    let shift = (iy * g.in_hw[1] + ix0) as isize - block.start as isize;
+    Some((block, shift, wo - (ox1 - ox0)))
+}
+
+/// Zeroes a short run (the gaps of [`for_gaps`]: one or two values for a 3×3 kernel) with
+/// plain stores; `fill` becomes a `memset` call, which cost 10 % of a forward on 8×8 planes.
+#[inline(always)]
+fn zero_short(values: &mut [f32]) {
+    match values {
+        [] => {}
+        [a] => *a = 0.0,
+        [a, b] => (*a, *b) = (0.0, 0.0),
+        [a, b, c] => (*a, *b, *c) = (0.0, 0.0, 0.0),
+        _ => values.fill(0.0),
+    }
+}
+
+/// Runs `f(range)` for every run of `gap` padding positions inside `block` (see
+/// [`shifted_block`]): each row of the block holds `W_out − gap` valid positions, then `gap`
+/// padding ones that end before the next row's.
+#[inline(always)]
+fn for_gaps(block: &Range<usize>, gap: usize, wo: usize, mut f: impl FnMut(Range<usize>)) {
+    if gap == 0 {
+        return;
+    }
+    let mut at = block.start + wo - gap;
+    while at < block.end {
+        f(at..(at + gap).min(block.end));
+        at += wo;
+    }
+}
+
 #[inline(always)]
 /// Writes sample `x`'s columns for group `grp` and output rows `rows` into `col`
 /// (`row_len × rows.len()·W_out`).
@@ -365,6 +425,27 @@ fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, rows: Range<usize>, col: &mut
     let plane = g.in_hw[0] * g.in_hw[1];
     let wo = g.out_hw().expect("supported geometry")[1];
     let (first, pt) = (rows.start * wo, rows.len() * wo);
+    if shifted_plane(g) {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let block = shifted_block(g, ky, kx, &rows);
+                for ci in 0..g.cin_g() {
+                    let dst = &mut col[((ci * kh + ky) * kw + kx) * pt..][..pt];
+                    let Some((block, shift, gap)) = block.clone() else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let src = &x[(grp * g.cin_g() + ci) * plane..][..plane];
+                    let from = (block.start as isize + shift) as usize;
+                    zero_short(&mut dst[..block.start]);
+                    dst[block.clone()].copy_from_slice(&src[from..from + block.len()]);
+                    zero_short(&mut dst[block.end..]);
+                    for_gaps(&block, gap, wo, |r| zero_short(&mut dst[r]));
+                }
+            }
+        }
+        return;
+    }
     col.fill(0.0);
     for ci in 0..g.cin_g() {
         let src = &x[(grp * g.cin_g() + ci) * plane..][..plane];
@@ -391,17 +472,41 @@ fn im2col(g: &ConvGeometry, x: &[f32], grp: usize, rows: Range<usize>, col: &mut
 
 #[inline(always)]
 /// Adds the columns `col` of group `grp` and output rows `rows` back into sample gradient `dx`
-/// (the adjoint of [`im2col`]).
-fn col2im(g: &ConvGeometry, col: &[f32], grp: usize, rows: Range<usize>, dx: &mut [f32]) {
+/// (the adjoint of [`im2col`]). Clobbers `col`'s padding positions.
+fn col2im(g: &ConvGeometry, col: &mut [f32], grp: usize, rows: Range<usize>, dx: &mut [f32]) {
     let [kh, kw] = g.kernel;
     let plane = g.in_hw[0] * g.in_hw[1];
     let wo = g.out_hw().expect("supported geometry")[1];
     let (first, pt) = (rows.start * wo, rows.len() * wo);
+    if shifted_plane(g) {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let Some((block, shift, gap)) = shifted_block(g, ky, kx, &rows) else {
+                    continue;
+                };
+                let from = (block.start as isize + shift) as usize;
+                for ci in 0..g.cin_g() {
+                    let dst = &mut dx[(grp * g.cin_g() + ci) * plane..][..plane];
+                    let src = &mut col[((ci * kh + ky) * kw + kx) * pt..][..pt];
+                    // The padding positions' gradients belong to no input: drop them, then
+                    // the block adds in one contiguous pass.
+                    for_gaps(&block, gap, wo, |r| zero_short(&mut src[r]));
+                    for (d, &v) in dst[from..from + block.len()]
+                        .iter_mut()
+                        .zip(&src[block.clone()])
+                    {
+                        *d += v;
+                    }
+                }
+            }
+        }
+        return;
+    }
     for ci in 0..g.cin_g() {
         let dst = &mut dx[(grp * g.cin_g() + ci) * plane..][..plane];
         for ky in 0..kh {
             for kx in 0..kw {
-                let src = &col[((ci * kh + ky) * kw + kx) * pt..][..pt];
+                let src = &mut col[((ci * kh + ky) * kw + kx) * pt..][..pt];
                 for_rows(g, ky, kx, |o, i, len| {
                     if !rows.contains(&(o / wo)) {
                         return;
@@ -543,15 +648,21 @@ pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32])
 }
 
 /// Dense weight gradient: `dw = Σ_n dy_n · im2col(x_n)ᵀ`, at every position.
+///
+/// Computed transposed, `dwᵀ = Σ_n im2col(x_n) · dy_nᵀ`, with each tile of `dy_n` transposed
+/// first: then both GEMM operands run along the output columns, the layout the GEMM packs fast
+/// (the product with `im2col(x_n)ᵀ` read across its rows ran 5–7× slower on 16 channels).
 pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     check(g, x.len(), dw.len(), dy.len());
-    let (row, cog) = (g.row_len(), g.cout_g());
+    let (row, cog, p) = (g.row_len(), g.cout_g(), g.out_plane());
     let wo = g.out_hw().expect("supported geometry")[1];
     let partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(GRAD_CHUNK))
         .into_par_iter()
         .map(|chunk| {
+            // `[groups][row × C_out/groups]`: each group's gradient, transposed.
             let mut acc = vec![0.0; dw.len()];
             let mut col = column_buffer(g);
+            let mut dy_t = vec![0.0; cog * tiles(g).next().map_or(0, |r| r.len()) * wo];
             let samples = chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch);
             for (i, n) in samples.enumerate() {
                 let xn = &x[n * g.in_len()..][..g.in_len()];
@@ -559,12 +670,18 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
                 for grp in 0..g.groups {
                     for (j, rows) in tiles(g).enumerate() {
                         let pt = rows.len() * wo;
-                        let dyg = dy_block(g, dyn_, grp, &rows);
+                        let dy_t = &mut dy_t[..pt * cog];
+                        for co in 0..cog {
+                            let src = &dyn_[(grp * cog + co) * p + rows.start * wo..][..pt];
+                            for (k, &v) in src.iter().enumerate() {
+                                dy_t[k * cog + co] = v;
+                            }
+                        }
                         let cols = tile_columns(g, xn, grp, rows, &mut col);
                         matmul(
                             &mut acc[grp * cog * row..][..cog * row],
-                            dyg,
-                            MatRef::row_major(cols, row, pt).t(),
+                            MatRef::row_major(cols, row, pt),
+                            MatRef::row_major(dy_t, pt, cog),
                             i > 0 || j > 0,
                         );
                     }
@@ -574,6 +691,15 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
         })
         .collect();
     sum_in_order(&partials, dw);
+    // Back from `[groups][row × C_out/groups]` to `[C_out, row]`.
+    let transposed = dw.to_vec();
+    for (grp, block) in transposed.chunks_exact(cog * row).enumerate() {
+        for (r, values) in block.chunks_exact(cog).enumerate() {
+            for (co, &v) in values.iter().enumerate() {
+                dw[(grp * cog + co) * row + r] = v;
+            }
+        }
+    }
 }
 
 fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
@@ -864,19 +990,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// - sparse: `active · (L + 60)`, `L` the length of one strided product (the span of the
 ///   output plane rounded up to whole vectors) and 60 the fixed cost per active weight and
 ///   sample, in element-steps;
-/// - dense: `2.3·P^0.12 / C^0.54 · W·P` for `W` weights, output plane `P` and `C` output
-///   channels per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's
-///   rows (`C`) grow, with im2col/col2im costing a little more as the plane grows.
+/// - dense: `0.79 / C^0.27 · W·P` for `W` weights, output plane `P` and `C` output channels
+///   per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's rows (`C`)
+///   grow, since im2col/col2im cost the same per column whatever `C`.
 ///
-/// Measured crossovers (2026-11-29, vector-length products): 16 ch at 32×32 ≈ 1.25 (sparse
-/// even dense), 32 ch at 32×32 ≈ 0.67, 32 ch at 16×16 ≈ 0.44, 64 ch at 8×8 ≈ 0.18, 128 ch at
-/// 8×8 ≈ 0.14; the model's: 1.05, 0.73, 0.51, 0.18, 0.13. The model of the first kernels had
-/// no channel term and kept 32 ch at 32×32 sparse up to density 1.0, where it was 1.75×
-/// slower than the dense form.
+/// Measured crossovers (2026-11-30, GEMMs in the fast orientation and block-copy im2col):
+/// 16 ch at 32×32 ≈ 0.38, 32 ch at 32×32 ≈ 0.24, 32 ch at 16×16 ≈ 0.21, 64 ch at 8×8 ≈ 0.11,
+/// 128 ch at 8×8 ≈ 0.105; the model's: 0.33, 0.27, 0.22, 0.115, 0.096. (Before those two
+/// changes the dense form was up to 2× slower and 16 ch at 32×32 ran sparse even dense.)
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
     let sparse = active as f64 * (geometry.lanes_len() as f64 + 60.0);
-    let per_mac = 2.3 * p.powf(0.12) / (geometry.cout_g() as f64).powf(0.54);
+    let per_mac = 0.79 / (geometry.cout_g() as f64).powf(0.27);
     let dense = per_mac * (geometry.weight_len() as f64) * p;
     sparse < dense
 }
