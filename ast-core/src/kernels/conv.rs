@@ -711,6 +711,30 @@ fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
     }
 }
 
+/// Copies one short row (a plane row: 8 to 34 values here) with constant-size moves, which
+/// compile to vector loads and stores inside the dispatched kernels; `copy_from_slice` of a
+/// variable length is a `memcpy` call, whose overhead made the row copies of the sparse
+/// kernels ≈ 10 % of a step at density 0.02.
+#[inline(always)]
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "copy_row: lengths");
+    let mut d = dst.chunks_exact_mut(16);
+    let mut s = src.chunks_exact(16);
+    for (a, b) in (&mut d).zip(&mut s) {
+        a.copy_from_slice(b);
+    }
+    let (mut d, mut s) = (
+        d.into_remainder().chunks_exact_mut(8),
+        s.remainder().chunks_exact(8),
+    );
+    for (a, b) in (&mut d).zip(&mut s) {
+        a.copy_from_slice(b);
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a = *b;
+    }
+}
+
 #[inline(always)]
 /// Sample `x`'s input channels zero-padded, `[C_in, H + 2p_h, W + 2p_w]`, into `padded`. Only
 /// the interior is written: the border must be zero already (buffers start zeroed, and no
@@ -721,7 +745,7 @@ fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
     let [ph, pw] = g.padding;
     for (src, dst) in x.chunks_exact(h * w).zip(padded.chunks_exact_mut(hp * wp)) {
         for (row, dst_row) in src.chunks_exact(w).zip(dst[ph * wp..].chunks_exact_mut(wp)) {
-            dst_row[pw..pw + w].copy_from_slice(row);
+            copy_row(&mut dst_row[pw..pw + w], row);
         }
     }
 }
@@ -735,7 +759,7 @@ fn widen(g: &ConvGeometry, plane: &[f32], wide: &mut [f32]) {
     let [_, wo] = g.out_hw().expect("supported geometry");
     let wp = g.padded_hw()[1];
     for (src, dst) in plane.chunks_exact(wo).zip(wide.chunks_mut(wp)) {
-        dst[..wo].copy_from_slice(src);
+        copy_row(&mut dst[..wo], src);
     }
 }
 
@@ -826,7 +850,7 @@ fn forward_sparse_sample(
             axpy::<false>(&mut wide[..len], input(e), w.value[e]);
         }
         for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
-            dst.copy_from_slice(&src[..wo]);
+            copy_row(dst, &src[..wo]);
         }
     }
 }
@@ -904,7 +928,7 @@ fn input_grad_sparse_sample(
             .chunks_exact_mut(wi)
             .zip(src[ph * wp..].chunks_exact(wp))
         {
-            row.copy_from_slice(&src_row[pw..pw + wi]);
+            copy_row(row, &src_row[pw..pw + wi]);
         }
     }
 }
