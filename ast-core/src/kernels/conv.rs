@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use core::ops::Range;
 
-use super::gemm::{matmul, matmul_rows, MatRef};
+use super::gemm::{matmul, matmul_col_major, matmul_rows, MatRef};
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
@@ -649,20 +649,25 @@ pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32])
 
 /// Dense weight gradient: `dw = Σ_n dy_n · im2col(x_n)ᵀ`, at every position.
 ///
-/// Computed transposed, `dwᵀ = Σ_n im2col(x_n) · dy_nᵀ`, with each tile of `dy_n` transposed
-/// first: then both GEMM operands run along the output columns, the layout the GEMM packs fast
-/// (the product with `im2col(x_n)ᵀ` read across its rows ran 5–7× slower on 16 channels).
+/// Computed as `dwᵀ = Σ_n im2col(x_n) · dy_nᵀ`, with each tile of `dy_n` transposed first (the
+/// product `dy_n · im2col(x_n)ᵀ` ran 5–7× slower on 16 channels). Tiles of fewer than 128
+/// positions (8×8 planes) accumulate `dwᵀ` column-major, which is `dw` in place: the GEMM then
+/// runs along `row_len` (1.2–1.35× faster there); longer tiles accumulate it row-major and
+/// transpose once at the end (there the column-major form was 1.5–2.5× slower: the GEMM
+/// re-packs `im2col(x_n)` across its long rows).
 pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     check(g, x.len(), dw.len(), dy.len());
     let (row, cog, p) = (g.row_len(), g.cout_g(), g.out_plane());
     let wo = g.out_hw().expect("supported geometry")[1];
+    let tile_len = tiles(g).next().map_or(0, |r| r.len()) * wo;
+    let in_place = tile_len < 128;
     let partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(GRAD_CHUNK))
         .into_par_iter()
         .map(|chunk| {
-            // `[groups][row × C_out/groups]`: each group's gradient, transposed.
+            // Per group: `dw` in place (`in_place`), else `dwᵀ` row-major.
             let mut acc = vec![0.0; dw.len()];
             let mut col = column_buffer(g);
-            let mut dy_t = vec![0.0; cog * tiles(g).next().map_or(0, |r| r.len()) * wo];
+            let mut dy_t = vec![0.0; cog * tile_len];
             let samples = chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch);
             for (i, n) in samples.enumerate() {
                 let xn = &x[n * g.in_len()..][..g.in_len()];
@@ -678,12 +683,16 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
                             }
                         }
                         let cols = tile_columns(g, xn, grp, rows, &mut col);
-                        matmul(
+                        let (acc, a, b) = (
                             &mut acc[grp * cog * row..][..cog * row],
                             MatRef::row_major(cols, row, pt),
                             MatRef::row_major(dy_t, pt, cog),
-                            i > 0 || j > 0,
                         );
+                        if in_place {
+                            matmul_col_major(acc, a, b, i > 0 || j > 0);
+                        } else {
+                            matmul(acc, a, b, i > 0 || j > 0);
+                        }
                     }
                 }
             }
@@ -691,12 +700,13 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
         })
         .collect();
     sum_in_order(&partials, dw);
-    // Back from `[groups][row × C_out/groups]` to `[C_out, row]`.
-    let transposed = dw.to_vec();
-    for (grp, block) in transposed.chunks_exact(cog * row).enumerate() {
-        for (r, values) in block.chunks_exact(cog).enumerate() {
-            for (co, &v) in values.iter().enumerate() {
-                dw[(grp * cog + co) * row + r] = v;
+    if !in_place {
+        let transposed = dw.to_vec();
+        for (grp, block) in transposed.chunks_exact(cog * row).enumerate() {
+            for (r, values) in block.chunks_exact(cog).enumerate() {
+                for (co, &v) in values.iter().enumerate() {
+                    dw[(grp * cog + co) * row + r] = v;
+                }
             }
         }
     }

@@ -71,13 +71,46 @@ pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
 pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    assert!(
+        ldc >= b.cols,
+        "matmul: row stride {ldc} below {} columns",
+        b.cols
+    );
+    matmul_strided(c, [ldc, 1], a, b, accumulate);
+}
+
+/// [`matmul`] into a column-major `c` (`a.rows × b.cols`, element `(i, j)` at `c[i + j·a.rows]`):
+/// `(a · b)ᵀ` laid out row-major, the orientation in which the GEMM keeps long rows of `a` in
+/// its micro-kernel when `b` has few columns.
+///
+/// # Panics
+/// If the shapes do not chain or a matrix does not lie inside its slice.
+pub fn matmul_col_major(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    assert_eq!(
+        c.len(),
+        a.rows * b.cols,
+        "matmul: output holds {} values, not {}×{}",
+        c.len(),
+        a.rows,
+        b.cols
+    );
+    matmul_strided(c, [1, a.rows.max(1)], a, b, accumulate);
+}
+
+/// `c = a · b` (or `+=`) with `c`'s element `(i, j)` at `c[i·rs + j·cs]`.
+fn matmul_strided(
+    c: &mut [f32],
+    [rs, cs]: [usize; 2],
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(
         b.rows, k,
         "matmul: inner dimensions {k} and {} differ",
         b.rows
     );
-    assert!(ldc >= n, "matmul: row stride {ldc} below {n} columns");
     assert!(
         a.fits() && b.fits(),
         "matmul: an operand lies outside its slice"
@@ -86,27 +119,29 @@ pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accu
         return;
     }
     assert!(
-        (m - 1) * ldc + n <= c.len(),
+        (m - 1) * rs + (n - 1) * cs < c.len(),
         "matmul: the output lies outside its slice"
     );
     if k == 0 {
         if !accumulate {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * rs + j * cs] = 0.0;
+                }
             }
         }
         return;
     }
-    // SAFETY: `c` holds the m×n block with strides (ldc, 1) and `a`, `b` address only elements
-    // inside their slices (all checked above); `c` does not alias them (it is `&mut`).
+    // SAFETY: `c` holds the m×n matrix with strides (rs, cs) and `a`, `b` address only
+    // elements inside their slices (all checked above); `c` does not alias them (it is `&mut`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            ldc as isize,
+            cs as isize,
+            rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -153,6 +188,19 @@ mod tests {
         let a = MatRef::row_major(&a, 2, 3);
         matmul(&mut d, a.t(), a, false);
         assert_eq!(&d[..3], &[17.0, 22.0, 27.0]);
+    }
+
+    #[test]
+    fn a_column_major_output_by_hand() {
+        // a·b = [[4, 5], [10, 11]] as above, stored by columns: [4, 10, 5, 11]; then += again.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let (a, b) = (MatRef::row_major(&a, 2, 3), MatRef::row_major(&b, 3, 2));
+        let mut c = [9.0; 4];
+        matmul_col_major(&mut c, a, b, false);
+        assert_eq!(c, [4.0, 10.0, 5.0, 11.0]);
+        matmul_col_major(&mut c, a, b, true);
+        assert_eq!(c, [8.0, 20.0, 10.0, 22.0]);
     }
 
     #[test]
