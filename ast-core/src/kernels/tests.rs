@@ -5,7 +5,9 @@ use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
-use super::conv::{sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight};
+use super::conv::{
+    input_grad_dense, sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
+};
 use super::norm::{self, NormShape};
 use crate::backend::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions};
 use crate::rng::MaskRng;
@@ -175,6 +177,83 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
                 errs.iter().all(|&e| e <= 1e-4),
                 "{geometry:?} at density {density}: relative errors {errs:?} \
                  (output, input grad, active weight grad, dense weight grad)"
+            );
+        }
+    }
+}
+
+/// `∂L/∂x` by the definition: every output position adds `w · dy` to the input it read.
+fn naive_input_grad(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let [ho, wo] = g.out_hw().unwrap();
+    let [h, wi] = g.in_hw;
+    let (cig, cog) = (g.c_in / g.groups, g.c_out / g.groups);
+    let mut dx = vec![0.0f64; g.batch * g.in_len()];
+    for n in 0..g.batch {
+        for co in 0..g.c_out {
+            let grp = co / cog;
+            for ci in 0..cig {
+                for ky in 0..g.kernel[0] {
+                    for kx in 0..g.kernel[1] {
+                        let wv = w[((co * cig + ci) * g.kernel[0] + ky) * g.kernel[1] + kx];
+                        for oy in 0..ho {
+                            for ox in 0..wo {
+                                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                    - g.padding[0] as isize;
+                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                    - g.padding[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wi as isize {
+                                    continue;
+                                }
+                                let d = dy[((n * g.c_out + co) * ho + oy) * wo + ox];
+                                let at = ((n * g.c_in + grp * cig + ci) * h + iy as usize) * wi
+                                    + ix as usize;
+                                dx[at] += f64::from(wv) * f64::from(d);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dx.into_iter().map(|v| v as f32).collect()
+}
+
+#[test]
+fn dense_input_gradient_equals_its_definition() {
+    // Stride 1 runs as the forward of the flipped, transposed kernel: "same" and smaller
+    // padding, dilation, groups, a 1×3 kernel; stride 2 and 1×1 keep the col2im path.
+    let shapes = [
+        geometry(2, [8, 12], 7, 3, 1, 1, 1),
+        geometry(2, [8, 12], 7, 3, 1, 0, 1),
+        geometry(2, [8, 12], 9, 3, 1, 1, 2),
+        ConvGeometry {
+            dilation: [2, 2],
+            ..geometry(2, [6, 4], 9, 3, 1, 1, 1)
+        },
+        ConvGeometry {
+            dilation: [2, 2],
+            ..geometry(2, [6, 4], 9, 3, 1, 2, 2)
+        },
+        ConvGeometry {
+            kernel: [1, 3],
+            padding: [0, 1],
+            ..geometry(3, [5, 7], 6, 3, 1, 1, 1)
+        },
+        geometry(2, [8, 12], 9, 3, 2, 1, 1),
+        geometry(2, [8, 12], 6, 1, 1, 0, 1),
+    ];
+    let mut rng = MaskRng::new(11, 3);
+    for g in shapes {
+        let [ho, wo] = g.out_hw().unwrap();
+        let dy = values(&mut rng, g.batch * g.c_out * ho * wo);
+        let w = values(&mut rng, g.weight_len());
+        let mut dx = vec![f32::NAN; g.batch * g.in_len()];
+        input_grad_dense(&g, &dy, &w, &mut dx);
+        let want = naive_input_grad(&g, &dy, &w);
+        for (i, (a, b)) in dx.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{g:?} at {i}: {a} vs {b}"
             );
         }
     }
