@@ -846,13 +846,28 @@ fn phases_of<'a>(g: &ConvGeometry, buffer: &'a mut [f32]) -> &'a [f32] {
     phases
 }
 
-/// `out[j] += v · inp[j]` for `j < out.len()` (`out[j] = …` when `ASSIGN`).
+/// `wide[base..base + B] = Σ_e values[e] · src[starts[e] + base..][..B]`, with the `B` sums
+/// held in registers across all the entries (output-stationary): one load per multiply-add
+/// instead of the load, add and store of an output that each entry's pass over the plane
+/// costs.
 #[inline(always)]
-fn axpy<const ASSIGN: bool>(out: &mut [f32], inp: &[f32], v: f32) {
-    let inp = &inp[..out.len()];
-    for (o, &x) in out.iter_mut().zip(inp) {
-        *o = if ASSIGN { v * x } else { *o + v * x };
+fn gather_block<const B: usize>(
+    wide: &mut [f32],
+    src: &[f32],
+    starts: &[usize],
+    values: &[f32],
+    base: usize,
+) {
+    let mut acc = [0.0f32; B];
+    for (&start, &v) in starts.iter().zip(values) {
+        let inp: &[f32; B] = src[start + base..][..B]
+            .try_into()
+            .expect("a block of B values");
+        for (a, &x) in acc.iter_mut().zip(inp) {
+            *a += v * x;
+        }
     }
+    wide[base..base + B].copy_from_slice(&acc);
 }
 
 /// Sparse forward: `y = conv(x, w)` using only the active weights.
@@ -903,12 +918,15 @@ fn forward_sparse_sample(
             out.fill(0.0);
             continue;
         }
-        // The first active weight assigns, the others accumulate: no pass to clear `wide`.
-        let (first, rest) = (entries.start, entries.start + 1..entries.end);
-        let input = |e: usize| &src[w.start[e]..];
-        axpy::<true>(&mut wide[..len], input(first), w.value[first]);
-        for e in rest {
-            axpy::<false>(&mut wide[..len], input(e), w.value[e]);
+        let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
+        let mut base = 0;
+        while base + 64 <= len {
+            gather_block::<64>(wide, src, starts, values, base);
+            base += 64;
+        }
+        while base < len {
+            gather_block::<16>(wide, src, starts, values, base);
+            base += 16;
         }
         for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
             copy_row(dst, &src[..wo]);
