@@ -16,6 +16,7 @@ use super::gemm::{matmul, matmul_col_major, matmul_rows, MatRef};
 enum SparseKernel {
     Forward,
     InputGrad,
+    InputGradByInput,
     WeightGrad,
 }
 
@@ -55,6 +56,9 @@ impl pulp::WithSimd for SparseSample<'_> {
         match kernel {
             SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
+            SparseKernel::InputGradByInput => {
+                input_grad_by_input_sample(g, input, w, out, padded, wide)
+            }
             SparseKernel::WeightGrad => {
                 weight_grad_sparse_sample(g, input, dy, w, out, padded, wide)
             }
@@ -221,6 +225,27 @@ impl ConvGeometry {
         self.wide_len().max(self.lanes_len())
     }
 
+    /// The largest in-plane offset of a kernel position in the padded input,
+    /// `(kh − 1)·d_h·(W + 2p_w) + (kw − 1)·d_w`: the zero margin in front of each channel of the
+    /// stride-1 input gradient's `dy` buffer, so that reading it backwards never leaves it.
+    fn dy_margin(&self) -> usize {
+        let wp = self.padded_hw()[1];
+        (self.kernel[0] - 1) * self.dilation[0] * wp + (self.kernel[1] - 1) * self.dilation[1]
+    }
+
+    /// Positions of the padded input plane rounded up to whole 16-value vectors: what the
+    /// stride-1 input gradient computes per input channel.
+    fn padded_plane_blocks(&self) -> usize {
+        let [hp, wp] = self.padded_hw();
+        (hp * wp).next_multiple_of(16)
+    }
+
+    /// One channel of the stride-1 input gradient's `dy` buffer: the margin, then the wide
+    /// `dy` plane (rows `W + 2p_w` apart) with zeros around it, as long as any read reaches.
+    fn dy_channel_len(&self) -> usize {
+        self.dy_margin() + self.padded_plane_blocks()
+    }
+
     /// A 1×1, stride-1, unpadded convolution: its im2col is the input itself.
     fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
@@ -279,6 +304,12 @@ pub struct SparseWeight {
     /// Where each entry's product starts in what the kernels read: `offset` for stride 1, its
     /// place in the stride phases otherwise (computed once here, not per sample).
     start: Vec<usize>,
+    /// The entries by input channel, for the stride-1 input gradient (empty otherwise): input
+    /// channel `ci`'s are `by_input_start[ci]..by_input_start[ci + 1]` of `by_input_value` and
+    /// `by_input_read` (see [`ConvGeometry::dy_channel_len`]).
+    by_input_start: Vec<usize>,
+    by_input_value: Vec<f32>,
+    by_input_read: Vec<usize>,
     geometry: ConvGeometry,
 }
 
@@ -308,7 +339,7 @@ impl SparseWeight {
             index.extend((co * row..(co + 1) * row).filter(|&i| mask[i]));
             row_start.push(index.len());
         }
-        let value = index.iter().map(|&i| weight[i]).collect();
+        let value: Vec<f32> = index.iter().map(|&i| weight[i]).collect();
         let [kh, kw] = geometry.kernel;
         let [hp, wp] = geometry.padded_hw();
         let offset = index
@@ -321,12 +352,36 @@ impl SparseWeight {
             })
             .collect::<Vec<usize>>();
         let start = offset.iter().map(|&o| geometry.phase_offset(o)).collect();
+        let (mut by_input_start, mut by_input_value, mut by_input_read) =
+            (Vec::new(), Vec::new(), Vec::new());
+        if geometry.stride == [1, 1] {
+            // Entry e reads dy channel co at in-plane offset o_e backwards: dx_pad[ci][q] +=
+            // v_e · dy_wide[co][q − o_e], i.e. position `read + q` of the dy channels' buffer.
+            let (plane, margin, cl) = (hp * wp, geometry.dy_margin(), geometry.dy_channel_len());
+            let mut order: Vec<usize> = (0..index.len()).collect();
+            order.sort_by_key(|&e| offset[e] / plane);
+            by_input_start.push(0);
+            let mut at = 0;
+            for ci in 0..geometry.c_in {
+                while at < order.len() && offset[order[at]] / plane == ci {
+                    let e = order[at];
+                    let co = index[e] / row;
+                    by_input_value.push(value[e]);
+                    by_input_read.push(co * cl + margin - offset[e] % plane);
+                    at += 1;
+                }
+                by_input_start.push(at);
+            }
+        }
         Self {
             row_start,
             index,
             value,
             offset,
             start,
+            by_input_start,
+            by_input_value,
+            by_input_read,
             geometry: *geometry,
         }
     }
@@ -870,6 +925,22 @@ fn gather_block<const B: usize>(
     wide[base..base + B].copy_from_slice(&acc);
 }
 
+/// `out[j] = Σ_e values[e] · src[starts[e] + j]` for every `j` (`out.len()` a multiple of 16),
+/// in [`gather_block`]s.
+#[inline(always)]
+fn gather(out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
+    let len = out.len();
+    let mut base = 0;
+    while base + 64 <= len {
+        gather_block::<64>(out, src, starts, values, base);
+        base += 64;
+    }
+    while base < len {
+        gather_block::<16>(out, src, starts, values, base);
+        base += 16;
+    }
+}
+
 /// Sparse forward: `y = conv(x, w)` using only the active weights.
 pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f32]) {
     check(g, x.len(), g.weight_len(), y.len());
@@ -918,16 +989,12 @@ fn forward_sparse_sample(
             out.fill(0.0);
             continue;
         }
-        let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
-        let mut base = 0;
-        while base + 64 <= len {
-            gather_block::<64>(wide, src, starts, values, base);
-            base += 64;
-        }
-        while base < len {
-            gather_block::<16>(wide, src, starts, values, base);
-            base += 16;
-        }
+        gather(
+            &mut wide[..len],
+            src,
+            &w.start[entries.clone()],
+            &w.value[entries],
+        );
         for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks(wp)) {
             copy_row(dst, &src[..wo]);
         }
@@ -938,18 +1005,30 @@ fn forward_sparse_sample(
 pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mut [f32]) {
     check(g, dx.len(), g.weight_len(), dy.len());
     w.check(g);
+    let by_input = !w.by_input_start.is_empty();
     dx.par_chunks_mut(g.in_len())
         .zip(dy.par_chunks(g.out_len()))
         .for_each_init(
             || {
-                (
-                    vec![0.0; g.sparse_buffer_len()],
-                    vec![0.0; g.wide_buffer_len()],
-                )
+                if by_input {
+                    (
+                        vec![0.0; g.c_out * g.dy_channel_len()],
+                        vec![0.0; g.padded_plane_blocks()],
+                    )
+                } else {
+                    (
+                        vec![0.0; g.sparse_buffer_len()],
+                        vec![0.0; g.wide_buffer_len()],
+                    )
+                }
             },
             |(padded, wide), (dx, dy)| {
                 SparseSample {
-                    kernel: SparseKernel::InputGrad,
+                    kernel: if by_input {
+                        SparseKernel::InputGradByInput
+                    } else {
+                        SparseKernel::InputGrad
+                    },
                     g,
                     w,
                     input: dy,
@@ -961,6 +1040,51 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
                 .run()
             },
         );
+}
+
+/// One sample's stride-1 input gradient, output-stationary by input channel: `dy` is laid out
+/// once as wide planes behind a zero margin (`buffer`, [`ConvGeometry::dy_channel_len`] per
+/// channel; only its valid positions are ever written, so the rest stays zero), then every
+/// input channel's padded gradient plane is [`gather`]ed from the entries that read that
+/// channel, and its interior copied out. No pass clears or scatters into a padded `dx`.
+#[inline(always)]
+fn input_grad_by_input_sample(
+    g: &ConvGeometry,
+    dy: &[f32],
+    w: &SparseWeight,
+    dx: &mut [f32],
+    buffer: &mut [f32],
+    plane: &mut [f32],
+) {
+    let [ho, wo] = g.out_hw().expect("supported geometry");
+    let [h, wi] = g.in_hw;
+    let wp = g.padded_hw()[1];
+    let [ph, pw] = g.padding;
+    let (margin, cl) = (g.dy_margin(), g.dy_channel_len());
+    for (src, dst) in dy.chunks_exact(ho * wo).zip(buffer.chunks_exact_mut(cl)) {
+        for (row, dst_row) in src.chunks_exact(wo).zip(dst[margin..].chunks_mut(wp)) {
+            copy_row(&mut dst_row[..wo], row);
+        }
+    }
+    for (ci, out) in dx.chunks_exact_mut(h * wi).enumerate() {
+        let entries = w.by_input_start[ci]..w.by_input_start[ci + 1];
+        if entries.is_empty() {
+            out.fill(0.0);
+            continue;
+        }
+        gather(
+            plane,
+            buffer,
+            &w.by_input_read[entries.clone()],
+            &w.by_input_value[entries],
+        );
+        for (row, src_row) in out
+            .chunks_exact_mut(wi)
+            .zip(plane[ph * wp..].chunks_exact(wp))
+        {
+            copy_row(row, &src_row[pw..pw + wi]);
+        }
+    }
 }
 
 #[inline(always)]
