@@ -1217,18 +1217,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// - sparse: `active · (L + 60)`, `L` the length of one strided product (the span of the
 ///   output plane rounded up to whole vectors) and 60 the fixed cost per active weight and
 ///   sample, in element-steps;
-/// - dense: `0.79 / C^0.27 · W·P` for `W` weights, output plane `P` and `C` output channels
-///   per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's rows (`C`)
-///   grow, since im2col/col2im cost the same per column whatever `C`.
+/// - dense: `7.8·P^−0.2 / C^0.45 · W·P` for `W` weights, output plane `P` and `C` output
+///   channels per group: the GEMM's multiply-adds, cheaper per multiply-add as the GEMM's rows
+///   (`C`) grow, since im2col costs the same per column whatever `C`, and a little cheaper on
+///   large planes, where the sparse products pay more for padding and copies.
 ///
-/// Measured crossovers (2026-11-30, GEMMs in the fast orientation and block-copy im2col):
-/// 16 ch at 32×32 ≈ 0.38, 32 ch at 32×32 ≈ 0.24, 32 ch at 16×16 ≈ 0.21, 64 ch at 8×8 ≈ 0.11,
-/// 128 ch at 8×8 ≈ 0.105; the model's: 0.33, 0.27, 0.22, 0.115, 0.096. (Before those two
-/// changes the dense form was up to 2× slower and 16 ch at 32×32 ran sparse even dense.)
+/// Measured crossovers (2026-11-30, output-stationary sparse forward and input gradient):
+/// 16 ch at 32×32 ≈ 0.55, 32 ch at 32×32 ≈ 0.33, 32 ch at 16×16 ≈ 0.34, 64 ch at 8×8 ≈ 0.23,
+/// 128 ch at 8×8 ≈ 0.18; the model's: 0.50, 0.37, 0.40, 0.24, 0.17.
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
     let sparse = active as f64 * (geometry.lanes_len() as f64 + 60.0);
-    let per_mac = 0.79 / (geometry.cout_g() as f64).powf(0.27);
+    let per_mac = 7.8 * p.powf(-0.2) / (geometry.cout_g() as f64).powf(0.45);
     let dense = per_mac * (geometry.weight_len() as f64) * p;
     sparse < dense
 }
