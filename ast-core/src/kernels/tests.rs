@@ -146,6 +146,23 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
             ..geometry(2, [8, 8], 9, 3, 1, 1, 1)
         },
         geometry(2, [8, 8], 9, 3, 3, 1, 8),
+        // Rows of 16, 32 and 64 values: the sparse kernels write them directly.
+        ConvGeometry {
+            in_hw: [5, 16],
+            ..geometry(2, [8, 8], 5, 3, 1, 1, 1)
+        },
+        ConvGeometry {
+            in_hw: [3, 32],
+            ..geometry(2, [16, 8], 3, 3, 1, 1, 1)
+        },
+        ConvGeometry {
+            in_hw: [6, 32],
+            ..geometry(2, [8, 8], 6, 3, 2, 1, 1)
+        },
+        ConvGeometry {
+            in_hw: [2, 64],
+            ..geometry(2, [4, 4], 2, 3, 1, 1, 1)
+        },
         // Planes cut into several im2col tiles (dense form).
         geometry(2, [64, 16], 24, 3, 1, 1, 1),
         geometry(2, [64, 16], 25, 3, 2, 1, 2),
