@@ -55,6 +55,12 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
 pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    check_whole_output(c, a, b);
+    matmul_rows(c, b.cols, a, b, accumulate);
+}
+
+/// `c` holds exactly the `a.rows × b.cols` product.
+fn check_whole_output(c: &[f32], a: MatRef<'_>, b: MatRef<'_>) {
     assert_eq!(
         c.len(),
         a.rows * b.cols,
@@ -63,7 +69,6 @@ pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         a.rows,
         b.cols
     );
-    matmul_rows(c, b.cols, a, b, accumulate);
 }
 
 /// [`matmul`] into a row-major `c` whose rows are `ldc` apart (a block of a wider matrix).
@@ -86,14 +91,7 @@ pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accu
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
 pub fn matmul_col_major(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-    assert_eq!(
-        c.len(),
-        a.rows * b.cols,
-        "matmul: output holds {} values, not {}×{}",
-        c.len(),
-        a.rows,
-        b.cols
-    );
+    check_whole_output(c, a, b);
     matmul_strided(c, [1, a.rows.max(1)], a, b, accumulate);
 }
 

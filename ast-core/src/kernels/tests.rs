@@ -146,7 +146,7 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
             ..geometry(2, [8, 8], 9, 3, 1, 1, 1)
         },
         geometry(2, [8, 8], 9, 3, 3, 1, 8),
-        // Rows of 16, 32 and 64 values: the sparse kernels write them directly.
+        // Rows of 16, 32 and 64 values (whole vectors, no partial row at a block edge).
         ConvGeometry {
             in_hw: [5, 16],
             ..geometry(2, [8, 8], 5, 3, 1, 1, 1)
