@@ -58,6 +58,7 @@ fn main() {
         ("32 ch, 16×16 (ResNet-32 stage 2)", geometry(32, 16)),
         ("64 ch, 8×8 (ResNet-32 stage 3)", geometry(64, 8)),
         ("32 ch, 32×32 (wide stage 1)", geometry(32, 32)),
+        ("64 ch, 16×16 (wide stage 2)", geometry(64, 16)),
         ("128 ch, 8×8 (wide stage 3)", geometry(128, 8)),
     ];
     for (name, g) in shapes {
