@@ -299,15 +299,32 @@ impl Backward<Flex, 2> for MaskedConvBackward {
             dense_weight_grad,
         } = ops.state;
         let g = &plan.geometry;
-        if let Some(node) = node_x {
-            let dx = plan.input_grad(f32s(&dy));
-            let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
-        }
+        // The weight gradient first: it is the input's last use.
         if let Some(node) = node_weight {
             let dw = plan.weight_grad(f32s(&input), f32s(&dy), dense_weight_grad);
             let shape = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, shape)));
+        }
+        if let Some(node) = node_x {
+            // When this state held the input's last reference (half of ResNet-32's
+            // convolutions: the others' inputs are also saved for a ReLU gate), its buffer
+            // takes ∂x, which has its shape: no new buffer to allocate and clear.
+            let mut input = input;
+            let len = g.batch * g.in_len();
+            let reused = match input.try_storage_mut::<f32>() {
+                Some(buffer) if buffer.len() == len => {
+                    plan.input_grad_into(f32s(&dy), buffer);
+                    true
+                }
+                _ => false,
+            };
+            let dx = if reused {
+                input
+            } else {
+                let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
+                FlexTensor::from_data(TensorData::new(plan.input_grad(f32s(&dy)), shape))
+            };
+            grads.register::<Flex>(node.id, dx);
         }
     }
 }

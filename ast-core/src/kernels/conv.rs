@@ -1301,11 +1301,21 @@ impl MaskedConvPlan {
     pub fn input_grad(&self, dy: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
         let mut dx = vec![0.0; g.batch * g.in_len()];
-        match &self.weights {
-            PlanWeights::Dense(w) => input_grad_dense(g, dy, w, &mut dx),
-            PlanWeights::Sparse(w) => input_grad_sparse(g, dy, w, &mut dx),
-        }
+        self.input_grad_into(dy, &mut dx);
         dx
+    }
+
+    /// [`Self::input_grad`] into `dx`, every value of which it overwrites (whatever `dx` held:
+    /// a buffer no longer needed can take it without being cleared).
+    ///
+    /// # Panics
+    /// If `dx` does not hold `N·C_in·H·W` values.
+    pub fn input_grad_into(&self, dy: &[f32], dx: &mut [f32]) {
+        let g = &self.geometry;
+        match &self.weights {
+            PlanWeights::Dense(w) => input_grad_dense(g, dy, w, dx),
+            PlanWeights::Sparse(w) => input_grad_sparse(g, dy, w, dx),
+        }
     }
 
     /// `∂L/∂(W ⊙ M)`, shaped like the weight: at every position when `dense` (what growth
