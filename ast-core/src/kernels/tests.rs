@@ -70,7 +70,15 @@ fn compare(case: &Case, seed: u64) -> [f32; 4] {
             .bias
             .then(|| Tensor::<AD, 1>::from_data(TensorData::new(b.clone(), [g.c_out]), &device));
         let y = if fast {
-            AD::masked_conv2d(xt.clone(), wt.clone(), mt, bt, options.clone(), dense_grad)
+            // Odd seeds feed the convolution an intermediate tensor, which its backward holds
+            // alone: ∂x then goes into that tensor's buffer (the path of a real model); even
+            // seeds feed the leaf itself, whose buffer the test still holds.
+            let input = if seed % 2 == 1 {
+                xt.clone() * 1.0
+            } else {
+                xt.clone()
+            };
+            AD::masked_conv2d(input, wt.clone(), mt, bt, options.clone(), dense_grad)
         } else {
             generic_masked_conv2d(xt.clone(), wt.clone(), mt, bt, options.clone())
         };
