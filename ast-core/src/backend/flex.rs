@@ -306,20 +306,28 @@ impl Backward<Flex, 2> for MaskedConvBackward {
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, shape)));
         }
         if let Some(node) = node_x {
-            // When this state held the input's last reference (half of ResNet-32's
-            // convolutions: the others' inputs are also saved for a ReLU gate), its buffer
-            // takes ∂x, which has its shape: no new buffer to allocate and clear.
-            let mut input = input;
+            // No new buffer to allocate and clear for ∂x when one can be reused: the input's,
+            // when this state held its last reference (half of ResNet-32's convolutions: the
+            // others' inputs are also saved for a ReLU gate), else dy's, when ∂x has its shape
+            // and the kernel can run in place (sparse form, stride 1).
+            let (mut input, mut dy) = (input, dy);
             let len = g.batch * g.in_len();
-            let reused = match input.try_storage_mut::<f32>() {
+            let into_input = match input.try_storage_mut::<f32>() {
                 Some(buffer) if buffer.len() == len => {
                     plan.input_grad_into(f32s(&dy), buffer);
                     true
                 }
                 _ => false,
             };
-            let dx = if reused {
+            let over_dy = !into_input
+                && match dy.try_storage_mut::<f32>() {
+                    Some(buffer) if buffer.len() == len => plan.input_grad_in_place(buffer),
+                    _ => false,
+                };
+            let dx = if into_input {
                 input
+            } else if over_dy {
+                dy
             } else {
                 let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
                 FlexTensor::from_data(TensorData::new(plan.input_grad(f32s(&dy)), shape))

@@ -17,6 +17,7 @@ enum SparseKernel {
     Forward,
     InputGrad,
     InputGradByInput,
+    InputGradByInputInPlace,
     WeightGrad,
 }
 
@@ -57,7 +58,12 @@ impl pulp::WithSimd for SparseSample<'_> {
             SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGradByInput => {
-                input_grad_by_input_sample(g, input, w, out, padded, wide)
+                lay_out_dy(g, input, padded);
+                gather_input_grad(g, w, padded, wide, out);
+            }
+            SparseKernel::InputGradByInputInPlace => {
+                lay_out_dy(g, out, padded);
+                gather_input_grad(g, w, padded, wide, out);
             }
             SparseKernel::WeightGrad => {
                 weight_grad_sparse_sample(g, input, dy, w, out, padded, wide)
@@ -1042,30 +1048,36 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
         );
 }
 
-/// One sample's stride-1 input gradient, output-stationary by input channel: `dy` is laid out
-/// once as wide planes behind a zero margin (`buffer`, [`ConvGeometry::dy_channel_len`] per
-/// channel; only its valid positions are ever written, so the rest stays zero), then every
-/// input channel's padded gradient plane is [`gather`]ed from the entries that read that
-/// channel, and its interior copied out. No pass clears or scatters into a padded `dx`.
+/// The first half of one sample's stride-1 input gradient, output-stationary by input channel:
+/// `dy` laid out as wide planes behind a zero margin (`buffer`,
+/// [`ConvGeometry::dy_channel_len`] per channel; only its valid positions are ever written, so
+/// the rest stays zero). After it, `dy` is not read again, so `∂x` may overwrite it.
 #[inline(always)]
-fn input_grad_by_input_sample(
-    g: &ConvGeometry,
-    dy: &[f32],
-    w: &SparseWeight,
-    dx: &mut [f32],
-    buffer: &mut [f32],
-    plane: &mut [f32],
-) {
+fn lay_out_dy(g: &ConvGeometry, dy: &[f32], buffer: &mut [f32]) {
     let [ho, wo] = g.out_hw().expect("supported geometry");
-    let [h, wi] = g.in_hw;
     let wp = g.padded_hw()[1];
-    let [ph, pw] = g.padding;
     let (margin, cl) = (g.dy_margin(), g.dy_channel_len());
     for (src, dst) in dy.chunks_exact(ho * wo).zip(buffer.chunks_exact_mut(cl)) {
         for (row, dst_row) in src.chunks_exact(wo).zip(dst[margin..].chunks_mut(wp)) {
             copy_row(&mut dst_row[..wo], row);
         }
     }
+}
+
+/// The second half: every input channel's padded gradient plane [`gather`]ed from the entries
+/// that read that channel, and its interior copied out. No pass clears or scatters into a
+/// padded `dx`.
+#[inline(always)]
+fn gather_input_grad(
+    g: &ConvGeometry,
+    w: &SparseWeight,
+    buffer: &[f32],
+    plane: &mut [f32],
+    dx: &mut [f32],
+) {
+    let [h, wi] = g.in_hw;
+    let wp = g.padded_hw()[1];
+    let [ph, pw] = g.padding;
     for (ci, out) in dx.chunks_exact_mut(h * wi).enumerate() {
         let entries = w.by_input_start[ci]..w.by_input_start[ci + 1];
         if entries.is_empty() {
@@ -1316,6 +1328,44 @@ impl MaskedConvPlan {
             PlanWeights::Dense(w) => input_grad_dense(g, dy, w, dx),
             PlanWeights::Sparse(w) => input_grad_sparse(g, dy, w, dx),
         }
+    }
+
+    /// [`Self::input_grad`] in place: `io` holds `dy` on entry and `∂x` on return. Only where
+    /// `∂x` is shaped like `dy` (same channels and plane) and the sparse form's stride-1 input
+    /// gradient runs, which reads each sample's `dy` into its own buffer before it writes that
+    /// sample's `∂x`; elsewhere it returns `false` and leaves `io` alone.
+    pub fn input_grad_in_place(&self, io: &mut [f32]) -> bool {
+        let g = &self.geometry;
+        let PlanWeights::Sparse(w) = &self.weights else {
+            return false;
+        };
+        let same_shape = g.c_in == g.c_out && g.out_hw() == Some(g.in_hw);
+        if w.by_input_start.is_empty() || !same_shape || io.len() != g.batch * g.in_len() {
+            return false;
+        }
+        w.check(g);
+        io.par_chunks_mut(g.in_len()).for_each_init(
+            || {
+                (
+                    vec![0.0; g.c_out * g.dy_channel_len()],
+                    vec![0.0; g.padded_plane_blocks()],
+                )
+            },
+            |(buffer, plane), sample| {
+                SparseSample {
+                    kernel: SparseKernel::InputGradByInputInPlace,
+                    g,
+                    w,
+                    input: &[],
+                    dy: &[],
+                    out: sample,
+                    padded: buffer,
+                    wide: plane,
+                }
+                .run()
+            },
+        );
+        true
     }
 
     /// `∂L/∂(W ⊙ M)`, shaped like the weight: at every position when `dense` (what growth
