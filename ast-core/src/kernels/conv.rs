@@ -252,6 +252,15 @@ impl ConvGeometry {
         self.dy_margin() + self.padded_plane_blocks()
     }
 
+    /// The two zeroed buffers of the stride-1 sparse input gradient, per thread: `dy` laid out
+    /// behind its margins ([`lay_out_dy`]) and one padded gradient plane.
+    fn by_input_buffers(&self) -> (Vec<f32>, Vec<f32>) {
+        (
+            vec![0.0; self.c_out * self.dy_channel_len()],
+            vec![0.0; self.padded_plane_blocks()],
+        )
+    }
+
     /// A 1×1, stride-1, unpadded convolution: its im2col is the input itself.
     fn pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
@@ -615,15 +624,19 @@ fn tile_columns<'a>(
     }
 }
 
-fn column_buffer(g: &ConvGeometry) -> Vec<f32> {
+/// Output positions of the largest im2col tile (the first).
+fn tile_positions(g: &ConvGeometry) -> usize {
     let wo = g.out_hw().expect("supported geometry")[1];
-    let rows = tiles(g).next().map_or(0, |r| r.len());
+    tiles(g).next().map_or(0, |r| r.len()) * wo
+}
+
+fn column_buffer(g: &ConvGeometry) -> Vec<f32> {
     vec![
         0.0;
         if g.pointwise() {
             0
         } else {
-            g.row_len() * rows * wo
+            g.row_len() * tile_positions(g)
         }
     ]
 }
@@ -771,7 +784,7 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
     check(g, x.len(), dw.len(), dy.len());
     let (row, cog, p) = (g.row_len(), g.cout_g(), g.out_plane());
     let wo = g.out_hw().expect("supported geometry")[1];
-    let tile_len = tiles(g).next().map_or(0, |r| r.len()) * wo;
+    let tile_len = tile_positions(g);
     let in_place = tile_len < 128;
     let partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(GRAD_CHUNK))
         .into_par_iter()
@@ -1017,10 +1030,7 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
         .for_each_init(
             || {
                 if by_input {
-                    (
-                        vec![0.0; g.c_out * g.dy_channel_len()],
-                        vec![0.0; g.padded_plane_blocks()],
-                    )
+                    g.by_input_buffers()
                 } else {
                     (
                         vec![0.0; g.sparse_buffer_len()],
@@ -1345,12 +1355,7 @@ impl MaskedConvPlan {
         }
         w.check(g);
         io.par_chunks_mut(g.in_len()).for_each_init(
-            || {
-                (
-                    vec![0.0; g.c_out * g.dy_channel_len()],
-                    vec![0.0; g.padded_plane_blocks()],
-                )
-            },
+            || g.by_input_buffers(),
             |(buffer, plane), sample| {
                 SparseSample {
                     kernel: SparseKernel::InputGradByInputInPlace,
