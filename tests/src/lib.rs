@@ -165,14 +165,18 @@ pub fn with_paths(mut args: Vec<String>, data: &Path, out: &Path, extra: &[&str]
     args
 }
 
-/// Waits (up to 60 s) until process `pid` holds the lock of run directory `out`.
+/// Waits (up to 60 s) until process `pid` holds the lock of run directory `out` and has
+/// written the run's `config.json` (the lock is taken first, so a test that went on at the lock
+/// alone could find no config yet).
 ///
 /// # Panics
 /// If it does not within 60 s.
 pub fn wait_for_lock(out: &Path, pid: u32) {
     let lock = out.join(".lock");
     let start = std::time::Instant::now();
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid.to_string() {
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid.to_string()
+        || !out.join("config.json").is_file()
+    {
         assert!(
             start.elapsed().as_secs() < 60,
             "process {pid} took no lock on {}",
