@@ -11,7 +11,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::report;
-use crate::{BackendArgs, BackendKind};
+use crate::{BackendArgs, BackendKind, Precision, Switch};
+use clap::ValueEnum;
 
 #[cfg_attr(all(feature = "ndarray", feature = "cuda"), allow(dead_code))]
 fn not_compiled(name: &str) -> anyhow::Error {
@@ -20,9 +21,26 @@ fn not_compiled(name: &str) -> anyhow::Error {
     )
 }
 
+/// Refuses CUDA-only options on the CPU backends.
+fn check_cpu_options(args: &BackendArgs) -> Result<()> {
+    if args.precision != Precision::F32 {
+        bail!(
+            "--precision {} needs --backend cuda: the CPU backends train in f32; drop the flag",
+            args.precision.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+        );
+    }
+    if args.fusion != Switch::On || args.kernel_cache.is_some() {
+        bail!("--fusion and --kernel-cache apply to --backend cuda only; drop them");
+    }
+    Ok(())
+}
+
 /// Checks that the chosen backend is compiled in and (CUDA) that its device works, before
 /// anything is written.
 pub fn check(args: &BackendArgs) -> Result<()> {
+    if args.backend != BackendKind::Cuda {
+        check_cpu_options(args)?;
+    }
     match args.backend {
         BackendKind::Flex => {
             #[cfg(feature = "flex")]
@@ -38,10 +56,58 @@ pub fn check(args: &BackendArgs) -> Result<()> {
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return cuda::device(args.device).map(|_| ());
+            return match args.fusion {
+                Switch::On => cuda::device::<cuda::CudaFused>(args).map(|_| ()),
+                Switch::Off => cuda::device::<cuda::CudaUnfused>(args).map(|_| ()),
+            };
             #[cfg(not(feature = "cuda"))]
             Err(not_compiled("cuda"))
         }
+    }
+}
+
+/// What `run` says before its first iteration on a GPU backend, and the marker file that tells
+/// a later run of the same model, batch size and settings that its kernels are cached.
+pub fn first_step_note(
+    args: &BackendArgs,
+    model: &str,
+    batch: usize,
+) -> (Option<String>, Option<std::path::PathBuf>) {
+    if args.backend != BackendKind::Cuda {
+        return (None, None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let cache = args
+            .kernel_cache
+            .clone()
+            .or_else(ast_core::backend::cuda::default_cache_dir);
+        let Some(cache) = cache else {
+            return (
+                Some(format!(
+                    "compiling GPU kernels for {model} (no cache directory: set --kernel-cache DIR to keep them)…"
+                )),
+                None,
+            );
+        };
+        let marker = cache.join(format!(
+            "warm-{model}-b{batch}-{:?}-fusion-{:?}",
+            args.precision, args.fusion
+        ));
+        let note = if marker.exists() {
+            format!("loading GPU kernels for {model} from {}…", cache.display())
+        } else {
+            format!(
+                "compiling GPU kernels for {model}, first run only (cached in {})…",
+                cache.display()
+            )
+        };
+        (Some(note), Some(marker))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (model, batch);
+        (None, None)
     }
 }
 
@@ -59,6 +125,9 @@ pub trait BackendJob {
 
 /// Runs `job` on the backend and device of `args`.
 pub fn dispatch<J: BackendJob>(args: &BackendArgs, job: J) -> Result<J::Output> {
+    if args.backend != BackendKind::Cuda {
+        check_cpu_options(args)?;
+    }
     match args.backend {
         BackendKind::Flex => {
             #[cfg(feature = "flex")]
@@ -74,9 +143,15 @@ pub fn dispatch<J: BackendJob>(args: &BackendArgs, job: J) -> Result<J::Output> 
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
-            {
-                let device = cuda::device(args.device)?;
-                job.run::<Autodiff<burn::backend::Cuda>>(&device)
+            match args.fusion {
+                Switch::On => {
+                    let device = cuda::device::<cuda::CudaFused>(args)?;
+                    job.run::<Autodiff<cuda::CudaFused>>(&device)
+                }
+                Switch::Off => {
+                    let device = cuda::device::<cuda::CudaUnfused>(args)?;
+                    job.run::<Autodiff<cuda::CudaUnfused>>(&device)
+                }
             }
             #[cfg(not(feature = "cuda"))]
             Err(not_compiled("cuda"))
@@ -179,13 +254,42 @@ impl BackendJob for Bench {
     }
 }
 
+/// The same AST steps on Flex and on the chosen backend.
+pub struct CheckBackend {
+    /// Iterations.
+    pub steps: usize,
+    /// Seed of the weights and inputs.
+    pub seed: u64,
+}
+
+impl BackendJob for CheckBackend {
+    type Output = ast_train::consistency::Consistency;
+
+    fn run<B>(self, device: &B::Device) -> Result<Self::Output>
+    where
+        B: AutodiffBackend + AstBackend,
+        B::InnerBackend: AstBackend,
+    {
+        #[cfg(feature = "flex")]
+        return Ok(ast_train::consistency::compare_backends::<
+            Autodiff<burn::backend::Flex>,
+            B,
+        >(self.steps, self.seed, &Default::default(), device)?);
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = (self, device);
+            Err(not_compiled("flex"))
+        }
+    }
+}
+
 /// The backend `stats` reads checkpoints with: a CPU one when compiled in.
 #[cfg(feature = "flex")]
 type StatsBackend = burn::backend::Flex;
 #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
 type StatsBackend = burn::backend::NdArray;
 #[cfg(all(not(feature = "flex"), not(feature = "ndarray"), feature = "cuda"))]
-type StatsBackend = burn::backend::Cuda;
+type StatsBackend = ast_core::backend::cuda::CudaFused;
 
 /// Per-layer densities and overlaps of a run's last checkpoint (computed on the CPU when a CPU
 /// backend is compiled in).
@@ -210,15 +314,32 @@ mod cuda {
     use std::sync::{Arc, Mutex};
 
     use anyhow::{anyhow, Result};
-    use burn::backend::cuda::CudaDevice;
-    use burn::backend::Cuda;
+    pub use ast_core::backend::cuda::{CudaDevice, CudaFused, CudaUnfused};
     use burn::prelude::*;
+    use burn::tensor::backend::{set_default_float_dtype, DeviceError};
+    use burn::tensor::FloatDType;
 
-    /// The CUDA device `index`, checked by a tiny computation: without a GPU or driver burn
-    /// panics during initialisation (often in a worker thread, the caller then sees only a
+    use crate::{BackendArgs, Precision};
+
+    /// The CUDA device of `args`, prepared once per process: the kernel caches configured, the
+    /// precision set, and the device checked by a tiny computation. Without a GPU or driver
+    /// burn panics during initialisation (often in a worker thread, the caller then sees only a
     /// closed channel), which becomes an error naming the first panic of any thread.
-    pub fn device(index: usize) -> Result<CudaDevice> {
+    pub fn device<B: Backend<Device = CudaDevice>>(args: &BackendArgs) -> Result<CudaDevice> {
+        let index = args.device;
         let device = CudaDevice { index };
+        let cache = match &args.kernel_cache {
+            Some(dir) => Some(dir.clone()),
+            None => ast_core::backend::cuda::default_cache_dir(),
+        };
+        if let Some(dir) = cache {
+            ast_core::backend::cuda::configure_caches(&dir).map_err(|e| anyhow!(e))?;
+        }
+        let dtype = match args.precision {
+            Precision::F32 => FloatDType::F32,
+            Precision::Bf16 => FloatDType::BF16,
+            Precision::F16 => FloatDType::F16,
+        };
         let first_panic = Arc::new(Mutex::new(None::<String>));
         let hook = std::panic::take_hook();
         let record = Arc::clone(&first_panic);
@@ -233,13 +354,25 @@ mod cuda {
             first.get_or_insert(text);
         }));
         let probe = std::panic::catch_unwind(|| {
-            let t = Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &device);
-            t.sum().into_scalar()
+            // Settings are fixed by the first tensor of the device: a second preparation in the
+            // same process (check, then dispatch) finds them set, which is not an error when
+            // they are the ones asked for.
+            let set = set_default_float_dtype::<B>(&device, dtype);
+            let t = Tensor::<B, 1>::from_floats([1.0, 2.0], &device);
+            let v = t.clone().sum().into_data().convert::<f32>().to_vec::<f32>();
+            (set, t.dtype(), v)
         });
         std::panic::set_hook(hook);
         match probe {
-            Ok(3.0) => Ok(device),
-            Ok(v) => Err(anyhow!("CUDA device {index} computed 1 + 2 = {v}")),
+            Ok((Err(e @ DeviceError::UnsupportedDType { .. }), _, _)) => Err(anyhow!(
+                "CUDA device {index} cannot train in {dtype:?}: {e}; use --precision f32"
+            )),
+            Ok((_, got, _)) if got != dtype.into() => Err(anyhow!(
+                "CUDA device {index} is already set to {got:?} in this process; cannot switch to {:?}",
+                dtype
+            )),
+            Ok((_, _, Ok(v))) if v == [3.0] => Ok(device),
+            Ok((_, _, v)) => Err(anyhow!("CUDA device {index} computed 1 + 2 = {v:?}")),
             Err(_) => {
                 let reason = first_panic
                     .lock()

@@ -60,6 +60,24 @@ enum Command {
     /// Every mask event of a run (iteration, sub-net, ramp or regrow, target density, prune
     /// rate), computed from the configuration alone: no data, no training.
     Schedule(Box<ScheduleArgs>),
+    /// Runs the same 20 AST steps (a small ResNet, three sub-nets, ramp and regrow events) on
+    /// Flex and on the chosen backend from the same weights; compares losses and masks.
+    CheckBackend(CheckBackendArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckBackendArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// AST iterations.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Seed of the weights and inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -97,6 +115,36 @@ struct BackendArgs {
     /// GPU index (CUDA only).
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Floating-point precision of the whole model (CUDA only; the CPU backends run f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// Kernel fusion (CUDA only): element-wise chains compiled into one kernel.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    fusion: Switch,
+    /// Where compiled GPU kernels and autotune results are kept between runs (CUDA only;
+    /// default: $AST_KERNEL_CACHE, else ~/.cache/ast/cuda).
+    #[arg(long, value_name = "DIR")]
+    kernel_cache: Option<PathBuf>,
+}
+
+/// Floating-point precision of the model's tensors.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (CUDA).
+    Bf16,
+    /// IEEE half precision (CUDA).
+    F16,
+}
+
+/// On or off.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 #[derive(Args, Debug)]
@@ -305,6 +353,9 @@ struct BenchArgs {
     /// Flex: time burn's generic convolution instead of our masked-convolution kernels.
     #[arg(long)]
     generic_conv: bool,
+    /// Then time this many plain dense steps of the same model (no masks, burn's SGD).
+    #[arg(long, default_value_t = 0)]
+    dense_steps: usize,
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
@@ -331,7 +382,14 @@ fn bench(args: BenchArgs) -> Result<()> {
             BenchCorrection::Projection => CorrectionMode::Projection,
         },
         seed: args.seed,
+        dense_steps: args.dense_steps,
+        progress: true,
     };
+    backend::check(&args.backend)?;
+    if let (Some(note), _) = backend::first_step_note(&args.backend, &model.to_string(), args.batch)
+    {
+        eprintln!("{note}");
+    }
     let timing = backend::dispatch(&args.backend, backend::Bench(job))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
@@ -347,10 +405,58 @@ fn bench(args: BenchArgs) -> Result<()> {
         timing.median_update_s,
         timing.median_dense_grad_step_s
     );
+    println!("first_step_s={:.3}", timing.first_step_s);
+    if let (Some(ips), Some(first)) = (timing.dense_images_per_s, timing.dense_first_step_s) {
+        println!("plain dense step: images_per_s={ips:.1} first_step_s={first:.3}");
+    }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&timing)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// Loss tolerance (relative, per iteration) and largest share of differing mask positions of
+/// `check-backend`.
+const LOSS_TOLERANCE: f32 = 1e-3;
+const MASK_TOLERANCE: f64 = 1e-3;
+
+fn check_backend(args: CheckBackendArgs) -> Result<()> {
+    backend::check(&args.backend)?;
+    let c = backend::dispatch(
+        &args.backend,
+        backend::CheckBackend {
+            steps: args.steps,
+            seed: args.seed,
+        },
+    )?;
+    println!(
+        "{:?} against flex, {} iterations: largest loss difference {:.2e} (tolerance {LOSS_TOLERANCE:.0e}), \
+         mask events {} / {}, mask positions differing {} of {}",
+        args.backend.backend,
+        c.losses.len(),
+        c.max_loss_difference,
+        c.events[1],
+        c.events[0],
+        c.mask_differences,
+        c.mask_positions
+    );
+    for (k, kept) in c.kept.iter().enumerate() {
+        println!("sub-net {k}: kept {} (flex {})", kept[1], kept[0]);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&c)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !c.agrees(LOSS_TOLERANCE, MASK_TOLERANCE) {
+        bail!(
+            "{:?} does not train like flex (losses {:?} vs {:?})",
+            args.backend.backend,
+            c.losses,
+            c.reference_losses
+        );
+    }
+    println!("consistent");
     Ok(())
 }
 
@@ -567,7 +673,13 @@ fn run(args: RunArgs) -> Result<()> {
         let recipe = args.recipe.as_deref().unwrap_or("quickstart");
         Some(apply_overrides(load_recipe(recipe)?, args.overrides)?)
     };
+    let (first_step_note, first_step_marker) = match &config {
+        Some(c) => backend::first_step_note(&args.backend, &c.model.to_string(), c.batch_size),
+        None => (None, None),
+    };
     let opts = RunOptions {
+        first_step_note,
+        first_step_marker,
         dir: out,
         resume: args.resume,
         overwrite: args.overwrite,
@@ -649,6 +761,7 @@ fn main() -> ExitCode {
         ),
         Command::Bench(args) => bench(args),
         Command::Schedule(args) => schedule(*args),
+        Command::CheckBackend(args) => check_backend(args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Recipes => {
             for (name, json) in RECIPES {

@@ -12,6 +12,8 @@ use burn::prelude::*;
 use burn::tensor::module::{conv2d, linear};
 use burn::tensor::ops::ConvOptions;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "flex")]
 mod flex;
 
@@ -202,9 +204,6 @@ pub fn generic_masked_conv2d<B: Backend>(
 
 #[cfg(feature = "ndarray")]
 impl AstBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "cuda")]
-impl AstBackend for burn::backend::Cuda {}
 
 impl<B: AstBackend, C: CheckpointStrategy> AstBackend for Autodiff<B, C> {
     fn masked_conv2d(

@@ -9,6 +9,8 @@ use std::time::Instant;
 use ast_core::{AstBackend, AstConfig, AstStep, CorrectionMode, MaskScheduleConfig, SubnetTarget};
 use ast_models::{AstModel, ModelKind};
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
@@ -35,6 +37,11 @@ pub struct StepBench {
     pub correction: CorrectionMode,
     /// Seed of the weights, masks and inputs.
     pub seed: u64,
+    /// Also time this many plain dense training steps of the same model (one sub-net, no
+    /// masking or correction, burn's SGD with momentum) after one untimed step; 0 skips them.
+    pub dense_steps: usize,
+    /// Print the first step's time as soon as it is known (on a GPU it compiles the kernels).
+    pub progress: bool,
 }
 
 /// Timings of [`StepBench`].
@@ -60,6 +67,12 @@ pub struct StepTiming {
     /// every position (the mask-event iterations, once per `update_frequency`), mask update
     /// itself not included.
     pub median_dense_grad_step_s: f64,
+    /// Seconds of the very first AST step (on a GPU: kernel compilation and autotuning).
+    pub first_step_s: f64,
+    /// Images per second of the plain dense step, when timed.
+    pub dense_images_per_s: Option<f64>,
+    /// Seconds of the first plain dense step, when timed.
+    pub dense_first_step_s: Option<f64>,
 }
 
 /// The largest batch `step_throughput` accepts: far beyond any real one, and small enough that
@@ -127,6 +140,7 @@ where
     let mut phases: Vec<[f64; 4]> = Vec::with_capacity(bench.steps);
     let mut dense_grad_steps = Vec::new();
     let dense_grad_from = total;
+    let mut first_step_s = 0.0;
     for i in 0..total + bench.steps.min(3) {
         let start = Instant::now();
         ast.begin();
@@ -142,18 +156,24 @@ where
         model = ast.step(model, grads, 0.1).0;
         sync()?;
         let end = start.elapsed().as_secs_f64();
+        if i == 0 {
+            first_step_s = end;
+            if bench.progress {
+                eprintln!("first step done in {end:.2} s");
+            }
+        }
         if i >= dense_grad_from {
             dense_grad_steps.push(end);
         } else if i >= bench.warmup {
             phases.push([end, forward, backward - forward, end - backward]);
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let phase = |i: usize| median(phases.iter().map(|p| p[i]).collect());
     let median_step_s = phase(0);
+    drop((model, ast));
+    let dense = (bench.dense_steps > 0)
+        .then(|| dense_step_times::<B>(bench, x, y, device))
+        .transpose()?;
     Ok(StepTiming {
         model: bench.model.to_string(),
         batch: bench.batch,
@@ -164,7 +184,46 @@ where
         median_update_s: phase(3),
         images_per_s: bench.batch as f64 / median_step_s,
         median_dense_grad_step_s: median(dense_grad_steps),
+        first_step_s,
+        dense_images_per_s: dense
+            .as_ref()
+            .map(|(_, steps)| bench.batch as f64 / median(steps.clone())),
+        dense_first_step_s: dense.map(|(first, _)| first),
     })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The first and the timed seconds of plain dense training steps: a fresh one-sub-net model
+/// whose masks stay full, cross-entropy, backward, burn's SGD with momentum 0.9.
+fn dense_step_times<B>(
+    bench: &StepBench,
+    x: Tensor<B, 4>,
+    y: Tensor<B, 1, Int>,
+    device: &B::Device,
+) -> Result<(f64, Vec<f64>)>
+where
+    B: AutodiffBackend + AstBackend,
+{
+    let mut model = AstModel::<B>::new(bench.model, 10, 1, device);
+    let mut optim = SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+        .init::<B, AstModel<B>>();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut times = Vec::with_capacity(bench.dense_steps + 1);
+    for _ in 0..=bench.dense_steps {
+        let start = Instant::now();
+        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(0.1, model, grads);
+        B::sync(device).map_err(|e| TrainError::Device(format!("{e:?}")))?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let first = times.remove(0);
+    Ok((first, times))
 }
 
 #[cfg(test)]
@@ -183,12 +242,16 @@ mod tests {
             density: 0.2,
             correction: CorrectionMode::Projection,
             seed: 1,
+            dense_steps: 2,
+            progress: false,
         };
         let t = step_throughput::<Autodiff<Flex>>(&bench, &Default::default()).unwrap();
         assert_eq!(t.step_s.len(), 3);
         assert!(t.step_s.iter().all(|&s| s > 0.0));
         assert!(t.step_s.contains(&t.median_step_s));
         assert!((t.images_per_s - 4.0 / t.median_step_s).abs() < 1e-9);
+        assert!(t.first_step_s > 0.0 && t.dense_first_step_s.is_some_and(|s| s > 0.0));
+        assert!(t.dense_images_per_s.is_some_and(|v| v.is_finite() && v > 0.0));
         let longest = t.step_s.iter().copied().fold(0.0, f64::max);
         for part in [t.median_forward_s, t.median_backward_s, t.median_update_s] {
             assert!(part > 0.0 && part <= longest, "{t:?}");

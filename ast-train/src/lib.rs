@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod consistency;
 pub mod data;
 pub mod error;
 pub mod lock;

@@ -137,6 +137,12 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Raise the graceful stop by itself after this many global iterations (tests).
     pub stop_gracefully_after: Option<usize>,
+    /// Printed (with `progress`) before the first iteration of this invocation, followed by
+    /// that iteration's time once its device work is done: GPU backends compile their kernels
+    /// then, which would otherwise look like a hang.
+    pub first_step_note: Option<String>,
+    /// Created once the first iteration finished (e.g. to remember that kernels are cached).
+    pub first_step_marker: Option<PathBuf>,
 }
 
 /// The final state of every sub-net.
@@ -572,6 +578,7 @@ where
     let mut last_eval = Vec::new();
     let mut last_checkpoint = Instant::now();
 
+    let started_at = state.iteration;
     for epoch in state.next_epoch..config.epochs {
         let epoch_start = Instant::now();
         let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
@@ -588,6 +595,13 @@ where
         });
         for (i, batch) in train_loader.epoch(epoch, first).enumerate() {
             let t = ast.iteration();
+            let first_of_invocation = t == started_at;
+            let step_start = Instant::now();
+            if first_of_invocation && opts.progress {
+                if let Some(note) = &opts.first_step_note {
+                    eprintln!("{note}");
+                }
+            }
             if opts.stop_after == Some(t) {
                 return Ok(RunSummary {
                     epochs: epoch,
@@ -631,6 +645,9 @@ where
             );
             let (stepped, report) = ast.step(model, loss.backward(), lr);
             model = stepped;
+            if first_of_invocation {
+                first_step_done::<B>(opts, device, step_start)?;
+            }
             if let Some(update) = report.mask_update {
                 let event = scheduled_event(
                     &config.ast.schedule,
@@ -762,6 +779,27 @@ where
 }
 
 /// Errors when any parameter of `model` holds a NaN or an infinity.
+/// Waits for the first iteration's device work, reports its time and leaves the marker.
+fn first_step_done<B: Backend>(
+    opts: &RunOptions,
+    device: &B::Device,
+    step_start: Instant,
+) -> Result<()> {
+    if opts.first_step_note.is_none() && opts.first_step_marker.is_none() {
+        return Ok(());
+    }
+    B::sync(device).map_err(|e| TrainError::Device(format!("{e:?}")))?;
+    let since = step_start.elapsed().as_secs_f64();
+    if opts.progress && opts.first_step_note.is_some() {
+        eprintln!("first iteration done in {since:.1} s");
+    }
+    if let Some(marker) = &opts.first_step_marker {
+        // Only a hint for later runs' messages: failing to leave it changes nothing else.
+        let _ = std::fs::write(marker, format!("{since:.3}\n"));
+    }
+    Ok(())
+}
+
 fn check_finite<M: Module<B>, B: Backend>(model: &M, epoch: usize) -> Result<()> {
     let broken = non_finite_params(model);
     match broken.first() {

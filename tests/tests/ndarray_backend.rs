@@ -85,3 +85,27 @@ fn ndarray_and_flex_agree_on_losses_and_masks() {
         "{same} of {total} mask bits agree"
     );
 }
+
+/// The backend check `ast-cli check-backend` runs (against CUDA on a GPU) passes for NdArray
+/// against Flex, and its verdict fails a run whose loss is off.
+#[test]
+fn the_backend_check_passes_for_ndarray_against_flex() {
+    use ast_train::consistency::compare_backends;
+    let c = compare_backends::<Autodiff<Flex>, Autodiff<NdArray>>(
+        20,
+        1,
+        &Default::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(c.losses.len(), 20);
+    assert!(c.events[0] >= 4, "{c:?}");
+    assert!(c.kept.iter().all(|k| k[0] > 0), "{c:?}");
+    assert!(c.agrees(1e-3, 1e-3), "{c:?}");
+    let mut off = c.clone();
+    off.max_loss_difference = 0.01;
+    assert!(!off.agrees(1e-3, 1e-3));
+    let mut flipped = c;
+    flipped.mask_differences = flipped.mask_positions / 100;
+    assert!(!flipped.agrees(1e-3, 1e-3));
+}

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{BoolStore, DType};
 
 use crate::error::{AstError, Result};
 
@@ -189,9 +190,21 @@ pub fn read_masks<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<Vec<T
     Ok(read_params(model, &ids))
 }
 
-/// Flat boolean vectors of mask data.
+/// Flat boolean vectors of mask data, whichever way the backend stores booleans (native bytes on
+/// the CPU backends, `u8` or `u32` words on some GPU backends).
+///
+/// # Panics
+/// If `data` is not boolean (a programmer error: masks are bool parameters).
 pub fn mask_vec(data: TensorData) -> Vec<bool> {
-    data.to_vec::<bool>().expect("a mask holds booleans")
+    let bytes = data.as_bytes();
+    match data.dtype {
+        DType::Bool(BoolStore::Native | BoolStore::U8) => bytes.iter().map(|&b| b != 0).collect(),
+        DType::Bool(BoolStore::U32) => bytes
+            .chunks_exact(4)
+            .map(|w| w.iter().any(|&b| b != 0))
+            .collect(),
+        other => panic!("a mask holds booleans, not {other:?}"),
+    }
 }
 
 /// Flat `f32` vectors of weight data.
@@ -470,5 +483,21 @@ mod tests {
         let masks = read_masks(&model, 0).unwrap();
         let model = replace_masks(model, 0, masks).unwrap();
         assert_eq!(masked_layers(&model), before);
+    }
+
+    #[test]
+    fn mask_vec_reads_every_boolean_storage() {
+        let want = vec![true, false, false, true, true];
+        let native = TensorData::new(want.clone(), [5]);
+        assert_eq!(mask_vec(native), want);
+        let bytes: Vec<u8> = want.iter().map(|&b| b as u8).collect();
+        let u8s = TensorData::from_bytes_vec(bytes, [5], DType::Bool(BoolStore::U8));
+        assert_eq!(mask_vec(u8s), want);
+        let words: Vec<u8> = want
+            .iter()
+            .flat_map(|&b| (b as u32 * 0x0100_0001).to_le_bytes())
+            .collect();
+        let u32s = TensorData::from_bytes_vec(words, [5], DType::Bool(BoolStore::U32));
+        assert_eq!(mask_vec(u32s), want);
     }
 }
