@@ -103,7 +103,7 @@ step() {
   # One append per step: steps running at once do not interleave their lines.
   {
     echo "- **$name** ($variant: $*): $verdict, wall ${wall} s, peak GPU memory ${peak:-?} MiB"
-    grep -E "images_per_s|first_step_s|first iteration|consistent|against flex|sub-net [0-9]+:|top-1|error|panick" "$log" \
+    grep -E "images_per_s|first_step_s|first iteration|consistent|against flex|sub-net [0-9]+:|top-1|error|panick|test result|SKIPPED|largest loss" "$log" \
       | head -12 | sed 's/^/    /'
     [ "$verdict" != "ok" ] && tail -3 "$log" | sed 's/^/    | /'
   } > "$block"
@@ -149,6 +149,16 @@ if [ -n "$py" ] && timeout 60 "$py" -c "import torch,sys; sys.exit(0 if torch.cu
   done
 else
   say "- PyTorch with CUDA is not installed on this machine (python: ${py:-none}): our figures only"
+fi
+
+say ""
+say "## 2c. The test suite's CUDA tests (tests/cuda_backend.rs)"
+if [ -f "$bins/cuda-tests.gz" ]; then
+  gzip -dc "$bins/cuda-tests.gz" > /tmp/ast-gpu/cuda-tests && chmod +x /tmp/ast-gpu/cuda-tests
+  cli[tests]=/tmp/ast-gpu/cuda-tests
+  AST_KERNEL_CACHE=/tmp/ast-gpu/cache-tests step cuda-tests 120 tests --test-threads 1 --nocapture
+else
+  say "- cuda-tests: skipped (no $bins/cuda-tests.gz: build it with scripts/gpu-build.sh)"
 fi
 
 say ""

@@ -26,7 +26,10 @@ fn check_cpu_options(args: &BackendArgs) -> Result<()> {
     if args.precision != Precision::F32 {
         bail!(
             "--precision {} needs --backend cuda: the CPU backends train in f32; drop the flag",
-            args.precision.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+            args.precision
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
         );
     }
     if args.fusion != Switch::On || args.kernel_cache.is_some() {
@@ -274,7 +277,9 @@ impl BackendJob for CheckBackend {
         return Ok(ast_train::consistency::compare_backends::<
             Autodiff<burn::backend::Flex>,
             B,
-        >(self.steps, self.seed, &Default::default(), device)?);
+        >(
+            self.steps, self.seed, &Default::default(), device
+        )?);
         #[cfg(not(feature = "flex"))]
         {
             let _ = (self, device);

@@ -6,6 +6,7 @@
 //! compares with. Computed branch-free on the device (no host synchronisation per layer).
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use crate::config::CorrectionMode;
 
@@ -54,8 +55,15 @@ impl<B: Backend> CorrectionState<B> {
         g: Tensor<B, 1>,
         mask: &Tensor<B, 1, Bool>,
     ) -> Tensor<B, 1> {
+        if matches!(self.mode, CorrectionMode::Off) {
+            return g;
+        }
+        // The references and the projection are kept in f32 whatever the model's precision
+        // (a no-op for f32 models), so that bf16/f16 training corrects like f32 training.
+        let dtype = g.dtype();
+        let g = g.cast(FloatDType::F32);
         let reference = match self.mode {
-            CorrectionMode::Off => return g,
+            CorrectionMode::Off => None,
             CorrectionMode::Projection => self.previous[l].replace(g.clone()),
             CorrectionMode::Ema { beta } => {
                 let prev_subnet = (k + self.subnets - 1) % self.subnets;
@@ -68,12 +76,13 @@ impl<B: Backend> CorrectionState<B> {
                 reference
             }
         };
-        match reference {
+        let corrected = match reference {
             Some(h) if self.subnets > 1 => {
                 project_conflicting(g, h).mask_fill(mask.clone().bool_not(), 0.0)
             }
             _ => g,
-        }
+        };
+        corrected.cast(dtype)
     }
 }
 

@@ -251,7 +251,9 @@ mod tests {
         assert!(t.step_s.contains(&t.median_step_s));
         assert!((t.images_per_s - 4.0 / t.median_step_s).abs() < 1e-9);
         assert!(t.first_step_s > 0.0 && t.dense_first_step_s.is_some_and(|s| s > 0.0));
-        assert!(t.dense_images_per_s.is_some_and(|v| v.is_finite() && v > 0.0));
+        assert!(t
+            .dense_images_per_s
+            .is_some_and(|v| v.is_finite() && v > 0.0));
         let longest = t.step_s.iter().copied().fold(0.0, f64::max);
         for part in [t.median_forward_s, t.median_backward_s, t.median_update_s] {
             assert!(part > 0.0 && part <= longest, "{t:?}");

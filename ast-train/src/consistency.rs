@@ -70,7 +70,8 @@ where
         });
     }
     R::seed(reference, seed);
-    let config = || CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true).with_classifier_std(Some(0.01));
+    let config =
+        || CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true).with_classifier_std(Some(0.01));
     let reference_model = config().init::<R>(reference);
     let mut weights = FloatParams::default();
     reference_model.visit(&mut weights);
@@ -154,7 +155,12 @@ fn run<B: AutodiffBackend + AstBackend>(
         let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), device);
         let loss = loss_fn.forward(model.forward(x), y);
         let value = loss.clone().into_data().convert::<f32>().to_vec::<f32>();
-        losses.push(value.ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN));
+        losses.push(
+            value
+                .ok()
+                .and_then(|v| v.first().copied())
+                .unwrap_or(f32::NAN),
+        );
         let (m, report) = ast.step(model, loss.backward(), 0.05);
         model = m;
         events += usize::from(report.mask_update.is_some());

@@ -246,6 +246,11 @@ fn every_bad_input_is_one_clear_error() {
             "not compiled",
         ),
         with_args(
+            "low precision on a CPU backend",
+            quick(&good, &out("p"), &["--precision", "f16"]),
+            "--precision f16 needs --backend cuda",
+        ),
+        with_args(
             "density 0",
             quick(&good, &out("h"), &["--densities", "0.5,0"]),
             "`subnets.density` must lie in (0, 1], got 0",
@@ -406,6 +411,26 @@ fn every_bad_input_is_one_clear_error() {
             "bench: backend not compiled in",
             &["bench", "--backend", "cuda"],
             "not compiled into this binary",
+        ),
+        case(
+            "bench: low precision on a CPU backend",
+            &["bench", "--model", "small-cnn", "--precision", "bf16"],
+            "--precision bf16 needs --backend cuda: the CPU backends train in f32",
+        ),
+        case(
+            "bench: fusion switch on a CPU backend",
+            &["bench", "--model", "small-cnn", "--fusion", "off"],
+            "--fusion and --kernel-cache apply to --backend cuda only",
+        ),
+        case(
+            "check-backend: backend not compiled in",
+            &["check-backend", "--backend", "cuda"],
+            "not compiled into this binary",
+        ),
+        case(
+            "check-backend: zero steps",
+            &["check-backend", "--backend", "ndarray", "--steps", "0"],
+            "`steps` must be ≥ 1",
         ),
     ];
     for case in &cases {

@@ -25,7 +25,11 @@ pub const AUTOTUNE: bool = cfg!(feature = "cuda-autotune");
 /// The default directory of the kernel and autotune caches: `$AST_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/ast/cuda`, else `~/.cache/ast/cuda`.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     env("AST_KERNEL_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ast").join("cuda")))
         .or_else(|| env("HOME").map(|d| d.join(".cache").join("ast").join("cuda")))
@@ -46,9 +50,14 @@ pub fn configure_caches(dir: &Path) -> Result<(), String> {
             dir.display()
         )
     };
-    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
     match std::fs::metadata(existing) {
-        Ok(m) if !m.is_dir() => return Err(refuse(&format!("is under a file ({})", existing.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(refuse(&format!("is under a file ({})", existing.display())))
+        }
         Ok(m) if m.permissions().readonly() => return Err(refuse("is not writable")),
         Ok(_) => {}
         Err(e) => return Err(refuse(&format!("cannot be read ({e})"))),
