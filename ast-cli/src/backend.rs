@@ -1,6 +1,7 @@
 //! Backend dispatch: the same training code on Flex, NdArray or CUDA.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 use ast_core::AstBackend;
@@ -146,15 +147,26 @@ pub fn dispatch<J: BackendJob>(args: &BackendArgs, job: J) -> Result<J::Output> 
         }
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
-            match args.fusion {
-                Switch::On => {
-                    let device = cuda::device::<cuda::CudaFused>(args)?;
-                    job.run::<Autodiff<cuda::CudaFused>>(&device)
-                }
-                Switch::Off => {
-                    let device = cuda::device::<cuda::CudaUnfused>(args)?;
-                    job.run::<Autodiff<cuda::CudaUnfused>>(&device)
-                }
+            {
+                // A failure inside burn's CUDA runtime (a kernel NVRTC cannot compile, a launch
+                // error) panics, often in a worker thread: it becomes one error line.
+                let outcome = match args.fusion {
+                    Switch::On => {
+                        let device = cuda::device::<cuda::CudaFused>(args)?;
+                        cuda::first_panic(|| job.run::<Autodiff<cuda::CudaFused>>(&device))
+                    }
+                    Switch::Off => {
+                        let device = cuda::device::<cuda::CudaUnfused>(args)?;
+                        cuda::first_panic(|| job.run::<Autodiff<cuda::CudaUnfused>>(&device))
+                    }
+                };
+                outcome.unwrap_or_else(|first| {
+                    Err(anyhow::anyhow!(
+                        "the CUDA backend failed: {first} (with --fusion on, --fusion off may \
+                         avoid a failing fused kernel; RUST_BACKTRACE=1 CUBECL_DEBUG_LOG=stderr \
+                         show more)"
+                    ))
+                })
             }
             #[cfg(not(feature = "cuda"))]
             Err(not_compiled("cuda"))
@@ -288,6 +300,36 @@ impl BackendJob for CheckBackend {
     }
 }
 
+/// Runs `f`; a panic in it, or in any thread while it runs (burn's CUDA runtime panics in
+/// its worker threads, e.g. when NVRTC rejects a kernel, and the caller then sees only a
+/// closed channel), becomes the first line of the first panic's message, printed nowhere.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn first_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let first = Arc::new(Mutex::new(None::<String>));
+    let hook = std::panic::take_hook();
+    let record = Arc::clone(&first);
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        let mut first = record.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(text);
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.map_err(|_| {
+        let reason = first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| "unknown error".into());
+        reason.lines().next().unwrap_or("").to_string()
+    })
+}
+
 /// The backend `stats` reads checkpoints with: a CPU one when compiled in.
 #[cfg(feature = "flex")]
 type StatsBackend = burn::backend::Flex;
@@ -316,8 +358,7 @@ pub fn stats(run: &Path, csv: Option<&Path>) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::{Arc, Mutex};
-
+    pub(super) use super::first_panic;
     use anyhow::{anyhow, Result};
     pub use ast_core::backend::cuda::{CudaDevice, CudaFused, CudaUnfused};
     use burn::prelude::*;
@@ -345,20 +386,7 @@ mod cuda {
             Precision::Bf16 => FloatDType::BF16,
             Precision::F16 => FloatDType::F16,
         };
-        let first_panic = Arc::new(Mutex::new(None::<String>));
-        let hook = std::panic::take_hook();
-        let record = Arc::clone(&first_panic);
-        std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let text = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown error".into());
-            let mut first = record.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert(text);
-        }));
-        let probe = std::panic::catch_unwind(|| {
+        let probe = first_panic(|| {
             // Settings are fixed by the first tensor of the device: a second preparation in the
             // same process (check, then dispatch) finds them set, which is not an error when
             // they are the ones asked for.
@@ -367,7 +395,6 @@ mod cuda {
             let v = t.clone().sum().into_data().convert::<f32>().to_vec::<f32>();
             (set, t.dtype(), v)
         });
-        std::panic::set_hook(hook);
         match probe {
             Ok((Err(e @ DeviceError::UnsupportedDType { .. }), _, _)) => Err(anyhow!(
                 "CUDA device {index} cannot train in {dtype:?}: {e}; use --precision f32"
@@ -378,18 +405,30 @@ mod cuda {
             )),
             Ok((_, _, Ok(v))) if v == [3.0] => Ok(device),
             Ok((_, _, v)) => Err(anyhow!("CUDA device {index} computed 1 + 2 = {v:?}")),
-            Err(_) => {
-                let reason = first_panic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-                    .unwrap_or_else(|| "unknown error".into());
-                let first = reason.lines().next().unwrap_or("").to_string();
-                Err(anyhow!(
-                    "CUDA device {index} is not usable (no NVIDIA GPU, driver or CUDA runtime \
-                     libraries such as libnvrtc on the library path?): {first}"
-                ))
-            }
+            Err(first) => Err(anyhow!(
+                "CUDA device {index} is not usable (no NVIDIA GPU, driver or CUDA runtime \
+                 libraries such as libnvrtc on the library path?): {first}"
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_panic;
+
+    #[test]
+    fn a_panic_in_a_worker_thread_becomes_the_first_line_of_its_message() {
+        let failed: Result<(), String> = first_panic(|| {
+            let worker =
+                std::thread::spawn(|| panic!("kernel conv2d [128, 16, 32, 32] failed\ndetails"));
+            assert!(worker.join().is_err());
+            panic!("the channel to the worker closed");
+        });
+        assert_eq!(
+            failed,
+            Err("kernel conv2d [128, 16, 32, 32] failed".to_string())
+        );
+        assert_eq!(first_panic(|| 5), Ok(5));
     }
 }
