@@ -174,6 +174,9 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
         // Planes cut into several im2col tiles (dense form).
         geometry(2, [64, 16], 24, 3, 1, 1, 1),
         geometry(2, [64, 16], 25, 3, 2, 1, 2),
+        // Tiles of 930 positions: the dense weight gradient's blocked transpose of `dy`.
+        geometry(2, [8, 16], 30, 3, 1, 1, 1),
+        geometry(2, [8, 16], 30, 3, 1, 1, 2),
     ];
     // Random shapes: batch 1–64, channels 3–128, stride 1/2, padding 0/1, 1×1/3×3.
     let mut rng = MaskRng::new(7, 2);
