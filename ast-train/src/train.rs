@@ -584,6 +584,7 @@ where
         let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
         let first = state.iteration - epoch * steps_per_epoch;
         let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, opts.progress);
+        let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::with_capacity(READBACK_EVERY);
         // Per sub-net: summed loss, correct predictions, samples, iterations; a mid-epoch
         // checkpoint carries the sums of its epoch so far.
         let PartialEpoch {
@@ -617,32 +618,15 @@ where
             let (x, y) = to_tensors::<B>(batch, device);
             let subnet = ast.begin();
             let logits = model.forward(x);
-            let scores: Vec<f32> = logits
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .unwrap();
-            let correct = top_k_correct(&scores, sources.classes, &labels, 1);
-            let samples = labels.len();
-            let loss = loss_fn.forward(logits, y);
-            let value: f32 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                return Err(TrainError::NonFiniteLoss {
-                    value,
-                    epoch,
-                    iteration: t,
-                    subnet,
-                });
-            }
-            loss_sum += value as f64;
-            let sums = &mut per_subnet[subnet];
-            *sums = (
-                sums.0 + value as f64,
-                sums.1 + correct,
-                sums.2 + samples,
-                sums.3 + 1,
-            );
+            let loss = loss_fn.forward(logits.clone(), y);
+            pending.push(PendingStep {
+                iteration: t,
+                subnet,
+                done: first + i + 1,
+                loss: loss.clone().inner(),
+                logits: logits.inner(),
+                labels,
+            });
             let (stepped, report) = ast.step(model, loss.backward(), lr);
             model = stepped;
             if first_of_invocation {
@@ -663,13 +647,19 @@ where
                     changed: update.changed,
                 })?;
             }
-            progress.update(first + i + 1, value);
             let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
                 || opts.stop_gracefully_after == Some(t + 1);
             let due = config
                 .checkpoint_every_minutes
                 .is_some_and(|m| last_checkpoint.elapsed().as_secs() >= m * 60);
             let last = first + i + 1 == steps_per_epoch;
+            if pending.len() >= READBACK_EVERY || stop || due || last {
+                let mut sums = EpochSums {
+                    loss_sum: &mut loss_sum,
+                    per_subnet: &mut per_subnet,
+                };
+                read_back(&mut pending, epoch, sources.classes, &mut sums, &progress)?;
+            }
             if (stop || due) && !last {
                 let partial = PartialEpoch {
                     loss_sum,
@@ -779,6 +769,75 @@ where
 }
 
 /// Errors when any parameter of `model` holds a NaN or an infinity.
+/// Iterations whose loss and logits are read back to the host together. Reading them every
+/// iteration would wait for each step's device work before the next step is queued: on a GPU
+/// the host could not run ahead. On the CPU backends it changes nothing (the values, their
+/// order and every sum are the same).
+const READBACK_EVERY: usize = 10;
+
+/// An iteration whose figures are still on the device.
+struct PendingStep<B: Backend> {
+    iteration: usize,
+    subnet: usize,
+    /// Iterations of the epoch done once this one is (for the progress line).
+    done: usize,
+    loss: Tensor<B, 1>,
+    logits: Tensor<B, 2>,
+    labels: Vec<i64>,
+}
+
+/// The running training figures of an epoch.
+struct EpochSums<'a> {
+    loss_sum: &'a mut f64,
+    /// Per sub-net: summed loss, correct predictions, samples, iterations.
+    per_subnet: &'a mut [(f64, usize, usize, usize)],
+}
+
+/// Reads `pending`'s losses and logits back in one transfer each and adds them up in iteration
+/// order; the first non-finite loss is an error naming its iteration (no checkpoint has been
+/// written since: checkpoints are taken only after a read-back).
+fn read_back<B: Backend>(
+    pending: &mut Vec<PendingStep<B>>,
+    epoch: usize,
+    classes: usize,
+    sums: &mut EpochSums<'_>,
+    progress: &Progress,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let losses: Vec<f32> = Tensor::cat(pending.iter().map(|p| p.loss.clone()).collect(), 0)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 losses");
+    let scores: Vec<f32> = Tensor::cat(pending.iter().map(|p| p.logits.clone()).collect(), 0)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 logits");
+    let mut offset = 0;
+    for (step, value) in pending.drain(..).zip(losses) {
+        let samples = step.labels.len();
+        let rows = &scores[offset * classes..(offset + samples) * classes];
+        offset += samples;
+        if !value.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                value,
+                epoch,
+                iteration: step.iteration,
+                subnet: step.subnet,
+            });
+        }
+        let correct = top_k_correct(rows, classes, &step.labels, 1);
+        *sums.loss_sum += value as f64;
+        let s = &mut sums.per_subnet[step.subnet];
+        *s = (s.0 + value as f64, s.1 + correct, s.2 + samples, s.3 + 1);
+        progress.update(step.done, value);
+    }
+    Ok(())
+}
+
 /// Waits for the first iteration's device work, reports its time and leaves the marker.
 fn first_step_done<B: Backend>(
     opts: &RunOptions,
