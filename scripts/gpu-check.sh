@@ -103,7 +103,7 @@ step() {
   # One append per step: steps running at once do not interleave their lines.
   {
     echo "- **$name** ($variant: $*): $verdict, wall ${wall} s, peak GPU memory ${peak:-?} MiB"
-    grep -E "images_per_s|first_step_s|first iteration|consistent|against flex|sub-net [0-9]+:|top-1|error|panick|test result|SKIPPED|largest loss" "$log" \
+    grep -E "images_per_s|first_step_s|first iteration|consistent|against flex|sub-net [0-9]+:|top-1|error|panick|test result|SKIPPED|largest loss|peak GPU memory" "$log" \
       | head -12 | sed 's/^/    /'
     [ "$verdict" != "ok" ] && tail -3 "$log" | sed 's/^/    | /'
   } > "$block"

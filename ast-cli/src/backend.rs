@@ -70,6 +70,18 @@ pub fn check(args: &BackendArgs) -> Result<()> {
     }
 }
 
+/// The device memory the CUDA backend holds (its peak, see
+/// `ast_core::backend::cuda::memory_reserved`); `None` on the CPU backends.
+pub fn gpu_memory_reserved(args: &BackendArgs) -> Option<u64> {
+    if args.backend != BackendKind::Cuda {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    return ast_core::backend::cuda::memory_reserved(&cuda::CudaDevice { index: args.device });
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
 /// What `run` says before its first iteration on a GPU backend, and the marker file that tells
 /// a later run of the same model, batch size and settings that its kernels are cached.
 pub fn first_step_note(

@@ -409,8 +409,16 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let (Some(ips), Some(first)) = (timing.dense_images_per_s, timing.dense_first_step_s) {
         println!("plain dense step: images_per_s={ips:.1} first_step_s={first:.3}");
     }
+    let mut json = serde_json::to_value(&timing)?;
+    if let Some(bytes) = backend::gpu_memory_reserved(&args.backend) {
+        println!(
+            "peak GPU memory (cubecl's pools) {:.1} MiB",
+            bytes as f64 / 1048576.0
+        );
+        json["gpu_memory_reserved_bytes"] = bytes.into();
+    }
     if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&timing)?)
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())

@@ -91,3 +91,14 @@ pub fn configure_caches(dir: &Path) -> Result<(), String> {
             .to_string()
     })
 }
+
+/// Bytes cubecl's memory pools hold on `device` for this thread's stream: pools grow to the
+/// largest working set and do not shrink, so after a run this is its peak device memory (the
+/// CUDA context itself not counted). `None` when the device cannot be asked.
+pub fn memory_reserved(device: &CudaDevice) -> Option<u64> {
+    use cubecl::Runtime;
+    cubecl::cuda::CudaRuntime::client(device)
+        .memory_usage()
+        .ok()
+        .map(|m| m.bytes_reserved)
+}
