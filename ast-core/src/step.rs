@@ -220,9 +220,21 @@ impl<B: AutodiffBackend> AstStep<B> {
         grads: B::Gradients,
         lr: f64,
     ) -> (M, StepReport) {
+        let grads = GradientsParams::from_grads(grads, &model);
+        self.step_params(model, grads, lr)
+    }
+
+    /// [`AstStep::step`] from the dense gradients already gathered per parameter: the place
+    /// for anything that must see them before masking, e.g. the mean over data-parallel
+    /// workers (mask growth then ranks the global gradient).
+    pub fn step_params<M: AutodiffModule<B>>(
+        &mut self,
+        model: M,
+        mut grads: GradientsParams,
+        lr: f64,
+    ) -> (M, StepReport) {
         let t = self.iteration;
         let k = t % self.subnets();
-        let mut grads = GradientsParams::from_grads(grads, &model);
         let dense: Vec<Option<Tensor<B::InnerBackend, 1>>> = self
             .layers
             .iter()
@@ -538,6 +550,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn step_params_takes_gradients_reduced_elsewhere() {
+        // Two "workers", one row of the batch each: the sum of their gradients (the loss is a
+        // sum over rows), reduced outside the step and given to `step_params`, moves the weights
+        // as `step` does with the whole batch's backward pass.
+        let device = device();
+        let switch = SubnetSwitch::new();
+        let fc = MaskedLinearConfig::new(3, 3)
+            .with_subnets(2)
+            .init::<AD>(&switch, &device);
+        let model = OneLinear { fc };
+        let mut config =
+            AstConfig::new(vec![SubnetTarget::Density(1.0), SubnetTarget::Density(0.5)]);
+        config.schedule = no_events();
+        config.correction = CorrectionMode::Off;
+        let mut whole = AstStep::new(config.clone(), &model, &switch, 10, 100).unwrap();
+        let mut split = AstStep::new(config, &model, &switch, 10, 100).unwrap();
+        let model = whole.init_masks(model);
+        let rows = [[1.0, -2.0, 0.5], [0.3, 0.7, -1.0]];
+        let x = Tensor::<AD, 2>::from_floats(rows, &device);
+        let (mut a, mut b) = (model.clone(), model);
+        for _ in 0..4 {
+            whole.begin();
+            a = whole.step(a.clone(), loss_of(&a, &x).backward(), 0.1).0;
+            split.begin();
+            let mut grads: Vec<GradientsParams> = rows
+                .iter()
+                .map(|r| {
+                    let xr = Tensor::<AD, 2>::from_floats([*r], &device);
+                    GradientsParams::from_grads(loss_of(&b, &xr).backward(), &b)
+                })
+                .collect();
+            let (mut sum, other) = (grads.remove(0), &mut grads[0]);
+            let w = b.fc.weight.id;
+            let total = sum.remove::<TestBackend, 2>(w).unwrap()
+                + other.remove::<TestBackend, 2>(w).unwrap();
+            sum.register(w, total);
+            if let Some(bias) = b.fc.bias.as_ref().map(|p| p.id) {
+                let total = sum.remove::<TestBackend, 1>(bias).unwrap()
+                    + other.remove::<TestBackend, 1>(bias).unwrap();
+                sum.register(bias, total);
+            }
+            b = split.step_params(b, sum, 0.1).0;
+        }
+        a.fc.weight
+            .val()
+            .into_data()
+            .assert_approx_eq::<f32>(&b.fc.weight.val().into_data(), Tolerance::absolute(1e-6));
     }
 
     #[test]
