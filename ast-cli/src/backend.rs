@@ -282,6 +282,7 @@ impl BackendJob for Bench {
 }
 
 /// The same AST steps on Flex and on the chosen backend.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub struct CheckBackend {
     /// Iterations.
     pub steps: usize,
