@@ -768,7 +768,6 @@ where
     Ok(summary)
 }
 
-/// Errors when any parameter of `model` holds a NaN or an infinity.
 /// Iterations whose loss and logits are read back to the host together. Reading them every
 /// iteration would wait for each step's device work before the next step is queued: on a GPU
 /// the host could not run ahead. On the CPU backends it changes nothing (the values, their
@@ -859,6 +858,7 @@ fn first_step_done<B: Backend>(
     Ok(())
 }
 
+/// Errors when any parameter of `model` holds a NaN or an infinity.
 fn check_finite<M: Module<B>, B: Backend>(model: &M, epoch: usize) -> Result<()> {
     let broken = non_finite_params(model);
     match broken.first() {
