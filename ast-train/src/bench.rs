@@ -37,8 +37,9 @@ pub struct StepBench {
     pub correction: CorrectionMode,
     /// Seed of the weights, masks and inputs.
     pub seed: u64,
-    /// Also time this many plain dense training steps of the same model (one sub-net, no
-    /// masking or correction, burn's SGD with momentum) after one untimed step; 0 skips them.
+    /// Also time this many plain dense training steps of the same model (one sub-net whose
+    /// masks are full, no AST update: burn's SGD with momentum) after one untimed step; 0
+    /// skips them.
     pub dense_steps: usize,
     /// Print the first step's time as soon as it is known (on a GPU it compiles the kernels).
     pub progress: bool,
