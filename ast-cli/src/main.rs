@@ -353,7 +353,7 @@ struct BenchArgs {
     /// Flex: time burn's generic convolution instead of our masked-convolution kernels.
     #[arg(long)]
     generic_conv: bool,
-    /// Then time this many plain dense steps of the same model (no masks, burn's SGD).
+    /// Then time this many plain dense steps of the same model (full masks, burn's SGD).
     #[arg(long, default_value_t = 0)]
     dense_steps: usize,
 }
