@@ -630,15 +630,29 @@ fn tile_positions(g: &ConvGeometry) -> usize {
     tiles(g).next().map_or(0, |r| r.len()) * wo
 }
 
-fn column_buffer(g: &ConvGeometry) -> Vec<f32> {
-    vec![
-        0.0;
-        if g.pointwise() {
-            0
-        } else {
-            g.row_len() * tile_positions(g)
+std::thread_local! {
+    /// Each thread's im2col buffer, kept across calls and layers and grown to the largest tile
+    /// it served: a fresh zeroed buffer per rayon task cost 16 clears of up to 0.5 MiB per
+    /// dense convolution at batch 128. Every path writes the part it reads first (the block
+    /// copies and their zero gaps, `fill(0)` before the general im2col, or a GEMM's output).
+    static COLUMNS: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's im2col buffer of at least one tile. `f` must not start rayon
+/// work that could run another convolution on this thread (the GEMMs run single-threaded).
+fn with_columns<R>(g: &ConvGeometry, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let len = if g.pointwise() {
+        0
+    } else {
+        g.row_len() * tile_positions(g)
+    };
+    COLUMNS.with(|columns| {
+        let mut columns = columns.borrow_mut();
+        if columns.len() < len {
+            columns.resize(len, 0.0);
         }
-    ]
+        f(&mut columns[..len])
+    })
 }
 
 fn check(g: &ConvGeometry, x: usize, w: usize, y: usize) {
@@ -655,9 +669,8 @@ pub fn forward_dense(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
     let wo = g.out_hw().expect("supported geometry")[1];
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
-        .for_each_init(
-            || column_buffer(g),
-            |col, (y, x)| {
+        .for_each(|(y, x)| {
+            with_columns(g, |col| {
                 for grp in 0..g.groups {
                     let wg = MatRef::row_major(&w[grp * cog * row..][..cog * row], cog, row);
                     for rows in tiles(g) {
@@ -673,8 +686,8 @@ pub fn forward_dense(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
                         );
                     }
                 }
-            },
-        );
+            })
+        });
 }
 
 /// `dy`'s block of group `grp`, output rows `rows`: `C_out/groups × rows·W_out`, rows `P` apart.
@@ -707,9 +720,8 @@ pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32])
     let wo = g.out_hw().expect("supported geometry")[1];
     dx.par_chunks_mut(g.in_len())
         .zip(dy.par_chunks(g.out_len()))
-        .for_each_init(
-            || column_buffer(g),
-            |col, (dx, dy)| {
+        .for_each(|(dx, dy)| {
+            with_columns(g, |col| {
                 if !g.pointwise() {
                     dx.fill(0.0);
                 }
@@ -726,8 +738,8 @@ pub fn input_grad_dense(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32])
                         }
                     }
                 }
-            },
-        );
+            })
+        });
 }
 
 /// For a stride-1 convolution whose padding is at most its dilated kernel extent minus one
@@ -791,40 +803,41 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
         .map(|chunk| {
             // Per group: `dw` in place (`in_place`), else `dwᵀ` row-major.
             let mut acc = vec![0.0; dw.len()];
-            let mut col = column_buffer(g);
             let mut dy_t = vec![0.0; cog * tile_len];
             let samples = chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch);
-            for (i, n) in samples.enumerate() {
-                let xn = &x[n * g.in_len()..][..g.in_len()];
-                let dyn_ = &dy[n * g.out_len()..][..g.out_len()];
-                for grp in 0..g.groups {
-                    for (j, rows) in tiles(g).enumerate() {
-                        let pt = rows.len() * wo;
-                        let dy_t = &mut dy_t[..pt * cog];
-                        let block = &dyn_[grp * cog * p + rows.start * wo..];
-                        if pt >= BLOCKED_TRANSPOSE {
-                            transpose_into(dy_t, block, cog, pt, p);
-                        } else {
-                            for co in 0..cog {
-                                for (k, &v) in block[co * p..][..pt].iter().enumerate() {
-                                    dy_t[k * cog + co] = v;
+            with_columns(g, |col| {
+                for (i, n) in samples.enumerate() {
+                    let xn = &x[n * g.in_len()..][..g.in_len()];
+                    let dyn_ = &dy[n * g.out_len()..][..g.out_len()];
+                    for grp in 0..g.groups {
+                        for (j, rows) in tiles(g).enumerate() {
+                            let pt = rows.len() * wo;
+                            let dy_t = &mut dy_t[..pt * cog];
+                            let block = &dyn_[grp * cog * p + rows.start * wo..];
+                            if pt >= BLOCKED_TRANSPOSE {
+                                transpose_into(dy_t, block, cog, pt, p);
+                            } else {
+                                for co in 0..cog {
+                                    for (k, &v) in block[co * p..][..pt].iter().enumerate() {
+                                        dy_t[k * cog + co] = v;
+                                    }
                                 }
                             }
-                        }
-                        let cols = tile_columns(g, xn, grp, rows, &mut col);
-                        let (acc, a, b) = (
-                            &mut acc[grp * cog * row..][..cog * row],
-                            MatRef::row_major(cols, row, pt),
-                            MatRef::row_major(dy_t, pt, cog),
-                        );
-                        if in_place {
-                            matmul_col_major(acc, a, b, i > 0 || j > 0);
-                        } else {
-                            matmul(acc, a, b, i > 0 || j > 0);
+                            let cols = tile_columns(g, xn, grp, rows, col);
+                            let (acc, a, b) = (
+                                &mut acc[grp * cog * row..][..cog * row],
+                                MatRef::row_major(cols, row, pt),
+                                MatRef::row_major(dy_t, pt, cog),
+                            );
+                            if in_place {
+                                matmul_col_major(acc, a, b, i > 0 || j > 0);
+                            } else {
+                                matmul(acc, a, b, i > 0 || j > 0);
+                            }
                         }
                     }
                 }
-            }
+            });
             acc
         })
         .collect();
