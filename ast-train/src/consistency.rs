@@ -18,7 +18,8 @@ use serde::Serialize;
 
 use crate::error::{Result, TrainError};
 
-/// Iterations per "epoch" of the check's schedule.
+/// Iterations per "epoch" of the check's schedule: with [`train_small`]'s schedule, pruning
+/// and prune-and-regrow both happen within 20 iterations.
 const STEPS_PER_EPOCH: usize = 5;
 
 /// What the two runs gave.
@@ -70,17 +71,17 @@ where
         });
     }
     R::seed(reference, seed);
-    let config =
-        || CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true).with_classifier_std(Some(0.01));
-    let reference_model = config().init::<R>(reference);
+    let reference_model = small_resnet::<R>(reference);
     let mut weights = FloatParams::default();
     reference_model.visit(&mut weights);
-    let tested_model = config().init::<T>(tested).map(&mut Replace {
+    let tested_model = small_resnet::<T>(tested).map(&mut Replace {
         values: weights.values.into_iter(),
     });
+    let inputs = || MaskRng::new(seed, 7);
     let (reference_losses, reference_events, reference_masks) =
-        run(reference_model, steps, seed, reference)?;
-    let (losses, events, masks) = run(tested_model, steps, seed, tested)?;
+        train_small(reference_model, steps, STEPS_PER_EPOCH, inputs(), reference)?;
+    let (losses, events, masks) =
+        train_small(tested_model, steps, STEPS_PER_EPOCH, inputs(), tested)?;
     let max_loss_difference = reference_losses
         .iter()
         .zip(&losses)
@@ -116,22 +117,35 @@ where
     })
 }
 
-type RunResult = (Vec<f32>, usize, Vec<Vec<Vec<bool>>>);
+/// The small CIFAR ResNet of the checks (ResNet-8, widths 8/16/32, stride-2 stages with 1×1
+/// projection shortcuts, three sub-nets), weights from `B`'s generator.
+pub fn small_resnet<B: Backend>(device: &B::Device) -> CifarResNet<B> {
+    CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true)
+        .with_classifier_std(Some(0.01))
+        .init::<B>(device)
+}
 
-fn run<B: AutodiffBackend + AstBackend>(
+/// Per iteration the loss; the number of mask events; per sub-net, per masked layer, the final
+/// mask.
+pub type SmallRun = (Vec<f32>, usize, Vec<Vec<Vec<bool>>>);
+
+/// `steps` AST iterations of [`small_resnet`]: three sub-nets at 0.5 / 0.2 / 0.05, a ramp over
+/// the first two epochs of `steps_per_epoch` iterations, mask events every 6 global iterations
+/// of a sub-net's counter (pruning and prune-and-regrow), batches of 8 random 16×16 images
+/// drawn from `inputs`, SGD at lr 0.05.
+pub fn train_small<B: AutodiffBackend + AstBackend>(
     model: CifarResNet<B>,
     steps: usize,
-    seed: u64,
+    steps_per_epoch: usize,
+    mut inputs: MaskRng,
     device: &B::Device,
-) -> Result<RunResult> {
+) -> Result<SmallRun> {
     let switch = model.switch().clone();
     let mut config = AstConfig::new(vec![
         SubnetTarget::Density(0.5),
         SubnetTarget::Density(0.2),
         SubnetTarget::Density(0.05),
     ]);
-    // Ramp over the first two "epochs" of 5 iterations, events every 6 global iterations of a
-    // sub-net's counter: pruning and prune-and-regrow both happen within 20 iterations.
     config.schedule = MaskScheduleConfig {
         update_frequency: 6,
         init_prune_epoch: 0,
@@ -139,18 +153,19 @@ fn run<B: AutodiffBackend + AstBackend>(
         subnet_offset: 1,
         ..MaskScheduleConfig::default()
     };
-    let mut ast = AstStep::<B>::new(config, &model, &switch, STEPS_PER_EPOCH, steps)?;
+    let mut ast = AstStep::<B>::new(config, &model, &switch, steps_per_epoch, steps)?;
     let mut model = ast.init_masks(model);
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let mut rng = MaskRng::new(seed, 7);
     let (batch, side) = (8, 16);
     let (mut losses, mut events) = (Vec::with_capacity(steps), 0);
     for _ in 0..steps {
         ast.begin();
         let pixels: Vec<f32> = (0..batch * 3 * side * side)
-            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+            .map(|_| inputs.next_f64() as f32 * 2.0 - 1.0)
             .collect();
-        let labels: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 10) as i64).collect();
+        let labels: Vec<i64> = (0..batch)
+            .map(|_| (inputs.next_u64() % 10) as i64)
+            .collect();
         let x = Tensor::<B, 4>::from_data(TensorData::new(pixels, [batch, 3, side, side]), device);
         let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), device);
         let loss = loss_fn.forward(model.forward(x), y);

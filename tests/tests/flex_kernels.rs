@@ -13,63 +13,27 @@
 
 use ast_core::kernels::set_flex_kernels;
 use ast_core::rng::MaskRng;
-use ast_core::subnet::read_masks;
-use ast_core::{AstConfig, AstStep, MaskScheduleConfig, SubnetTarget};
-use ast_models::CifarResNetConfig;
+use ast_train::consistency::{small_resnet, train_small, SmallRun};
 use burn::backend::{Autodiff, Flex};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 
 type B = Autodiff<Flex>;
 
-const STEPS: usize = 30;
-
-/// Losses, the number of mask events, and every sub-net's final masks.
-fn run(fast: bool) -> (Vec<f32>, usize, Vec<Vec<TensorData>>) {
+/// 10 iterations per epoch, ramp over 2 epochs, events every 6 (every other iteration of a
+/// sub-net, so that the others compute the weight gradient at active positions only): sub-net
+/// k's ramp ends at t = 18 + 4k; sub-net 0 and 1 regrow once more (t = 24, 28).
+fn run(fast: bool) -> SmallRun {
     set_flex_kernels(fast);
     let device = Default::default();
     B::seed(&device, 3);
-    let model = CifarResNetConfig::new(10, 3, [8, 16, 32], 1, true)
-        .with_classifier_std(Some(0.01))
-        .init::<B>(&device);
-    let switch = model.switch().clone();
-    let mut config = AstConfig::new(vec![
-        SubnetTarget::Density(0.5),
-        SubnetTarget::Density(0.2),
-        SubnetTarget::Density(0.05),
-    ]);
-    // 10 iterations per epoch, ramp over 2 epochs, events every 6 (every other iteration of a
-    // sub-net, so that the others compute the weight gradient at active positions only):
-    // sub-net k's ramp ends at t = 18 + 4k; sub-net 0 and 1 regrow once more (t = 24, 28).
-    config.schedule = MaskScheduleConfig {
-        update_frequency: 6,
-        init_prune_epoch: 0,
-        final_prune_epoch: 2,
-        subnet_offset: 1,
-        ..MaskScheduleConfig::default()
-    };
-    let mut ast = AstStep::<B>::new(config, &model, &switch, 10, STEPS).unwrap();
-    let mut model = ast.init_masks(model);
-    let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let mut rng = MaskRng::new(9, 0);
-    let (batch, side) = (8, 16);
-    let (mut losses, mut events) = (Vec::new(), 0);
-    for _ in 0..STEPS {
-        ast.begin();
-        let pixels: Vec<f32> = (0..batch * 3 * side * side)
-            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
-            .collect();
-        let labels: Vec<i64> = (0..batch).map(|_| (rng.next_u64() % 10) as i64).collect();
-        let x = Tensor::<B, 4>::from_data(TensorData::new(pixels, [batch, 3, side, side]), &device);
-        let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), &device);
-        let loss = loss_fn.forward(model.forward(x), y);
-        losses.push(loss.clone().into_scalar().elem::<f32>());
-        let (m, report) = ast.step(model, loss.backward(), 0.05);
-        model = m;
-        events += usize::from(report.mask_update.is_some());
-    }
-    let masks = (0..3).map(|k| read_masks(&model, k).unwrap()).collect();
-    (losses, events, masks)
+    train_small(
+        small_resnet::<B>(&device),
+        30,
+        10,
+        MaskRng::new(9, 0),
+        &device,
+    )
+    .unwrap()
 }
 
 #[test]
