@@ -23,6 +23,13 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// The data-parallel workers failed or disagree.
+    #[error("data-parallel workers: {0}")]
+    Workers(String),
+    /// This worker stopped because another worker of the run failed (that failure is the one
+    /// to report).
+    #[error("data-parallel workers: stopped because another worker failed")]
+    PeerFailed,
     /// The compute device failed.
     #[error("device error: {0}")]
     Device(String),

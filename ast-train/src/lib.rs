@@ -15,6 +15,7 @@ pub mod data;
 pub mod error;
 pub mod lock;
 pub mod metrics;
+pub mod parallel;
 pub mod train;
 
 pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, TrainConfig};

@@ -9,8 +9,10 @@ use ast_core::schedule::{check_reaches_final_density, scheduled_event};
 use ast_core::subnet::{density, non_finite_params, sync_running_stats};
 use ast_core::{AstBackend, AstStep, SubnetTarget};
 use ast_models::AstModel;
-use burn::module::AutodiffModule;
+use burn::collective;
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,7 @@ use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
     SubnetMetrics, SubnetTraining, METRICS_FILE,
 };
+use crate::parallel::Team;
 
 /// Training and evaluation sources of a run.
 pub struct DataSources {
@@ -497,9 +500,213 @@ where
 {
     let started = Instant::now();
     let sources = load_data(&config)?;
+    B::seed(device, config.seed);
+    let worker = Worker::<B> {
+        config,
+        opts,
+        sources: &sources,
+        device,
+        team: None,
+        initial: None,
+        started,
+    };
+    Ok(run_worker(worker)?.expect("a lone worker leads"))
+}
+
+/// [`train`] on several devices at once, one worker thread per device (data parallelism, see
+/// [`crate::parallel`]): every global batch of `config.batch_size` samples is split into one
+/// shard per worker, the workers' dense gradients are averaged before each step, and worker 0
+/// alone evaluates and writes metrics and checkpoints (which a run on any number of devices
+/// can resume). Each worker normalises with its own shard's BatchNorm statistics (as PyTorch's
+/// DistributedDataParallel without SyncBatchNorm); the running statistics are averaged over the
+/// workers before every evaluation and checkpoint. On the CPU backends the devices may repeat
+/// (several workers share the one CPU device).
+///
+/// One data-parallel run at a time per process (burn-collective keeps one server per backend).
+pub fn train_data_parallel<B>(
+    config: TrainConfig,
+    opts: &RunOptions,
+    devices: &[B::Device],
+) -> Result<RunSummary>
+where
+    B: AutodiffBackend + AstBackend,
+    B::InnerBackend: AstBackend,
+{
+    let workers = devices.len();
+    match devices {
+        [] => {
+            return Err(TrainError::config(
+                "devices",
+                "is empty: give at least one device",
+            ))
+        }
+        [device] => return train::<B>(config, opts, device),
+        _ => {}
+    }
+    if !config.batch_size.is_multiple_of(workers) {
+        return Err(TrainError::config(
+            "batch_size",
+            format!(
+                "({}) is not divisible by the {workers} workers: every worker takes an equal \
+                 shard of each batch; choose a multiple of {workers}",
+                config.batch_size
+            ),
+        ));
+    }
+    let _session = crate::parallel::session();
+    let started = Instant::now();
+    let sources = Arc::new(load_data(&config)?);
+    let last = sources.train.len() % config.batch_size;
+    if last != 0 && last < workers {
+        return Err(TrainError::config(
+            "train_subset",
+            format!(
+                "leaves a last batch of {last} samples, fewer than the {workers} workers: change \
+                 train_subset or batch_size so that it holds at least {workers}"
+            ),
+        ));
+    }
+    // The initial weights are drawn here, once, from the process-wide generator; every worker
+    // loads them into a model of its own (own sub-net switch, own BatchNorm statistics).
+    B::seed(&devices[0], config.seed);
+    let subnets = config.ast.subnets.len();
+    let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0]);
+    let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0])
+        .load_record(drawn.into_record());
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, device) in devices.iter().enumerate() {
+        let (config, opts, sources, device, tx) = (
+            config.clone(),
+            opts.clone(),
+            Arc::clone(&sources),
+            device.clone(),
+            tx.clone(),
+        );
+        let initial = drawn.clone().into_record();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ast-worker-{rank}"))
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| {
+                    let team = Team::<B::InnerBackend>::join(rank, workers, &device)?;
+                    run_worker(Worker::<B> {
+                        config,
+                        opts: &opts,
+                        sources: &sources,
+                        device: &device,
+                        team: Some(&team),
+                        initial: Some(initial),
+                        started,
+                    })
+                });
+                let result = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                    Err(TrainError::Workers(format!(
+                        "worker {rank} panicked: {}",
+                        panic_text(panic.as_ref())
+                    )))
+                });
+                let _ = tx.send((rank, result));
+            });
+        if let Err(e) = spawned {
+            collective::reset_collective::<B::InnerBackend>();
+            return Err(TrainError::Workers(format!(
+                "cannot start worker {rank}: {e}"
+            )));
+        }
+    }
+    drop(tx);
+    supervise::<B::InnerBackend>(&rx, workers)
+}
+
+/// Waits for the workers of [`train_data_parallel`]. The first failure resets the collective
+/// session, so the other workers' pending exchanges fail instead of waiting for ever; the error
+/// returned is the failure itself, not its echo in the other workers.
+fn supervise<IB: Backend>(
+    rx: &std::sync::mpsc::Receiver<(usize, Result<Option<RunSummary>>)>,
+    workers: usize,
+) -> Result<RunSummary> {
+    let mut leader = None;
+    let mut failure: Option<TrainError> = None;
+    for _ in 0..workers {
+        let received = match failure {
+            // After a failure the others stop at their next exchange; a worker still busy
+            // with a long computation past this bound is left behind.
+            Some(_) => rx.recv_timeout(std::time::Duration::from_secs(120)).ok(),
+            None => rx.recv().ok(),
+        };
+        let Some((rank, result)) = received else {
+            break;
+        };
+        match result {
+            Ok(summary) if rank == 0 => leader = summary,
+            Ok(_) => {}
+            Err(e) => {
+                if failure.is_none() {
+                    collective::reset_collective::<IB>();
+                }
+                // Keep the first failure itself; its echoes only while nothing better is known.
+                let better = match &failure {
+                    None => true,
+                    Some(TrainError::PeerFailed) => !matches!(e, TrainError::PeerFailed),
+                    Some(_) => false,
+                };
+                if better {
+                    failure = Some(e);
+                }
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(leader.expect("worker 0 returns the summary")),
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// What one worker of a run needs; see [`run_worker`].
+struct Worker<'a, B: AutodiffBackend> {
+    config: TrainConfig,
+    opts: &'a RunOptions,
+    sources: &'a DataSources,
+    device: &'a B::Device,
+    /// The other workers of a data-parallel run, `None` when training alone.
+    team: Option<&'a Team<B::InnerBackend>>,
+    /// The initial weights when they were drawn by another thread.
+    initial: Option<<AstModel<B> as Module<B>>::Record>,
+    started: Instant,
+}
+
+/// The training loop of one worker. The leader (the only worker, or worker 0) evaluates and
+/// writes the run's files and returns the summary; the others return `None`.
+fn run_worker<B>(worker: Worker<'_, B>) -> Result<Option<RunSummary>>
+where
+    B: AutodiffBackend + AstBackend,
+    B::InnerBackend: AstBackend,
+{
+    let Worker {
+        config,
+        opts,
+        sources,
+        device,
+        team,
+        initial,
+        started,
+    } = worker;
+    let leader = team.is_none_or(|t| t.is_leader());
     let threads = data_threads(&config);
-    let train_loader = Loader::new(sources.train.clone(), config.batch_size, config.seed, true)
+    let whole_loader = Loader::new(sources.train.clone(), config.batch_size, config.seed, true)
         .with_threads(threads);
+    let train_loader = match team {
+        Some(t) => whole_loader.clone().with_shard(t.rank(), t.size()),
+        None => whole_loader.clone(),
+    };
     let test_loader = Loader::new(
         sources.test.clone(),
         config.eval_batch_size,
@@ -511,8 +718,12 @@ where
     let total_steps = steps_per_epoch * config.epochs;
     let subnets = config.ast.subnets.len();
 
-    B::seed(device, config.seed);
     let model = AstModel::<B>::new(config.model, sources.classes, subnets, device);
+    let model = match initial {
+        // Fresh autodiff leaves: the workers' graphs must not meet.
+        Some(record) => model.load_record(record).fork(device),
+        None => model,
+    };
     let switch = model.switch().clone();
     let mut ast = AstStep::<B>::new(
         config.ast.clone(),
@@ -562,13 +773,20 @@ where
         model = loaded;
         state = saved;
         // Changes the resume was allowed to make (e.g. more epochs) become the run's own.
-        if read_run_config(&opts.dir)? != config {
+        if leader && read_run_config(&opts.dir)? != config {
             let json = serde_json::to_vec_pretty(&config).expect("config serialises");
             write_atomic(&opts.dir.join(CONFIG_FILE), &json)?;
         }
     }
-    let metrics = MetricsWriter::open(&opts.dir, state.next_epoch)?;
-    let events = EventsWriter::open(&opts.dir, state.iteration)?;
+    let (metrics, events) = if leader {
+        (
+            Some(MetricsWriter::open(&opts.dir, state.next_epoch)?),
+            Some(EventsWriter::open(&opts.dir, state.iteration)?),
+        )
+    } else {
+        (None, None)
+    };
+    let progress_on = opts.progress && leader;
     let mut loss_fn = CrossEntropyLossConfig::new();
     if config.label_smoothing > 0.0 {
         loss_fn = loss_fn.with_smoothing(Some(config.label_smoothing as f32));
@@ -583,7 +801,7 @@ where
         let epoch_start = Instant::now();
         let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
         let first = state.iteration - epoch * steps_per_epoch;
-        let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, opts.progress);
+        let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, progress_on);
         let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::with_capacity(READBACK_EVERY);
         // Per sub-net: summed loss, correct predictions, samples, iterations; a mid-epoch
         // checkpoint carries the sums of its epoch so far.
@@ -598,23 +816,24 @@ where
             let t = ast.iteration();
             let first_of_invocation = t == started_at;
             let step_start = Instant::now();
-            if first_of_invocation && opts.progress {
+            if first_of_invocation && progress_on {
                 if let Some(note) = &opts.first_step_note {
                     eprintln!("{note}");
                 }
             }
             if opts.stop_after == Some(t) {
-                return Ok(RunSummary {
+                return Ok(leader.then(|| RunSummary {
                     epochs: epoch,
                     targets: config.ast.subnets.clone(),
                     subnets: last_eval,
                     best_sparsest_top1: state.best_sparsest_top1,
                     seconds: started.elapsed().as_secs_f64(),
                     interrupted: true,
-                });
+                }));
             }
             let batch = batch?;
             let labels = batch.labels.clone();
+            let shard = labels.len();
             let (x, y) = to_tensors::<B>(batch, device);
             let subnet = ast.begin();
             let logits = model.forward(x);
@@ -627,12 +846,33 @@ where
                 logits: logits.inner(),
                 labels,
             });
-            let (stepped, report) = ast.step(model, loss.backward(), lr);
+            let grads = match team {
+                None => GradientsParams::from_grads(loss.backward(), &model),
+                Some(team) => {
+                    // Shards of a partial batch may differ by one sample: weigh each worker's
+                    // mean loss by its share, so the mean over workers is the batch's mean.
+                    let whole = train_loader.global_batch_len(first + i);
+                    let loss = if shard * team.size() == whole {
+                        loss
+                    } else {
+                        loss.mul_scalar((shard * team.size()) as f32 / whole as f32)
+                    };
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    team.mean_gradients(&model, grads)?
+                }
+            };
+            let (stepped, report) = ast.step_params(model, grads, lr);
             model = stepped;
-            if first_of_invocation {
+            if first_of_invocation && leader {
                 first_step_done::<B>(opts, device, step_start)?;
             }
             if let Some(update) = report.mask_update {
+                if let Some(team) = team {
+                    team.check_same(
+                        &format!("the masks after iteration {t}"),
+                        masks_checksum(&model),
+                    )?;
+                }
                 let event = scheduled_event(
                     &config.ast.schedule,
                     &config.ast.subnets,
@@ -641,26 +881,55 @@ where
                     total_steps,
                 )
                 .expect("the step reports the events the schedule gives");
-                events.append(&EventRecord {
-                    event,
-                    density: update.density,
-                    changed: update.changed,
-                })?;
+                if let Some(events) = &events {
+                    events.append(&EventRecord {
+                        event,
+                        density: update.density,
+                        changed: update.changed,
+                    })?;
+                }
             }
             let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
                 || opts.stop_gracefully_after == Some(t + 1);
-            let due = config
-                .checkpoint_every_minutes
-                .is_some_and(|m| last_checkpoint.elapsed().as_secs() >= m * 60);
+            let due = leader
+                && config
+                    .checkpoint_every_minutes
+                    .is_some_and(|m| last_checkpoint.elapsed().as_secs() >= m * 60);
+            // The workers stop and checkpoint at the same iteration: any worker's stop request
+            // counts, and the leader's clock says when a checkpoint is due.
+            let (stop, due) = match team {
+                Some(team) => {
+                    let [stop, due] = team.any_of([stop, due])?;
+                    (stop, due)
+                }
+                None => (stop, due),
+            };
             let last = first + i + 1 == steps_per_epoch;
             if pending.len() >= READBACK_EVERY || stop || due || last {
                 let mut sums = EpochSums {
                     loss_sum: &mut loss_sum,
                     per_subnet: &mut per_subnet,
                 };
-                read_back(&mut pending, epoch, sources.classes, &mut sums, &progress)?;
+                read_back(
+                    &mut pending,
+                    epoch,
+                    sources.classes,
+                    &mut sums,
+                    &progress,
+                    team,
+                )?;
             }
             if (stop || due) && !last {
+                check_finite(&model, epoch)?;
+                if let Some(team) = team {
+                    model = team.mean_buffers(model)?;
+                }
+                if !leader {
+                    if stop {
+                        return Ok(None);
+                    }
+                    continue;
+                }
                 let partial = PartialEpoch {
                     loss_sum,
                     per_subnet: per_subnet.clone(),
@@ -671,7 +940,6 @@ where
                     partial: Some(partial),
                     ..state.clone()
                 };
-                check_finite(&model, epoch)?;
                 let saved = checkpoint::save(&opts.dir, &model, &ast, &mid)?;
                 last_checkpoint = Instant::now();
                 if stop {
@@ -684,19 +952,35 @@ where
             }
         }
         state.iteration = ast.iteration();
+        if let Some(team) = team {
+            model = team.mean_buffers(model)?;
+        }
         if config.bn_recalibration_batches > 0 {
+            // Every worker recalibrates on the same whole batches: their statistics stay equal.
             recalibrate_batch_norms(
                 &model,
-                &train_loader,
+                &whole_loader,
                 epoch,
                 config.bn_recalibration_batches,
                 device,
             )?;
         }
-        let eval_model = model.valid();
-        last_eval = evaluate(&eval_model, &test_loader, device)?;
         // A checkpoint or a result of a diverged model is worth nothing: stop before writing.
         check_finite(&model, epoch)?;
+        let signalled = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let stop = match team {
+            Some(team) => team.any(signalled)?,
+            None => signalled,
+        };
+        let (Some(metrics), true) = (&metrics, leader) else {
+            state.next_epoch = epoch + 1;
+            if stop && state.next_epoch < config.epochs {
+                return Ok(None);
+            }
+            continue;
+        };
+        let eval_model = model.valid();
+        last_eval = evaluate(&eval_model, &test_loader, device)?;
         if let Some(m) = last_eval.iter().find(|m| !m.loss.is_finite()) {
             let what = format!("sub-net {}'s test loss ({}) is", m.subnet, m.loss);
             return Err(TrainError::NonFiniteModel { epoch, what });
@@ -724,7 +1008,7 @@ where
                 .collect(),
         })?;
         checkpoint::kill_point("epoch-metrics-written");
-        if opts.progress {
+        if progress_on {
             for m in &last_eval {
                 eprintln!(
                     "epoch {}/{} sub-net {} density {:.4} loss {:.4} top-1 {:.4} top-5 {:.4}",
@@ -738,7 +1022,6 @@ where
                 );
             }
         }
-        let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         if state.next_epoch.is_multiple_of(config.checkpoint_every)
             || state.next_epoch == config.epochs
             || stop
@@ -755,6 +1038,9 @@ where
         }
     }
 
+    if !leader {
+        return Ok(None);
+    }
     let summary = RunSummary {
         epochs: config.epochs,
         targets: config.ast.subnets.clone(),
@@ -765,7 +1051,29 @@ where
     };
     let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
     write_atomic(&opts.dir.join("summary.json"), &json)?;
-    Ok(summary)
+    Ok(Some(summary))
+}
+
+/// A checksum of every boolean tensor of `model` (the masks), in visiting order.
+fn masks_checksum<B: Backend, M: Module<B>>(model: &M) -> u64 {
+    struct Masks(sha2::Sha256);
+    impl<B: Backend> ModuleVisitor<B> for Masks {
+        fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+            use sha2::Digest;
+            let data = param.val().into_data().convert::<bool>();
+            let bits: Vec<u8> = data.iter::<bool>().map(u8::from).collect();
+            self.0.update(&bits);
+        }
+    }
+    use sha2::Digest;
+    let mut masks = Masks(sha2::Sha256::new());
+    model.visit(&mut masks);
+    let digest = masks.0.finalize();
+    u64::from_le_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest holds 8 bytes"),
+    )
 }
 
 /// Iterations whose loss and logits are read back to the host together. Reading them every
@@ -801,6 +1109,7 @@ fn read_back<B: Backend>(
     classes: usize,
     sums: &mut EpochSums<'_>,
     progress: &Progress,
+    team: Option<&Team<B>>,
 ) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
@@ -815,11 +1124,31 @@ fn read_back<B: Backend>(
         .convert::<f32>()
         .to_vec()
         .expect("f32 logits");
+    // Per iteration: loss × samples, correct predictions, samples (this worker's shard).
+    let mut figures = Vec::with_capacity(3 * pending.len());
     let mut offset = 0;
-    for (step, value) in pending.drain(..).zip(losses) {
+    for (step, &value) in pending.iter().zip(&losses) {
         let samples = step.labels.len();
         let rows = &scores[offset * classes..(offset + samples) * classes];
         offset += samples;
+        let correct = top_k_correct(rows, classes, &step.labels, 1);
+        figures.push([
+            value as f64 * samples as f64,
+            correct as f64,
+            samples as f64,
+        ]);
+    }
+    if let Some(team) = team {
+        // The batch's figures are the sums over the workers' shards (in rank order).
+        let flat: Vec<f32> = figures.iter().flatten().map(|&v| v as f32).collect();
+        let all = team.gather_host(&flat)?;
+        for (j, f) in figures.iter_mut().enumerate() {
+            *f = [0, 1, 2].map(|c| all.iter().map(|w| w[3 * j + c] as f64).sum());
+        }
+    }
+    for (step, [weighted, correct, samples]) in pending.drain(..).zip(figures) {
+        // Alone, `weighted / samples` gives back the f32 loss exactly.
+        let value = (weighted / samples) as f32;
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss {
                 value,
@@ -828,7 +1157,7 @@ fn read_back<B: Backend>(
                 subnet: step.subnet,
             });
         }
-        let correct = top_k_correct(rows, classes, &step.labels, 1);
+        let (correct, samples) = (correct as usize, samples as usize);
         *sums.loss_sum += value as f64;
         let s = &mut sums.per_subnet[step.subnet];
         *s = (s.0 + value as f64, s.1 + correct, s.2 + samples, s.3 + 1);

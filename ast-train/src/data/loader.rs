@@ -169,6 +169,8 @@ pub struct Loader {
     train: bool,
     drop_last: bool,
     threads: usize,
+    /// This loader's part of every batch: shard `.0` of `.1` (see [`Loader::with_shard`]).
+    shard: (usize, usize),
     /// The last epoch's order, to avoid recomputing a permutation per batch.
     order_cache: Arc<Mutex<Option<CachedOrder>>>,
 }
@@ -186,6 +188,7 @@ impl fmt::Debug for Loader {
             .field("train", &self.train)
             .field("drop_last", &self.drop_last)
             .field("threads", &self.threads)
+            .field("shard", &self.shard)
             .finish()
     }
 }
@@ -210,6 +213,7 @@ impl Loader {
             train,
             drop_last: false,
             threads: thread::available_parallelism().map_or(1, |n| n.get()),
+            shard: (0, 1),
             order_cache: Arc::new(Mutex::new(None)),
         }
     }
@@ -218,6 +222,27 @@ impl Loader {
     pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self
+    }
+
+    /// Loads only shard `rank` of `count` of every batch (data-parallel workers): of a batch of
+    /// `n` samples, positions `n·rank/count .. n·(rank+1)/count`. The samples, their order and
+    /// their augmentation are those of the whole batch, so the shards of all ranks together are
+    /// exactly the unsharded batch.
+    ///
+    /// # Panics
+    /// If `rank >= count`.
+    pub fn with_shard(mut self, rank: usize, count: usize) -> Self {
+        assert!(rank < count, "shard {rank} of {count}");
+        self.shard = (rank, count);
+        self
+    }
+
+    /// Samples in batch `index` of an epoch, all shards together.
+    pub fn global_batch_len(&self, index: usize) -> usize {
+        let first = index * self.batch_size;
+        (first + self.batch_size)
+            .min(self.source.len())
+            .saturating_sub(first)
     }
 
     /// Whether to drop the last batch of an epoch when it is partial.
@@ -283,8 +308,10 @@ impl Loader {
             });
         }
         let order = self.order(epoch);
-        let first = index * self.batch_size;
-        let n = (first + self.batch_size).min(order.len()) - first;
+        let whole = self.global_batch_len(index);
+        let (rank, count) = self.shard;
+        let first = index * self.batch_size + whole * rank / count;
+        let n = whole * (rank + 1) / count - whole * rank / count;
         let [c, h, w] = self.source.sample_shape();
         let per = c * h * w;
         let mut images = vec![0f32; n * per];
@@ -469,6 +496,27 @@ mod tests {
             let a: Vec<_> = one.epoch(epoch, 0).map(Result::unwrap).collect();
             let b: Vec<_> = three.epoch(epoch, 0).map(Result::unwrap).collect();
             assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn the_shards_of_a_batch_are_the_batch() {
+        // 10 samples in batches of 4: 4, 4, then a partial 2; three shards of 4 are 1, 1, 2.
+        let whole = loader(true);
+        for epoch in 0..2 {
+            for i in 0..3 {
+                let all = whole.batch(epoch, i).unwrap();
+                assert_eq!(whole.global_batch_len(i), all.len());
+                let shards: Vec<HostBatch> = (0..3)
+                    .map(|r| whole.clone().with_shard(r, 3).batch(epoch, i).unwrap())
+                    .collect();
+                let sizes: Vec<usize> = shards.iter().map(HostBatch::len).collect();
+                let n = all.len();
+                assert_eq!(sizes, [n / 3, 2 * n / 3 - n / 3, n - 2 * n / 3]);
+                let labels: Vec<i64> = shards.iter().flat_map(|b| b.labels.clone()).collect();
+                let images: Vec<f32> = shards.iter().flat_map(|b| b.images.clone()).collect();
+                assert_eq!((labels, images), (all.labels, all.images));
+            }
         }
     }
 

@@ -1,0 +1,313 @@
+//! Data-parallel training: several workers (devices) in one process, one shard of every global
+//! batch each, exchanging their dense gradients with burn's collective operations
+//! (`burn::collective`, burn-collective 0.21).
+//!
+//! Every worker holds its own copy of the model (its own sub-net switch and BatchNorm running
+//! statistics), its own [`ast_core::AstStep`] (masks, optimizer and correction state) and runs
+//! the same iterations on the same sub-net `t mod K`. After the backward pass the dense gradients
+//! are averaged over the workers *before* masking, correction and the update
+//! ([`Team::mean_gradients`], then `AstStep::step_params`), so growth ranks the global gradient
+//! and every worker applies bit-identical updates: masks, weights and optimizer state stay equal
+//! by construction, and a checksum of the masks is compared at every mask event
+//! ([`Team::check_same`]).
+//!
+//! **Rank-ordered sums.** burn-collective's `all_reduce` adds the peers' tensors in the
+//! iteration order of a `HashMap` with a random seed: at three or more peers the same inputs give
+//! different sums from call to call (measured: `docs/burn-collective-0.21.md` §8). The workers
+//! therefore exchange their tensors with `broadcast`, one per rank (on a CPU device a broadcast
+//! copies a reference, not the data), and every worker adds them in rank order: one sum, the
+//! same on every worker and in every run. Each exchange moves one flat tensor of all gradients
+//! (one collective operation per rank and iteration, not one per parameter).
+//!
+//! **Failures.** burn-collective has no timeouts: a peer that stops leaves the others blocked.
+//! The supervisor ([`crate::train::train_data_parallel`]) resets the collective server when a
+//! worker fails, which turns the others' pending operations into errors.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Mutex, MutexGuard};
+
+use burn::collective::{self, CollectiveConfig, CollectiveError, PeerId};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorPrimitive;
+
+use crate::error::{Result, TrainError};
+
+/// burn-collective keeps one server per backend type and process: one data-parallel run at a
+/// time per process.
+static SESSION: Mutex<()> = Mutex::new(());
+
+/// Holds the process's data-parallel session; see [`SESSION`].
+pub(crate) fn session() -> MutexGuard<'static, ()> {
+    SESSION
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn collective_error(what: &str, e: CollectiveError) -> TrainError {
+    match e {
+        CollectiveError::LocalServerMissing | CollectiveError::RegisterNotFirstOperation => {
+            TrainError::PeerFailed
+        }
+        e => TrainError::Workers(format!("{what}: burn-collective error {e:?}")),
+    }
+}
+
+/// One worker's membership in a data-parallel run on backend `IB` (the inner backend of the
+/// autodiff backend that trains, as burn-collective requires).
+#[derive(Debug)]
+pub struct Team<IB: Backend> {
+    rank: usize,
+    size: usize,
+    device: IB::Device,
+    _backend: PhantomData<IB>,
+}
+
+impl<IB: Backend> Team<IB> {
+    /// Registers worker `rank` of `size` on `device`; returns once all `size` workers have.
+    pub fn join(rank: usize, size: usize, device: &IB::Device) -> Result<Self> {
+        let config = CollectiveConfig::default().with_num_devices(size);
+        collective::register::<IB>(PeerId::from(rank), device.clone(), config)
+            .map_err(|e| collective_error("registering the workers", e))?;
+        Ok(Team {
+            rank,
+            size,
+            device: device.clone(),
+            _backend: PhantomData,
+        })
+    }
+
+    /// This worker's index, `0..size`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of workers.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Whether this worker writes the run's files (rank 0).
+    pub fn is_leader(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Every worker's `t`, in rank order (one broadcast per rank).
+    pub fn gather(&self, t: Tensor<IB, 1>) -> Result<Vec<Tensor<IB, 1>>> {
+        let peer = PeerId::from(self.rank);
+        let mut own = Some(t.into_primitive().tensor());
+        (0..self.size)
+            .map(|root| {
+                let input = if root == self.rank { own.take() } else { None };
+                let out = collective::broadcast::<IB>(peer, input)
+                    .map_err(|e| collective_error("exchanging tensors", e))?;
+                // The broadcast places the result on its first caller's device.
+                Ok(Tensor::from_primitive(TensorPrimitive::Float(out)).to_device(&self.device))
+            })
+            .collect()
+    }
+
+    /// The mean of every worker's `t`: summed in rank order, then divided by the worker
+    /// count, so every worker gets the same bits in every run.
+    pub fn mean(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>> {
+        let parts = self.gather(t)?;
+        let len = parts[0].dims()[0];
+        if let Some(r) = parts.iter().position(|p| p.dims()[0] != len) {
+            return Err(TrainError::Workers(format!(
+                "worker {r} sent {} values where worker 0 sent {len}: the workers' models differ",
+                parts[r].dims()[0]
+            )));
+        }
+        let mut parts = parts.into_iter();
+        let first = parts.next().expect("at least one worker");
+        Ok(parts
+            .fold(first, |sum, p| sum + p)
+            .div_scalar(self.size as f32))
+    }
+
+    /// Every worker's `values` (the same length on every worker), in rank order.
+    pub fn gather_host(&self, values: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let t = Tensor::from_data(
+            TensorData::new(values.to_vec(), [values.len()]),
+            &self.device,
+        );
+        self.gather(t)?
+            .into_iter()
+            .map(|t| {
+                t.into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .map_err(|e| TrainError::Workers(format!("reading exchanged values: {e:?}")))
+            })
+            .collect()
+    }
+
+    /// Whether `flag` is set on any worker.
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        Ok(self.any_of([flag])?[0])
+    }
+
+    /// For each flag, whether it is set on any worker (one exchange for all).
+    pub fn any_of<const N: usize>(&self, flags: [bool; N]) -> Result<[bool; N]> {
+        let all = self.gather_host(&flags.map(|f| if f { 1.0 } else { 0.0 }))?;
+        Ok(core::array::from_fn(|i| all.iter().any(|v| v[i] != 0.0)))
+    }
+
+    /// Errors unless every worker passed the same `checksum` of `what`.
+    pub fn check_same(&self, what: &str, checksum: u64) -> Result<()> {
+        // One byte per value: exact in any float type.
+        let bytes: Vec<f32> = checksum.to_le_bytes().iter().map(|&b| b as f32).collect();
+        let all = self.gather_host(&bytes)?;
+        match all.iter().position(|v| *v != all[0]) {
+            None => Ok(()),
+            Some(r) => Err(TrainError::Workers(format!(
+                "{what} of worker {r} differ from worker 0's: the workers diverged (report this \
+                 as a bug; resume from the last checkpoint)"
+            ))),
+        }
+    }
+
+    /// Replaces `grads` by their mean over the workers (every float parameter of `model` that
+    /// has a gradient; every worker must hold the same set, which the same model and sub-net
+    /// give).
+    pub fn mean_gradients<B, M>(
+        &self,
+        model: &M,
+        mut grads: GradientsParams,
+    ) -> Result<GradientsParams>
+    where
+        B: AutodiffBackend<InnerBackend = IB>,
+        M: AutodiffModule<B>,
+    {
+        let mut flatten = Flatten::<B> {
+            grads: &mut grads,
+            parts: Vec::new(),
+            at: HashMap::new(),
+            len: 0,
+        };
+        model.visit(&mut flatten);
+        let Flatten { parts, at, .. } = flatten;
+        let flat = if parts.is_empty() {
+            Tensor::zeros([0], &self.device)
+        } else {
+            Tensor::cat(parts, 0)
+        };
+        let mean = self.mean(flat)?;
+        model.visit(&mut Restore::<B> {
+            grads: &mut grads,
+            flat: mean,
+            at,
+        });
+        Ok(grads)
+    }
+
+    /// Replaces every float tensor of `model` that takes no gradient (the BatchNorm running
+    /// statistics) by its mean over the workers; tensors already equal everywhere stay as
+    /// they are, bit for bit.
+    pub fn mean_buffers<B, M>(&self, model: M) -> Result<M>
+    where
+        B: AutodiffBackend<InnerBackend = IB>,
+        M: AutodiffModule<B>,
+    {
+        let mut mapper = MeanBuffers::<B> {
+            team: self,
+            error: None,
+        };
+        let model = model.map(&mut mapper);
+        match mapper.error {
+            Some(e) => Err(e),
+            None => Ok(model),
+        }
+    }
+}
+
+impl<IB: Backend> Drop for Team<IB> {
+    fn drop(&mut self) {
+        // Fails only when the session was reset after a failure: nothing left to release.
+        let _ = collective::finish_collective::<IB>(PeerId::from(self.rank));
+    }
+}
+
+/// Takes the gradients out of a [`GradientsParams`] in the model's visiting order, flattened.
+struct Flatten<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
+    /// Where each parameter's gradient sits in the flat tensor, and its shape.
+    at: HashMap<ParamId, (usize, Vec<usize>)>,
+    len: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let dims = g.dims().to_vec();
+            let n: usize = dims.iter().product();
+            self.at.insert(param.id, (self.len, dims));
+            self.len += n;
+            self.parts.push(g.reshape([n]));
+        }
+    }
+}
+
+/// Puts the averaged gradients back, each in its parameter's shape.
+struct Restore<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Tensor<B::InnerBackend, 1>,
+    at: HashMap<ParamId, (usize, Vec<usize>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some((start, dims)) = self.at.remove(&param.id) {
+            let n: usize = dims.iter().product();
+            let shape: [usize; D] = dims
+                .try_into()
+                .expect("the gradient has its parameter's rank");
+            let g = self.flat.clone().slice(start..start + n).reshape(shape);
+            self.grads.register::<B::InnerBackend, D>(param.id, g);
+        }
+    }
+}
+
+/// See [`Team::mean_buffers`].
+struct MeanBuffers<'a, B: AutodiffBackend> {
+    team: &'a Team<B::InnerBackend>,
+    error: Option<TrainError>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for MeanBuffers<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        if tensor.is_require_grad() || self.error.is_some() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let shape = tensor.shape();
+        let own = tensor.clone().inner().reshape([shape.num_elements()]);
+        let mean = self.team.gather(own).map(|parts| {
+            let host = |t: &Tensor<B::InnerBackend, 1>| t.to_data().to_vec::<f32>().ok();
+            let first = host(&parts[0]);
+            if parts[1..].iter().all(|p| host(p) == first) {
+                return None;
+            }
+            let mut parts = parts.into_iter();
+            let first = parts.next().expect("at least one worker");
+            Some(
+                parts
+                    .fold(first, |sum, p| sum + p)
+                    .div_scalar(self.team.size() as f32),
+            )
+        });
+        let tensor = match mean {
+            Ok(None) => tensor,
+            Ok(Some(mean)) => Tensor::from_inner(mean.reshape(shape)),
+            Err(e) => {
+                self.error = Some(e);
+                tensor
+            }
+        };
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
