@@ -9,7 +9,7 @@ use ast_train::bench::{step_throughput, StepBench, StepTiming};
 use ast_train::train::{evaluate, load_run_model};
 use ast_train::{RunOptions, RunSummary, TrainConfig};
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Device, DeviceId};
 
 use crate::report;
 use crate::{BackendArgs, BackendKind, Precision, Switch};
@@ -192,6 +192,8 @@ pub struct Train<'a> {
     pub config: TrainConfig,
     /// Run directory and options.
     pub opts: &'a RunOptions,
+    /// The devices' indices: one worker each (data parallelism) when several.
+    pub devices: Vec<usize>,
 }
 
 impl BackendJob for Train<'_> {
@@ -202,7 +204,21 @@ impl BackendJob for Train<'_> {
         B: AutodiffBackend + AstBackend,
         B::InnerBackend: AstBackend,
     {
-        Ok(ast_train::train::<B>(self.config, self.opts, device)?)
+        if self.devices.len() <= 1 {
+            return Ok(ast_train::train::<B>(self.config, self.opts, device)?);
+        }
+        // Devices of the same kind as `device`, by index (the CPU backends have one device).
+        let kind = device.to_id().type_id;
+        let devices: Vec<B::Device> = self
+            .devices
+            .iter()
+            .map(|&i| B::Device::from_id(DeviceId::new(kind, i as u16)))
+            .collect();
+        Ok(ast_train::train::train_data_parallel::<B>(
+            self.config,
+            self.opts,
+            &devices,
+        )?)
     }
 }
 

@@ -172,8 +172,37 @@ struct RunArgs {
     /// Stop gracefully (as on SIGINT) after this many iterations (tests).
     #[arg(long, hide = true)]
     stop_gracefully_after: Option<usize>,
+    /// Data-parallel training on these devices, e.g. `0,1,2`: one worker each, on an equal
+    /// shard of every batch (the batch size stays the global one). CUDA: GPU indices; CPU
+    /// backends: workers sharing the CPU (at most 16).
+    #[arg(long, value_name = "LIST", value_parser = parse_devices, conflicts_with = "device")]
+    devices: Option<DeviceList>,
     #[command(flatten)]
     overrides: Overrides,
+}
+
+/// Most workers `--devices` starts on a CPU backend.
+const MAX_CPU_WORKERS: usize = 16;
+
+/// The indices of `--devices`.
+#[derive(Debug, Clone)]
+struct DeviceList(Vec<usize>);
+
+/// Parses `--devices`: distinct indices separated by commas.
+fn parse_devices(text: &str) -> std::result::Result<DeviceList, String> {
+    let mut devices = Vec::new();
+    for part in text.split(',') {
+        let index: usize = part.trim().parse().map_err(|_| {
+            format!("`{part}` is not a device index: give distinct indices separated by commas, e.g. 0,1,2")
+        })?;
+        if devices.contains(&index) {
+            return Err(format!(
+                "device {index} is listed twice: give each device once"
+            ));
+        }
+        devices.push(index);
+    }
+    Ok(DeviceList(devices))
 }
 
 /// Flags overriding the recipe (every hyper-parameter of the original scripts).
@@ -655,7 +684,22 @@ fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    backend::check(&args.backend)?;
+    let devices = match &args.devices {
+        Some(DeviceList(list)) => list.clone(),
+        None => vec![args.backend.device],
+    };
+    if args.backend.backend != BackendKind::Cuda && devices.len() > MAX_CPU_WORKERS {
+        bail!(
+            "--devices lists {} workers; the CPU backends take at most {MAX_CPU_WORKERS}",
+            devices.len()
+        );
+    }
+    for &device in &devices {
+        backend::check(&BackendArgs {
+            device,
+            ..args.backend.clone()
+        })?;
+    }
     let out = match (&args.out, &args.recipe) {
         (Some(out), _) => out.clone(),
         (None, Some(recipe)) if !args.resume => {
@@ -721,6 +765,7 @@ fn run(args: RunArgs) -> Result<()> {
         backend::Train {
             config,
             opts: &opts,
+            devices,
         },
     ) {
         Ok(summary) => summary,
@@ -793,11 +838,15 @@ fn main() -> ExitCode {
     let pool = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("ast-worker-{i}"))
         .stack_size(8 << 20)
-        .build();
-    let result = match pool {
-        Ok(pool) => pool.install(|| command(cli)),
+        .build_global();
+    // Data-parallel workers are threads of their own that block in their exchanges: none of
+    // them may hold a pool thread, so that command stays outside (its workers use the pool).
+    let data_parallel = matches!(&cli.command, Command::Run(r) if r.devices.as_ref().is_some_and(|d| d.0.len() > 1));
+    let result = if pool.is_ok() && !data_parallel {
+        rayon::scope(|_| command(cli))
+    } else {
         // No threads to be had: the command runs on the main thread, the kernels serially.
-        Err(_) => command(cli),
+        command(cli)
     };
     finish(result)
 }

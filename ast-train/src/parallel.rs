@@ -287,7 +287,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MeanBuffers<'_, B> {
         let shape = tensor.shape();
         let own = tensor.clone().inner().reshape([shape.num_elements()]);
         let mean = self.team.gather(own).map(|parts| {
-            let host = |t: &Tensor<B::InnerBackend, 1>| t.to_data().to_vec::<f32>().ok();
+            let host =
+                |t: &Tensor<B::InnerBackend, 1>| t.to_data().convert::<f32>().to_vec::<f32>().ok();
             let first = host(&parts[0]);
             if parts[1..].iter().all(|p| host(p) == first) {
                 return None;
