@@ -40,8 +40,9 @@ use crate::error::{Result, TrainError};
 /// time per process.
 static SESSION: Mutex<()> = Mutex::new(());
 
-/// Holds the process's data-parallel session; see [`SESSION`].
-pub(crate) fn session() -> MutexGuard<'static, ()> {
+/// Holds the process's data-parallel session (burn-collective keeps one server per backend
+/// type and process): take it before starting workers that [`Team::join`].
+pub fn session() -> MutexGuard<'static, ()> {
     SESSION
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
