@@ -81,6 +81,14 @@ impl<IB: Backend> Team<IB> {
         })
     }
 
+    /// Leaves the run once this worker is done. A worker that fails must not call it: the
+    /// others would then go on without it. Its membership stays until the supervisor resets
+    /// the session, which fails the others' next exchange instead.
+    pub fn finish(self) -> Result<()> {
+        collective::finish_collective::<IB>(PeerId::from(self.rank))
+            .map_err(|e| collective_error("leaving the run", e))
+    }
+
     /// This worker's index, `0..size`.
     pub fn rank(&self) -> usize {
         self.rank
@@ -225,13 +233,6 @@ impl<IB: Backend> Team<IB> {
     }
 }
 
-impl<IB: Backend> Drop for Team<IB> {
-    fn drop(&mut self) {
-        // Fails only when the session was reset after a failure: nothing left to release.
-        let _ = collective::finish_collective::<IB>(PeerId::from(self.rank));
-    }
-}
-
 /// Takes the gradients out of a [`GradientsParams`] in the model's visiting order, flattened.
 struct Flatten<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
@@ -311,5 +312,43 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MeanBuffers<'_, B> {
             }
         };
         Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reset_fails_the_exchange_of_a_worker_whose_peer_left() {
+        let _session = session();
+        let device = Default::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let workers: Vec<_> = (0..2)
+            .map(|rank| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let team = Team::<Flex>::join(rank, 2, &device).unwrap();
+                    let sum = team.mean(Tensor::from_floats([rank as f32 + 1.0], &device));
+                    assert_eq!(sum.unwrap().into_scalar(), 1.5);
+                    if rank == 1 {
+                        // Fails without finishing, as a worker returning an error does.
+                        return;
+                    }
+                    let second = team.any(true);
+                    tx.send(second.map(|_| ())).unwrap();
+                })
+            })
+            .collect();
+        workers.into_iter().nth(1).unwrap().join().unwrap();
+        // Worker 0 waits for its peer; nothing comes until the supervisor's reset.
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        collective::reset_collective::<Flex>();
+        let got = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("worker 0 stopped");
+        assert!(matches!(got, Err(TrainError::PeerFailed)), "{got:?}");
     }
 }

@@ -589,7 +589,7 @@ where
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
                     let team = Team::<B::InnerBackend>::join(rank, workers, &device)?;
-                    run_worker(Worker::<B> {
+                    let summary = run_worker(Worker::<B> {
                         config,
                         opts: &opts,
                         sources: &sources,
@@ -597,7 +597,9 @@ where
                         team: Some(&team),
                         initial: Some(initial),
                         started,
-                    })
+                    })?;
+                    team.finish()?;
+                    Ok(summary)
                 });
                 let result = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
                     Err(TrainError::Workers(format!(

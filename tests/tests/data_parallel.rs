@@ -188,6 +188,7 @@ fn data_parallel(initial: &CifarResNet<AD>, workers: usize) -> Vec<Outcome> {
                         model = stepped;
                         events += usize::from(report.mask_update.is_some());
                     }
+                    team.finish().unwrap();
                     outcome(&model, losses, events)
                 })
             })
