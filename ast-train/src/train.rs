@@ -616,7 +616,7 @@ where
             )));
         }
     }
-    drop(tx);
+    drop((tx, drawn));
     supervise::<B::InnerBackend>(&rx, workers)
 }
 
