@@ -194,6 +194,8 @@ pub struct Train<'a> {
     pub opts: &'a RunOptions,
     /// The devices' indices: one worker each (data parallelism) when several.
     pub devices: Vec<usize>,
+    /// The other processes of a run on several machines.
+    pub nodes: Option<std::sync::Arc<dyn ast_train::parallel::CrossNode>>,
 }
 
 impl BackendJob for Train<'_> {
@@ -204,7 +206,7 @@ impl BackendJob for Train<'_> {
         B: AutodiffBackend + AstBackend,
         B::InnerBackend: AstBackend,
     {
-        if self.devices.len() <= 1 {
+        if self.devices.len() <= 1 && self.nodes.is_none() {
             return Ok(ast_train::train::<B>(self.config, self.opts, device)?);
         }
         // Devices of the same kind as `device`, by index (the CPU backends have one device).
@@ -218,6 +220,7 @@ impl BackendJob for Train<'_> {
             self.config,
             self.opts,
             &devices,
+            self.nodes,
         )?)
     }
 }

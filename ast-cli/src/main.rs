@@ -177,12 +177,52 @@ struct RunArgs {
     /// backends: workers sharing the CPU (at most 16).
     #[arg(long, value_name = "LIST", value_parser = parse_devices, conflicts_with = "device")]
     devices: Option<DeviceList>,
+    /// Several machines: this process is one of N started by `mpirun -np N` (one per machine,
+    /// each with the same --devices count); needs a binary built with `--features mpi`.
+    #[arg(long, value_name = "N")]
+    nodes: Option<usize>,
     #[command(flatten)]
     overrides: Overrides,
 }
 
 /// Most workers `--devices` starts on a CPU backend.
 const MAX_CPU_WORKERS: usize = 16;
+
+/// The other processes of a run on several machines (`--nodes`), checked against `mpirun`'s.
+fn nodes(
+    requested: Option<usize>,
+) -> Result<Option<std::sync::Arc<dyn ast_train::parallel::CrossNode>>> {
+    let Some(n) = requested else {
+        return Ok(None);
+    };
+    if n == 0 {
+        bail!("--nodes 0: give the number of processes (machines), at least 1");
+    }
+    #[cfg(feature = "mpi")]
+    {
+        use ast_train::parallel::CrossNode;
+        if !mpi::environment::is_initialized() {
+            bail!("--nodes: MPI could not be initialised; launch with `mpirun -np {n}`");
+        }
+        if mpi::environment::threading_support() < mpi::Threading::Serialized {
+            bail!(
+                "--nodes: this MPI library gives no thread support (MPI_THREAD_SERIALIZED is                  needed); use an MPI built with threads (Debian's Open MPI is)"
+            );
+        }
+        let world = ast_train::mpi::MpiNodes::world();
+        if world.size() != n {
+            bail!(
+                "--nodes {n}, but mpirun started {} process(es): launch with `mpirun -np {n}                  ast-cli run --nodes {n} …` (one process per machine)",
+                world.size()
+            );
+        }
+        Ok(Some(std::sync::Arc::new(world)))
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!(
+        "--nodes needs a binary built with MPI: `cargo build --release -p ast-cli --features mpi`          (Debian: apt install libopenmpi-dev libclang-dev), launched by `mpirun -np {n}`"
+    )
+}
 
 /// The indices of `--devices`.
 #[derive(Debug, Clone)]
@@ -694,6 +734,7 @@ fn run(args: RunArgs) -> Result<()> {
             devices.len()
         );
     }
+    let nodes = nodes(args.nodes)?;
     for &device in &devices {
         backend::check(&BackendArgs {
             device,
@@ -766,6 +807,7 @@ fn run(args: RunArgs) -> Result<()> {
             config,
             opts: &opts,
             devices,
+            nodes,
         },
     ) {
         Ok(summary) => summary,
@@ -841,7 +883,16 @@ fn main() -> ExitCode {
         .build_global();
     // Data-parallel workers are threads of their own that block in their exchanges: none of
     // them may hold a pool thread, so that command stays outside (its workers use the pool).
-    let data_parallel = matches!(&cli.command, Command::Run(r) if r.devices.as_ref().is_some_and(|d| d.0.len() > 1));
+    let data_parallel = matches!(&cli.command, Command::Run(r)
+        if r.devices.as_ref().is_some_and(|d| d.0.len() > 1) || r.nodes.is_some());
+    // MPI lives for the whole process; each process's worker 0 calls it from its own thread.
+    #[cfg(feature = "mpi")]
+    let _mpi = match &cli.command {
+        Command::Run(r) if r.nodes.is_some() => {
+            mpi::initialize_with_threading(mpi::Threading::Serialized)
+        }
+        _ => None,
+    };
     let result = if pool.is_ok() && !data_parallel {
         rayon::scope(|_| command(cli))
     } else {

@@ -15,6 +15,8 @@ pub mod data;
 pub mod error;
 pub mod lock;
 pub mod metrics;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod parallel;
 pub mod train;
 

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::collective::{self, CollectiveConfig, CollectiveError, PeerId};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -59,17 +59,52 @@ fn collective_error(what: &str, e: CollectiveError) -> TrainError {
 
 /// One worker's membership in a data-parallel run on backend `IB` (the inner backend of the
 /// autodiff backend that trains, as burn-collective requires).
-#[derive(Debug)]
 pub struct Team<IB: Backend> {
     rank: usize,
     size: usize,
     device: IB::Device,
+    /// The other processes (machines) of the run, each with `size` workers of its own.
+    nodes: Option<Arc<dyn CrossNode>>,
     _backend: PhantomData<IB>,
+}
+
+impl<IB: Backend> std::fmt::Debug for Team<IB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Team(worker {} of {}", self.rank, self.size)?;
+        match &self.nodes {
+            Some(n) => write!(f, ", node {} of {})", n.rank(), n.size()),
+            None => write!(f, ")"),
+        }
+    }
+}
+
+/// The exchange between the processes of a run on several machines (one process per machine,
+/// each with its own workers); see `crate::mpi::MpiNodes`. Only each process's worker 0 calls
+/// it, one call at a time.
+pub trait CrossNode: Send + Sync {
+    /// This process's index, `0..size`.
+    fn rank(&self) -> usize;
+    /// The number of processes.
+    fn size(&self) -> usize;
+    /// Every process's `values`, concatenated in process order; all must pass as many values.
+    fn all_gather(&self, values: &[f32]) -> Result<Vec<f32>>;
 }
 
 impl<IB: Backend> Team<IB> {
     /// Registers worker `rank` of `size` on `device`; returns once all `size` workers have.
     pub fn join(rank: usize, size: usize, device: &IB::Device) -> Result<Self> {
+        Self::join_nodes(rank, size, device, None)
+    }
+
+    /// [`Team::join`] for a run on several machines: `nodes` connects this process with the
+    /// others (each with `size` workers); worker `r` of process `p` is global worker
+    /// `p·size + r`.
+    pub fn join_nodes(
+        rank: usize,
+        size: usize,
+        device: &IB::Device,
+        nodes: Option<Arc<dyn CrossNode>>,
+    ) -> Result<Self> {
         let config = CollectiveConfig::default().with_num_devices(size);
         collective::register::<IB>(PeerId::from(rank), device.clone(), config)
             .map_err(|e| collective_error("registering the workers", e))?;
@@ -77,8 +112,19 @@ impl<IB: Backend> Team<IB> {
             rank,
             size,
             device: device.clone(),
+            nodes,
             _backend: PhantomData,
         })
+    }
+
+    /// This worker's index among all workers of all processes.
+    pub fn global_rank(&self) -> usize {
+        self.nodes.as_ref().map_or(0, |n| n.rank()) * self.size + self.rank
+    }
+
+    /// The number of workers of all processes.
+    pub fn global_size(&self) -> usize {
+        self.nodes.as_ref().map_or(1, |n| n.size()) * self.size
     }
 
     /// Leaves the run once this worker is done. A worker that fails must not call it: the
@@ -104,25 +150,15 @@ impl<IB: Backend> Team<IB> {
         self.rank == 0
     }
 
-    /// Every worker's `t`, in rank order (one broadcast per rank).
-    pub fn gather(&self, t: Tensor<IB, 1>) -> Result<Vec<Tensor<IB, 1>>> {
-        let peer = PeerId::from(self.rank);
+    /// Every worker's `t` in this process, in rank order (one broadcast per rank).
+    fn local_gather(&self, t: Tensor<IB, 1>) -> Result<Vec<Tensor<IB, 1>>> {
         let mut own = Some(t.into_primitive().tensor());
-        (0..self.size)
+        let parts: Vec<Tensor<IB, 1>> = (0..self.size)
             .map(|root| {
                 let input = if root == self.rank { own.take() } else { None };
-                let out = collective::broadcast::<IB>(peer, input)
-                    .map_err(|e| collective_error("exchanging tensors", e))?;
-                // The broadcast places the result on its first caller's device.
-                Ok(Tensor::from_primitive(TensorPrimitive::Float(out)).to_device(&self.device))
+                self.share(input)
             })
-            .collect()
-    }
-
-    /// The mean of every worker's `t`: summed in rank order, then divided by the worker
-    /// count, so every worker gets the same bits in every run.
-    pub fn mean(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>> {
-        let parts = self.gather(t)?;
+            .collect::<Result<_>>()?;
         let len = parts[0].dims()[0];
         if let Some(r) = parts.iter().position(|p| p.dims()[0] != len) {
             return Err(TrainError::Workers(format!(
@@ -130,11 +166,71 @@ impl<IB: Backend> Team<IB> {
                 parts[r].dims()[0]
             )));
         }
-        let mut parts = parts.into_iter();
-        let first = parts.next().expect("at least one worker");
-        Ok(parts
-            .fold(first, |sum, p| sum + p)
-            .div_scalar(self.size as f32))
+        Ok(parts)
+    }
+
+    /// One local broadcast: the worker passing `Some` hands its tensor to every worker of
+    /// this process.
+    fn share(&self, input: Option<burn::tensor::ops::FloatTensor<IB>>) -> Result<Tensor<IB, 1>> {
+        let out = collective::broadcast::<IB>(PeerId::from(self.rank), input)
+            .map_err(|e| collective_error("exchanging tensors", e))?;
+        // The broadcast places the result on its first caller's device.
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)).to_device(&self.device))
+    }
+
+    /// Across processes: worker 0 passes `local` (this process's part, the same length in
+    /// every process) to [`CrossNode::all_gather`] and shares the result with the other
+    /// workers of this process.
+    fn across(&self, nodes: &dyn CrossNode, local: Tensor<IB, 1>) -> Result<Tensor<IB, 1>> {
+        let all = if self.rank == 0 {
+            let host: Vec<f32> = local
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| TrainError::Workers(format!("reading a tensor: {e:?}")))?;
+            let all = nodes.all_gather(&host)?;
+            let t = Tensor::<IB, 1>::from_data(
+                TensorData::new(all, [host.len() * nodes.size()]),
+                &self.device,
+            );
+            Some(t.into_primitive().tensor())
+        } else {
+            None
+        };
+        self.share(all)
+    }
+
+    /// Every worker's `t`, of every process, in global rank order.
+    pub fn gather(&self, t: Tensor<IB, 1>) -> Result<Vec<Tensor<IB, 1>>> {
+        let local = self.local_gather(t)?;
+        let Some(nodes) = &self.nodes else {
+            return Ok(local);
+        };
+        let len = local[0].dims()[0];
+        let all = self.across(nodes.as_ref(), Tensor::cat(local, 0))?;
+        Ok((0..self.global_size())
+            .map(|g| all.clone().slice(g * len..(g + 1) * len))
+            .collect())
+    }
+
+    /// The mean of every worker's `t`: summed in rank order within each process, those sums
+    /// in process order, then divided by the worker count; every worker gets the same bits, in
+    /// every run of the same layout.
+    pub fn mean(&self, t: Tensor<IB, 1>) -> Result<Tensor<IB, 1>> {
+        let sum = fold_sum(self.local_gather(t)?);
+        let sum = match &self.nodes {
+            None => sum,
+            Some(nodes) => {
+                let len = sum.dims()[0];
+                let all = self.across(nodes.as_ref(), sum)?;
+                fold_sum(
+                    (0..nodes.size())
+                        .map(|p| all.clone().slice(p * len..(p + 1) * len))
+                        .collect(),
+                )
+            }
+        };
+        Ok(sum.div_scalar(self.global_size() as f32))
     }
 
     /// Every worker's `values` (the same length on every worker), in rank order.
@@ -221,6 +317,9 @@ impl<IB: Backend> Team<IB> {
         B: AutodiffBackend<InnerBackend = IB>,
         M: AutodiffModule<B>,
     {
+        // burn's running statistics keep each thread's last update aside until they are read
+        // through a record; without this the average would miss the last training update.
+        ast_core::subnet::sync_running_stats(&model);
         let mut mapper = MeanBuffers::<B> {
             team: self,
             error: None,
@@ -231,6 +330,13 @@ impl<IB: Backend> Team<IB> {
             None => Ok(model),
         }
     }
+}
+
+/// `parts[0] + parts[1] + …`, in that order.
+fn fold_sum<IB: Backend>(parts: Vec<Tensor<IB, 1>>) -> Tensor<IB, 1> {
+    let mut parts = parts.into_iter();
+    let first = parts.next().expect("at least one worker");
+    parts.fold(first, |sum, p| sum + p)
 }
 
 /// Takes the gradients out of a [`GradientsParams`] in the model's visiting order, flattened.
@@ -295,13 +401,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for MeanBuffers<'_, B> {
             if parts[1..].iter().all(|p| host(p) == first) {
                 return None;
             }
-            let mut parts = parts.into_iter();
-            let first = parts.next().expect("at least one worker");
-            Some(
-                parts
-                    .fold(first, |sum, p| sum + p)
-                    .div_scalar(self.team.size() as f32),
-            )
+            Some(fold_sum(parts).div_scalar(self.team.global_size() as f32))
         });
         let tensor = match mean {
             Ok(None) => tensor,

@@ -29,7 +29,7 @@ use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
     SubnetMetrics, SubnetTraining, METRICS_FILE,
 };
-use crate::parallel::Team;
+use crate::parallel::{CrossNode, Team};
 
 /// Training and evaluation sources of a run.
 pub struct DataSources {
@@ -522,27 +522,39 @@ where
 /// workers before every evaluation and checkpoint. On the CPU backends the devices may repeat
 /// (several workers share the one CPU device).
 ///
+/// With `nodes`, this process is one of several (one per machine, each with its own
+/// `devices`, the same number everywhere): the shards are split over all their workers, the
+/// gradients averaged over all of them, and each process's worker 0 evaluates and writes the
+/// run's files into its own `opts.dir` (the same files on every machine, so any of them can
+/// resume). The processes must be given the same configuration (checked, but for the data
+/// path) and the same data.
+///
 /// One data-parallel run at a time per process (burn-collective keeps one server per backend).
 pub fn train_data_parallel<B>(
     config: TrainConfig,
     opts: &RunOptions,
     devices: &[B::Device],
+    nodes: Option<Arc<dyn CrossNode>>,
 ) -> Result<RunSummary>
 where
     B: AutodiffBackend + AstBackend,
     B::InnerBackend: AstBackend,
 {
-    let workers = devices.len();
-    match devices {
-        [] => {
+    match (devices, &nodes) {
+        ([], _) => {
             return Err(TrainError::config(
                 "devices",
                 "is empty: give at least one device",
             ))
         }
-        [device] => return train::<B>(config, opts, device),
+        ([device], None) => return train::<B>(config, opts, device),
         _ => {}
     }
+    let local = devices.len();
+    if let Some(nodes) = &nodes {
+        check_same_setup(nodes.as_ref(), &config, local)?;
+    }
+    let workers = local * nodes.as_ref().map_or(1, |n| n.size());
     if !config.batch_size.is_multiple_of(workers) {
         return Err(TrainError::config(
             "batch_size",
@@ -575,12 +587,13 @@ where
         .load_record(drawn.into_record());
     let (tx, rx) = std::sync::mpsc::channel();
     for (rank, device) in devices.iter().enumerate() {
-        let (config, opts, sources, device, tx) = (
+        let (config, opts, sources, device, tx, nodes) = (
             config.clone(),
             opts.clone(),
             Arc::clone(&sources),
             device.clone(),
             tx.clone(),
+            nodes.clone(),
         );
         let initial = drawn.clone().into_record();
         let spawned = std::thread::Builder::new()
@@ -588,7 +601,7 @@ where
             .stack_size(8 << 20)
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    let team = Team::<B::InnerBackend>::join(rank, workers, &device)?;
+                    let team = Team::<B::InnerBackend>::join_nodes(rank, local, &device, nodes)?;
                     let summary = run_worker(Worker::<B> {
                         config,
                         opts: &opts,
@@ -617,7 +630,37 @@ where
         }
     }
     drop((tx, drawn));
-    supervise::<B::InnerBackend>(&rx, workers)
+    supervise::<B::InnerBackend>(&rx, local)
+}
+
+/// Errors unless every process runs the same configuration (but for the data path, which
+/// may differ between machines) with as many workers as this one.
+fn check_same_setup(nodes: &dyn CrossNode, config: &TrainConfig, local: usize) -> Result<()> {
+    use sha2::Digest;
+    let mut shared = config.clone();
+    shared.data.path = PathBuf::new();
+    let json = serde_json::to_vec(&shared).expect("config serialises");
+    let digest = sha2::Sha256::digest(&json);
+    // One byte per value (exact in f32), then the worker count.
+    let mut mine: Vec<f32> = digest[..8].iter().map(|&b| b as f32).collect();
+    mine.push(local as f32);
+    let all = nodes.all_gather(&mine)?;
+    for (p, theirs) in all.chunks(mine.len()).enumerate() {
+        if theirs[8] != mine[8] {
+            return Err(TrainError::Workers(format!(
+                "process {p} has {} workers (--devices) and process {} has {local}: give every                  process as many devices",
+                theirs[8],
+                nodes.rank()
+            )));
+        }
+        if theirs[..8] != mine[..8] {
+            return Err(TrainError::Workers(format!(
+                "process {p}'s configuration differs from process {}'s: give every process the                  same recipe and flags (only --data-path and --out may differ)",
+                nodes.rank()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the workers of [`train_data_parallel`]. The first failure resets the collective
@@ -706,7 +749,9 @@ where
     let whole_loader = Loader::new(sources.train.clone(), config.batch_size, config.seed, true)
         .with_threads(threads);
     let train_loader = match team {
-        Some(t) => whole_loader.clone().with_shard(t.rank(), t.size()),
+        Some(t) => whole_loader
+            .clone()
+            .with_shard(t.global_rank(), t.global_size()),
         None => whole_loader.clone(),
     };
     let test_loader = Loader::new(
@@ -854,10 +899,10 @@ where
                     // Shards of a partial batch may differ by one sample: weigh each worker's
                     // mean loss by its share, so the mean over workers is the batch's mean.
                     let whole = train_loader.global_batch_len(first + i);
-                    let loss = if shard * team.size() == whole {
+                    let loss = if shard * team.global_size() == whole {
                         loss
                     } else {
-                        loss.mul_scalar((shard * team.size()) as f32 / whole as f32)
+                        loss.mul_scalar((shard * team.global_size()) as f32 / whole as f32)
                     };
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
                     team.mean_gradients(&model, grads)?

@@ -67,20 +67,26 @@ struct Outcome {
     events: usize,
     weights: Vec<Vec<f32>>,
     masks: Vec<Vec<Vec<bool>>>,
+    /// BatchNorm running statistics.
+    buffers: Vec<Vec<f32>>,
 }
 
+/// The trained weights and (apart) the tensors without gradient, the running statistics.
 #[derive(Default)]
-struct Weights(Vec<Vec<f32>>);
+struct Weights(Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 impl<B: Backend> ModuleVisitor<B> for Weights {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if param.val().is_require_grad() {
-            self.0.push(param.val().into_data().to_vec().unwrap());
+        let values = param.val().into_data().to_vec().unwrap();
+        match param.val().is_require_grad() {
+            true => self.0.push(values),
+            false => self.1.push(values),
         }
     }
 }
 
 fn outcome(model: &CifarResNet<AD>, losses: Vec<Vec<f32>>, events: usize) -> Outcome {
+    ast_core::subnet::sync_running_stats(model);
     let mut weights = Weights::default();
     model.visit(&mut weights);
     let masks = (0..3)
@@ -97,6 +103,7 @@ fn outcome(model: &CifarResNet<AD>, losses: Vec<Vec<f32>>, events: usize) -> Out
         events,
         weights: weights.0,
         masks,
+        buffers: weights.1,
     }
 }
 
@@ -188,6 +195,9 @@ fn data_parallel(initial: &CifarResNet<AD>, workers: usize) -> Vec<Outcome> {
                         model = stepped;
                         events += usize::from(report.mask_update.is_some());
                     }
+                    // Straight after training: the last update of the statistics is still
+                    // pending in burn's per-thread store, and must be part of the mean.
+                    let model = team.mean_buffers(model).unwrap();
                     team.finish().unwrap();
                     outcome(&model, losses, events)
                 })
@@ -234,6 +244,14 @@ fn workers_equal_gradient_accumulation(workers: usize) {
     }
     let d = max_difference(&team[0].weights, &reference.weights);
     assert!(d <= 1e-5, "weights differ from the reference by {d}");
+    // Each worker's running statistics come from its own shards; averaged, they are the same
+    // everywhere.
+    for (rank, got) in team.iter().enumerate() {
+        assert_eq!(
+            got.buffers, team[0].buffers,
+            "worker {rank}'s running statistics"
+        );
+    }
 }
 
 #[test]
