@@ -224,6 +224,21 @@ fn nodes(
     )
 }
 
+/// Ends a process of a run on several machines that cannot go on: the others would wait for
+/// it for ever, so it prints `message` and asks MPI to end the whole job (`MPI_Abort`).
+fn abort_nodes(message: &str) {
+    #[cfg(feature = "mpi")]
+    {
+        use mpi::traits::Communicator;
+        eprintln!(
+            "{message}; ending the other processes of the run (resume them all with --resume)"
+        );
+        mpi::topology::SimpleCommunicator::world().abort(1);
+    }
+    #[cfg(not(feature = "mpi"))]
+    let _ = message;
+}
+
 /// The indices of `--devices`.
 #[derive(Debug, Clone)]
 struct DeviceList(Vec<usize>);
@@ -801,6 +816,7 @@ fn run(args: RunArgs) -> Result<()> {
             args.backend.backend
         );
     }
+    let several_nodes = nodes.is_some();
     let summary = match backend::dispatch(
         &args.backend,
         backend::Train {
@@ -816,10 +832,16 @@ fn run(args: RunArgs) -> Result<()> {
                 // A new run that failed before its first checkpoint leaves nothing behind.
                 ast_train::discard_unstarted_run(&opts.dir)?;
             }
+            if several_nodes {
+                abort_nodes(&format!("error: {e:#}"));
+            }
             return Err(e);
         }
     };
     if summary.interrupted {
+        if several_nodes {
+            abort_nodes("stopped after the requested number of iterations");
+        }
         eprintln!("stopped after the requested number of iterations");
         return Ok(());
     }

@@ -185,3 +185,72 @@ pub fn wait_for_lock(out: &Path, pid: u32) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Arguments of a 3-epoch quickstart run for the data-parallel tests: 96 training images of
+/// `data` in batches of 18 (five full batches and a last of 6, so 2 or 3 workers split every
+/// batch), mask events every 3 iterations, into `out`, followed by `extra`.
+pub fn parallel_run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let fixed = [
+        "run",
+        "--recipe",
+        "quickstart",
+        "--quiet",
+        "--train-subset",
+        "96",
+        "--test-subset",
+        "40",
+        "--batch-size",
+        "18",
+        "--epochs",
+        "3",
+        "--final-prune-epoch",
+        "1",
+        "--update-frequency",
+        "3",
+        "--subnet-offset",
+        "1",
+        "--data-threads",
+        "1",
+    ];
+    with_paths(
+        fixed.iter().map(|s| s.to_string()).collect(),
+        data,
+        out,
+        extra,
+    )
+}
+
+/// What a run directory holds at the end: the last checkpoint's tensor files (name, bytes) and
+/// the metrics without their timings.
+///
+/// # Panics
+/// If the run has no checkpoint or no metrics.
+pub fn run_results(dir: &Path) -> (Vec<(String, Vec<u8>)>, Vec<serde_json::Value>) {
+    let last = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .max()
+        .expect("a checkpoint");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&last)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} holds no tensors", last.display());
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        })
+        .collect();
+    (files, metrics)
+}

@@ -12,7 +12,7 @@ use ast_core::rng::MaskRng;
 use ast_core::subnet::{mask_vec, read_masks};
 use ast_core::{AstConfig, AstStep, MaskScheduleConfig, SubnetTarget};
 use ast_models::CifarResNet;
-use ast_tests::{cli, stderr, write_idx};
+use ast_tests::{cli, parallel_run_args, run_results as results, stderr, write_idx};
 use ast_train::consistency::small_resnet;
 use ast_train::parallel::{session, Team};
 use burn::backend::{Autodiff, Flex};
@@ -264,73 +264,10 @@ fn three_workers_equal_one_accumulating_three_shards() {
     workers_equal_gradient_accumulation(3);
 }
 
-/// `ast-cli run` of a 3-epoch quickstart (6 iterations of 16 samples per epoch) on `data`.
+/// `ast-cli run` of [`parallel_run_args`].
 fn run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "run",
-        "--recipe",
-        "quickstart",
-        "--quiet",
-        "--data-path",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--train-subset",
-        "96",
-        "--test-subset",
-        "40",
-        "--batch-size",
-        "18",
-        "--epochs",
-        "3",
-        "--final-prune-epoch",
-        "1",
-        "--update-frequency",
-        "3",
-        "--subnet-offset",
-        "1",
-        "--data-threads",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    cli(&args)
-}
-
-fn file(dir: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
-}
-
-/// The last checkpoint's files and the metrics without their timings.
-fn results(dir: &Path) -> (Vec<(String, Vec<u8>)>, Vec<serde_json::Value>) {
-    let last = std::fs::read_dir(dir.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .max()
-        .expect("a checkpoint");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&last)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} holds no tensors", last.display());
-    let metrics = String::from_utf8(file(dir, "metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect();
-    (files, metrics)
+    let args = parallel_run_args(data, out, extra);
+    cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -349,7 +286,7 @@ fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
     assert_eq!(first.1.len(), 3, "three epochs of metrics");
     assert_eq!(first, results(&b), "two runs with the same seed differ");
     assert!(
-        file(&a, "events.jsonl").len() > 10,
+        std::fs::read(a.join("events.jsonl")).unwrap().len() > 10,
         "the run must cross mask events"
     );
 
