@@ -19,17 +19,25 @@ mod report;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The recipes shipped with the binary: name → JSON.
-const RECIPES: [(&str, &str); 4] = [
-    ("quickstart", include_str!("../../recipes/quickstart.json")),
+/// The recipes shipped with the binary: name → JSON, and how the original ran it when that
+/// takes more than one device.
+const RECIPES: [(&str, &str, &str); 4] = [
+    (
+        "quickstart",
+        include_str!("../../recipes/quickstart.json"),
+        "",
+    ),
     (
         "cifar-unstructured",
         include_str!("../../recipes/cifar-unstructured.json"),
+        "",
     ),
-    ("cifar-nm", include_str!("../../recipes/cifar-nm.json")),
+    ("cifar-nm", include_str!("../../recipes/cifar-nm.json"), ""),
     (
         "imagenet-unstructured",
         include_str!("../../recipes/imagenet-unstructured.json"),
+        // The original split 256 unevenly (nn.DataParallel: 86/85/85); shards here are equal.
+        "; the original on 3 GPUs: --backend cuda --devices 0,1,2 --batch-size 255",
     ),
 ];
 
@@ -613,15 +621,15 @@ fn schedule(args: ScheduleArgs) -> Result<()> {
 }
 
 fn load_recipe(name: &str) -> Result<TrainConfig> {
-    let (text, origin) = match RECIPES.iter().find(|(n, _)| *n == name) {
-        Some((_, json)) => (json.to_string(), format!("recipe `{name}`")),
+    let (text, origin) = match RECIPES.iter().find(|(n, _, _)| *n == name) {
+        Some((_, json, _)) => (json.to_string(), format!("recipe `{name}`")),
         None if name.ends_with(".json") || Path::new(name).exists() => (
             std::fs::read_to_string(name)
                 .with_context(|| format!("cannot read recipe file {name}"))?,
             format!("recipe file {name}"),
         ),
         None => {
-            let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
+            let names: Vec<&str> = RECIPES.iter().map(|(n, _, _)| *n).collect();
             bail!(
                 "unknown recipe `{name}` (shipped: {}; or give a .json file)",
                 names.join(", ")
@@ -940,10 +948,10 @@ fn command(cli: Cli) -> Result<()> {
         Command::CheckBackend(args) => check_backend(args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Recipes => {
-            for (name, json) in RECIPES {
+            for (name, json, launch) in RECIPES {
                 let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");
                 println!(
-                    "{name:<22} {} on {}, {} sub-nets, {} epochs",
+                    "{name:<22} {} on {}, {} sub-nets, {} epochs{launch}",
                     c.model,
                     c.data.kind.name(),
                     c.ast.subnets.len(),
@@ -971,7 +979,7 @@ mod tests {
 
     #[test]
     fn shipped_recipes_parse_and_validate() {
-        for (name, json) in RECIPES {
+        for (name, json, _) in RECIPES {
             let c: TrainConfig =
                 serde_json::from_str(json).unwrap_or_else(|e| panic!("{name}: {e}"));
             c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));

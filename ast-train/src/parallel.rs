@@ -310,8 +310,10 @@ impl<IB: Backend> Team<IB> {
     }
 
     /// Replaces every float tensor of `model` that takes no gradient (the BatchNorm running
-    /// statistics) by its mean over the workers; tensors already equal everywhere stay as
-    /// they are, bit for bit.
+    /// statistics) by its mean over the workers, all of them in one exchange. Called after
+    /// every iteration, so the workers hold the same statistics at all times and a checkpoint
+    /// taken at any iteration resumes exactly (the running statistics are linear in the batch
+    /// statistics: averaging every iteration is the average of the workers' own statistics).
     pub fn mean_buffers<B, M>(&self, model: M) -> Result<M>
     where
         B: AutodiffBackend<InnerBackend = IB>,
@@ -320,15 +322,20 @@ impl<IB: Backend> Team<IB> {
         // burn's running statistics keep each thread's last update aside until they are read
         // through a record; without this the average would miss the last training update.
         ast_core::subnet::sync_running_stats(&model);
-        let mut mapper = MeanBuffers::<B> {
-            team: self,
-            error: None,
+        let mut buffers = Buffers::<B> {
+            parts: Vec::new(),
+            at: HashMap::new(),
+            len: 0,
         };
-        let model = model.map(&mut mapper);
-        match mapper.error {
-            Some(e) => Err(e),
-            None => Ok(model),
+        model.visit(&mut buffers);
+        if buffers.parts.is_empty() {
+            return Ok(model);
         }
+        let mean = self.mean(Tensor::cat(buffers.parts, 0))?;
+        Ok(model.map(&mut PutBuffers::<B> {
+            flat: mean,
+            at: buffers.at,
+        }))
     }
 }
 
@@ -380,36 +387,41 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
     }
 }
 
-/// See [`Team::mean_buffers`].
-struct MeanBuffers<'a, B: AutodiffBackend> {
-    team: &'a Team<B::InnerBackend>,
-    error: Option<TrainError>,
+/// Collects the float tensors without gradient, flattened, in visiting order.
+struct Buffers<B: AutodiffBackend> {
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
+    at: HashMap<ParamId, (usize, usize)>,
+    len: usize,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for MeanBuffers<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Buffers<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        if tensor.is_require_grad() || self.at.contains_key(&param.id) {
+            return;
+        }
+        let n = tensor.shape().num_elements();
+        self.at.insert(param.id, (self.len, n));
+        self.len += n;
+        self.parts.push(tensor.inner().reshape([n]));
+    }
+}
+
+/// Puts the averaged tensors of [`Buffers`] back.
+struct PutBuffers<B: AutodiffBackend> {
+    flat: Tensor<B::InnerBackend, 1>,
+    at: HashMap<ParamId, (usize, usize)>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for PutBuffers<B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        if tensor.is_require_grad() || self.error.is_some() {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let shape = tensor.shape();
-        let own = tensor.clone().inner().reshape([shape.num_elements()]);
-        let mean = self.team.gather(own).map(|parts| {
-            let host =
-                |t: &Tensor<B::InnerBackend, 1>| t.to_data().convert::<f32>().to_vec::<f32>().ok();
-            let first = host(&parts[0]);
-            if parts[1..].iter().all(|p| host(p) == first) {
-                return None;
+        let tensor = match self.at.get(&id) {
+            Some(&(start, n)) => {
+                let shape = tensor.shape();
+                Tensor::from_inner(self.flat.clone().slice(start..start + n).reshape(shape))
             }
-            Some(fold_sum(parts).div_scalar(self.team.global_size() as f32))
-        });
-        let tensor = match mean {
-            Ok(None) => tensor,
-            Ok(Some(mean)) => Tensor::from_inner(mean.reshape(shape)),
-            Err(e) => {
-                self.error = Some(e);
-                tensor
-            }
+            None => tensor,
         };
         Param::from_mapped_value(id, tensor, mapper)
     }

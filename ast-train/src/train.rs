@@ -519,7 +519,7 @@ where
 /// alone evaluates and writes metrics and checkpoints (which a run on any number of devices
 /// can resume). Each worker normalises with its own shard's BatchNorm statistics (as PyTorch's
 /// DistributedDataParallel without SyncBatchNorm); the running statistics are averaged over the
-/// workers before every evaluation and checkpoint. On the CPU backends the devices may repeat
+/// workers after every iteration. On the CPU backends the devices may repeat
 /// (several workers share the one CPU device).
 ///
 /// With `nodes`, this process is one of several (one per machine, each with its own
@@ -909,7 +909,11 @@ where
                 }
             };
             let (stepped, report) = ast.step_params(model, grads, lr);
-            model = stepped;
+            model = match team {
+                // Every worker leaves the iteration with the same running statistics.
+                Some(team) => team.mean_buffers(stepped)?,
+                None => stepped,
+            };
             if first_of_invocation && leader {
                 first_step_done::<B>(opts, device, step_start)?;
             }
@@ -968,9 +972,6 @@ where
             }
             if (stop || due) && !last {
                 check_finite(&model, epoch)?;
-                if let Some(team) = team {
-                    model = team.mean_buffers(model)?;
-                }
                 if !leader {
                     if stop {
                         return Ok(None);
@@ -999,9 +1000,6 @@ where
             }
         }
         state.iteration = ast.iteration();
-        if let Some(team) = team {
-            model = team.mean_buffers(model)?;
-        }
         if config.bn_recalibration_batches > 0 {
             // Every worker recalibrates on the same whole batches: their statistics stay equal.
             recalibrate_batch_norms(

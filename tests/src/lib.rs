@@ -220,25 +220,28 @@ pub fn parallel_run_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String>
     )
 }
 
-/// What a run directory holds at the end: the last checkpoint's tensor files (name, bytes) and
-/// the metrics without their timings.
+/// What a run directory holds at the end: the last checkpoint's tensor files (name, SHA-256 of
+/// the bytes) and the metrics without their timings.
 ///
 /// # Panics
 /// If the run has no checkpoint or no metrics.
-pub fn run_results(dir: &Path) -> (Vec<(String, Vec<u8>)>, Vec<serde_json::Value>) {
+pub fn run_results(dir: &Path) -> (Vec<(String, String)>, Vec<serde_json::Value>) {
     let last = std::fs::read_dir(dir.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
         .max()
         .expect("a checkpoint");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&last)
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&last)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .map(|p| {
+            use sha2::Digest;
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
+            let digest = sha2::Sha256::digest(std::fs::read(&p).unwrap());
+            let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
+            (name, hex)
         })
         .collect();
     files.sort();
