@@ -4,7 +4,8 @@
 //! directory: it reads the dataset ([`data`]), alternates sub-nets through `ast-core`'s step,
 //! evaluates every sub-net each epoch ([`train::evaluate`]), appends metrics
 //! ([`metrics`]) and writes atomic checkpoints ([`checkpoint`]) from which a killed run resumes
-//! bit-identically.
+//! bit-identically. [`train::train_data_parallel`] runs the same loop on several devices
+//! ([`parallel`]), and with the `mpi` feature on several machines.
 #![warn(missing_docs)]
 
 pub mod bench;
@@ -25,5 +26,5 @@ pub use error::{Result, TrainError};
 pub use lock::RunLock;
 pub use train::{
     discard_unstarted_run, evaluate, load_data, prepare_run_dir, read_run_config, train,
-    RunOptions, RunSummary,
+    train_data_parallel, RunOptions, RunSummary,
 };
