@@ -194,5 +194,14 @@ done
 bench warm-autotune-wide-resnet32 60 autotune autotune-fusion wide-resnet32 128
 
 say ""
+say "## 4. Data-parallel machinery with one worker (--devices 0): its cost against part 3's epoch"
+if [ -d /tmp/ast-gpu/quickstart-cuda ]; then
+  AST_KERNEL_CACHE=/tmp/ast-gpu/cache-quickstart step quickstart-devices0 120 fixed run \
+    --backend cuda --recipe quickstart --epochs 1 --data-path "$data" \
+    --out /tmp/ast-gpu/quickstart-devices0 --overwrite --devices 0
+  cp /tmp/ast-gpu/quickstart-devices0/metrics.jsonl "$report_dir/metrics-devices0.jsonl" 2> /dev/null
+fi
+
+say ""
 say "total wall $(( $(date +%s) - start )) s of a ${budget} s budget"
 pack

@@ -192,8 +192,8 @@ pub struct Train<'a> {
     pub config: TrainConfig,
     /// Run directory and options.
     pub opts: &'a RunOptions,
-    /// The devices' indices: one worker each (data parallelism) when several.
-    pub devices: Vec<usize>,
+    /// `--devices`: one data-parallel worker per index; `None`: one device, no workers.
+    pub devices: Option<Vec<usize>>,
     /// The other processes of a run on several machines.
     pub nodes: Option<std::sync::Arc<dyn ast_train::parallel::CrossNode>>,
 }
@@ -206,13 +206,14 @@ impl BackendJob for Train<'_> {
         B: AutodiffBackend + AstBackend,
         B::InnerBackend: AstBackend,
     {
-        if self.devices.len() <= 1 && self.nodes.is_none() {
-            return Ok(ast_train::train::<B>(self.config, self.opts, device)?);
-        }
+        let indices = match (self.devices, &self.nodes) {
+            (Some(indices), _) => indices,
+            (None, Some(_)) => vec![device.to_id().index_id as usize],
+            (None, None) => return Ok(ast_train::train::<B>(self.config, self.opts, device)?),
+        };
         // Devices of the same kind as `device`, by index (the CPU backends have one device).
         let kind = device.to_id().type_id;
-        let devices: Vec<B::Device> = self
-            .devices
+        let devices: Vec<B::Device> = indices
             .iter()
             .map(|&i| B::Device::from_id(DeviceId::new(kind, i as u16)))
             .collect();

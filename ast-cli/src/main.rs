@@ -182,7 +182,8 @@ struct RunArgs {
     stop_gracefully_after: Option<usize>,
     /// Data-parallel training on these devices, e.g. `0,1,2`: one worker each, on an equal
     /// shard of every batch (the batch size stays the global one). CUDA: GPU indices; CPU
-    /// backends: workers sharing the CPU (at most 16).
+    /// backends: workers sharing the CPU (at most 16). One device here (`--devices 0`) runs
+    /// the data-parallel machinery with one worker (to measure what it costs).
     #[arg(long, value_name = "LIST", value_parser = parse_devices, conflicts_with = "device")]
     devices: Option<DeviceList>,
     /// Several machines: this process is one of N started by `mpirun -np N` (one per machine,
@@ -830,7 +831,7 @@ fn run(args: RunArgs) -> Result<()> {
         backend::Train {
             config,
             opts: &opts,
-            devices,
+            devices: args.devices.map(|DeviceList(list)| list),
             nodes,
         },
     ) {
@@ -914,7 +915,7 @@ fn main() -> ExitCode {
     // Data-parallel workers are threads of their own that block in their exchanges: none of
     // them may hold a pool thread, so that command stays outside (its workers use the pool).
     let data_parallel = matches!(&cli.command, Command::Run(r)
-        if r.devices.as_ref().is_some_and(|d| d.0.len() > 1) || r.nodes.is_some());
+        if r.devices.is_some() || r.nodes.is_some());
     // MPI lives for the whole process; each process's worker 0 calls it from its own thread.
     #[cfg(feature = "mpi")]
     let _mpi = match &cli.command {

@@ -500,14 +500,14 @@ where
 {
     let started = Instant::now();
     let sources = load_data(&config)?;
-    B::seed(device, config.seed);
+    let initial = initial_weights::<B>(&config, sources.classes, device);
     let worker = Worker::<B> {
         config,
         opts,
         sources: &sources,
         device,
         team: None,
-        initial: None,
+        initial: Some(initial),
         started,
     };
     Ok(run_worker(worker)?.expect("a lone worker leads"))
@@ -529,6 +529,9 @@ where
 /// resume). The processes must be given the same configuration (checked, but for the data
 /// path) and the same data.
 ///
+/// With one device and no `nodes` this is [`train`] with the exchanges of one worker (their
+/// cost can be measured; the results are [`train`]'s).
+///
 /// One data-parallel run at a time per process (burn-collective keeps one server per backend).
 pub fn train_data_parallel<B>(
     config: TrainConfig,
@@ -540,15 +543,11 @@ where
     B: AutodiffBackend + AstBackend,
     B::InnerBackend: AstBackend,
 {
-    match (devices, &nodes) {
-        ([], _) => {
-            return Err(TrainError::config(
-                "devices",
-                "is empty: give at least one device",
-            ))
-        }
-        ([device], None) => return train::<B>(config, opts, device),
-        _ => {}
+    if devices.is_empty() {
+        return Err(TrainError::config(
+            "devices",
+            "is empty: give at least one device",
+        ));
     }
     let local = devices.len();
     if let Some(nodes) = &nodes {
@@ -580,11 +579,9 @@ where
     }
     // The initial weights are drawn here, once, from the process-wide generator; every worker
     // loads them into a model of its own (own sub-net switch, own BatchNorm statistics).
-    B::seed(&devices[0], config.seed);
     let subnets = config.ast.subnets.len();
-    let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0]);
     let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0])
-        .load_record(drawn.into_record());
+        .load_record(initial_weights::<B>(&config, sources.classes, &devices[0]));
     let (tx, rx) = std::sync::mpsc::channel();
     for (rank, device) in devices.iter().enumerate() {
         let (config, opts, sources, device, tx, nodes) = (
@@ -661,6 +658,20 @@ fn check_same_setup(nodes: &dyn CrossNode, config: &TrainConfig, local: usize) -
         }
     }
     Ok(())
+}
+
+/// The seeded initial weights of a run's model. Drawn through a record, in the record's order,
+/// whatever touches the model first: one worker or several start from the same values.
+fn initial_weights<B>(
+    config: &TrainConfig,
+    classes: usize,
+    device: &B::Device,
+) -> <AstModel<B> as Module<B>>::Record
+where
+    B: AutodiffBackend + AstBackend,
+{
+    B::seed(device, config.seed);
+    AstModel::<B>::new(config.model, classes, config.ast.subnets.len(), device).into_record()
 }
 
 /// Waits for the workers of [`train_data_parallel`]. The first failure resets the collective

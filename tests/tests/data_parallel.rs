@@ -317,6 +317,21 @@ fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
 }
 
 #[test]
+fn one_worker_equals_the_plain_loop_bit_for_bit() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx(data.path(), "train", 96, 28);
+    write_idx(data.path(), "t10k", 40, 28);
+    let work = tempfile::tempdir().unwrap();
+    let [plain, team] = ["plain", "team"].map(|n| work.path().join(n));
+    let output = run(data.path(), &plain, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    // `--devices 0`: the data-parallel machinery (exchanges, shards, statistics) with one worker.
+    let output = run(data.path(), &team, &["--devices", "0"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(results(&team), results(&plain));
+}
+
+#[test]
 fn bad_device_lists_are_refused_with_one_line() {
     let data = tempfile::tempdir().unwrap();
     write_idx(data.path(), "train", 96, 28);
