@@ -19,6 +19,11 @@
 //! same on every worker and in every run. Each exchange moves one flat tensor of all gradients
 //! (one collective operation per rank and iteration, not one per parameter).
 //!
+//! **Several machines.** With a [`CrossNode`] (MPI: `crate::mpi`, feature `mpi`) each process
+//! sums its own workers in rank order, its worker 0 exchanges that sum with the other
+//! processes, and every worker adds the processes' sums in process order: deterministic for a
+//! given layout of processes and workers.
+//!
 //! **Failures.** burn-collective has no timeouts: a peer that stops leaves the others blocked.
 //! The supervisor ([`crate::train::train_data_parallel`]) resets the collective server when a
 //! worker fails, which turns the others' pending operations into errors.
