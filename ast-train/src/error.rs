@@ -104,7 +104,7 @@ pub enum TrainError {
     RunLocked {
         /// The run directory.
         dir: PathBuf,
-        /// Who holds it: "process <PID>".
+        /// Who holds it: "process `<PID>`".
         holder: String,
     },
     /// The model's weights or outputs stopped being finite numbers.
