@@ -583,6 +583,9 @@ where
     let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0])
         .load_record(initial_weights::<B>(&config, sources.classes, &devices[0]));
     let (tx, rx) = std::sync::mpsc::channel();
+    // Each worker waits for the word to register: `register` waits for all of them, so a
+    // worker whose thread could not start would leave the others waiting there for ever.
+    let mut go = Vec::with_capacity(local);
     for (rank, device) in devices.iter().enumerate() {
         let (config, opts, sources, device, tx, nodes) = (
             config.clone(),
@@ -592,11 +595,15 @@ where
             tx.clone(),
             nodes.clone(),
         );
+        let (start, wait) = std::sync::mpsc::channel::<bool>();
         let initial = drawn.clone().into_record();
         let spawned = std::thread::Builder::new()
             .name(format!("ast-worker-{rank}"))
             .stack_size(8 << 20)
             .spawn(move || {
+                if wait.recv() != Ok(true) {
+                    return;
+                }
                 let run = std::panic::AssertUnwindSafe(|| {
                     let team = Team::<B::InnerBackend>::join_nodes(rank, local, &device, nodes)?;
                     let summary = run_worker(Worker::<B> {
@@ -620,11 +627,16 @@ where
                 let _ = tx.send((rank, result));
             });
         if let Err(e) = spawned {
-            collective::reset_collective::<B::InnerBackend>();
+            // The started workers see their start signal dropped and return at once.
             return Err(TrainError::Workers(format!(
                 "cannot start worker {rank}: {e}"
             )));
         }
+        go.push(start);
+    }
+    for start in go {
+        // A worker that is gone already reports through `tx`.
+        let _ = start.send(true);
     }
     drop((tx, drawn));
     supervise::<B::InnerBackend>(&rx, local)
