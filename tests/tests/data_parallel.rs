@@ -12,7 +12,7 @@ use ast_core::rng::MaskRng;
 use ast_core::subnet::{mask_vec, read_masks};
 use ast_core::{AstConfig, AstStep, MaskScheduleConfig, SubnetTarget};
 use ast_models::CifarResNet;
-use ast_tests::{cli, parallel_run_args, run_results as results, stderr, write_idx};
+use ast_tests::{cli, parallel_run_args, run_results as results, stderr, tiny_idx_data, write_idx};
 use ast_train::consistency::small_resnet;
 use ast_train::parallel::{session, Team};
 use burn::backend::{Autodiff, Flex};
@@ -272,14 +272,13 @@ fn run(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
-    let data = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
     // 96 samples in batches of 18: five of 18 and a last of 6 (shards 2, 2, 2).
-    write_idx(data.path(), "train", 96, 28);
-    write_idx(data.path(), "t10k", 40, 28);
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(|n| work.path().join(n));
     for out in [&a, &b] {
-        let output = run(data.path(), out, &["--devices", "0,1,2"]);
+        let output = run(&data, out, &["--devices", "0,1,2"]);
         assert!(output.status.success(), "{}", stderr(&output));
     }
     let first = results(&a);
@@ -292,7 +291,7 @@ fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
 
     // Stopped as by SIGINT in the middle of the second epoch, then resumed.
     let output = run(
-        data.path(),
+        &data,
         &c,
         &["--devices", "0,1,2", "--stop-gracefully-after", "9"],
     );
@@ -318,24 +317,22 @@ fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
 
 #[test]
 fn one_worker_equals_the_plain_loop_bit_for_bit() {
-    let data = tempfile::tempdir().unwrap();
-    write_idx(data.path(), "train", 96, 28);
-    write_idx(data.path(), "t10k", 40, 28);
+    let root = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let [plain, team] = ["plain", "team"].map(|n| work.path().join(n));
-    let output = run(data.path(), &plain, &[]);
+    let output = run(&data, &plain, &[]);
     assert!(output.status.success(), "{}", stderr(&output));
     // `--devices 0`: the data-parallel machinery (exchanges, shards, statistics) with one worker.
-    let output = run(data.path(), &team, &["--devices", "0"]);
+    let output = run(&data, &team, &["--devices", "0"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(results(&team), results(&plain));
 }
 
 #[test]
 fn bad_device_lists_are_refused_with_one_line() {
-    let data = tempfile::tempdir().unwrap();
-    write_idx(data.path(), "train", 96, 28);
-    write_idx(data.path(), "t10k", 40, 28);
+    let root = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("run");
     for (devices, expected) in [
@@ -348,7 +345,7 @@ fn bad_device_lists_are_refused_with_one_line() {
             "the CPU backends take at most 16",
         ),
     ] {
-        let output = run(data.path(), &out, &["--devices", devices]);
+        let output = run(&data, &out, &["--devices", devices]);
         let err = stderr(&output);
         assert!(!output.status.success(), "{devices}: {err}");
         assert!(err.contains(expected), "{devices}: {err}");
@@ -358,8 +355,8 @@ fn bad_device_lists_are_refused_with_one_line() {
         );
     }
     // Two samples in the last batch of 18 (92 = 5·18 + 2) cannot feed three workers.
-    write_idx(data.path(), "train", 92, 28);
-    let output = run(data.path(), &out, &["--devices", "0,1,2"]);
+    write_idx(&data, "train", 92, 28);
+    let output = run(&data, &out, &["--devices", "0,1,2"]);
     let err = stderr(&output);
     assert!(!output.status.success(), "{err}");
     assert!(err.contains("fewer than the 3 workers"), "{err}");

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use ast_tests::{cli, cli_path, parallel_run_args, run_results, stderr, write_idx};
+use ast_tests::{cli, cli_path, parallel_run_args, run_results, stderr, tiny_idx_data};
 
 /// `mpirun` with one process per argument list, bounded to `limit` seconds.
 fn mpirun(ranks: &[Vec<String>], limit: u32) -> Output {
@@ -28,11 +28,6 @@ fn mpirun(ranks: &[Vec<String>], limit: u32) -> Output {
         .expect("mpirun runs (install Open MPI: apt install openmpi-bin)")
 }
 
-fn data(dir: &Path) {
-    write_idx(dir, "train", 96, 28);
-    write_idx(dir, "t10k", 40, 28);
-}
-
 fn all_output(output: &Output) -> String {
     format!(
         "{}{}",
@@ -43,17 +38,17 @@ fn all_output(output: &Output) -> String {
 
 #[test]
 fn two_machines_end_equal_to_each_other_and_to_two_devices_in_one_process() {
-    let data_dir = tempfile::tempdir().unwrap();
-    data(data_dir.path());
+    let root = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(|n| work.path().join(n));
     let ranks: Vec<Vec<String>> = [&a, &b]
         .iter()
-        .map(|out| parallel_run_args(data_dir.path(), out, &["--nodes", "2"]))
+        .map(|out| parallel_run_args(&data, out, &["--nodes", "2"]))
         .collect();
     let output = mpirun(&ranks, 300);
     assert!(output.status.success(), "{}", all_output(&output));
-    let args = parallel_run_args(data_dir.path(), &c, &["--devices", "0,1"]);
+    let args = parallel_run_args(&data, &c, &["--devices", "0,1"]);
     let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", stderr(&output));
     let first = run_results(&a);
@@ -70,14 +65,14 @@ fn two_machines_end_equal_to_each_other_and_to_two_devices_in_one_process() {
 
 #[test]
 fn processes_that_disagree_stop_with_one_clear_error() {
-    let data_dir = tempfile::tempdir().unwrap();
-    data(data_dir.path());
+    let root = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let [a, b] = ["a", "b"].map(|n| work.path().join(n));
     // Another learning rate on the second machine.
     let ranks = vec![
-        parallel_run_args(data_dir.path(), &a, &["--nodes", "2"]),
-        parallel_run_args(data_dir.path(), &b, &["--nodes", "2", "--lr", "0.05"]),
+        parallel_run_args(&data, &a, &["--nodes", "2"]),
+        parallel_run_args(&data, &b, &["--nodes", "2", "--lr", "0.05"]),
     ];
     let output = mpirun(&ranks, 120);
     let text = all_output(&output);
@@ -88,7 +83,7 @@ fn processes_that_disagree_stop_with_one_clear_error() {
     );
     // More nodes announced than mpirun started.
     let ranks = vec![parallel_run_args(
-        data_dir.path(),
+        &data,
         &a,
         &["--nodes", "3", "--overwrite"],
     )];
@@ -103,19 +98,15 @@ fn processes_that_disagree_stop_with_one_clear_error() {
 
 #[test]
 fn a_killed_process_stops_the_run_and_both_resume() {
-    let data_dir = tempfile::tempdir().unwrap();
-    data(data_dir.path());
+    let root = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(root.path(), 96, 40);
     let work = tempfile::tempdir().unwrap();
     let [a, b, full] = ["a", "b", "full"].map(|n| work.path().join(n));
     // The second process dies (as a kill would, writing nothing more) at iteration 9, in the
     // middle of the second epoch: mpirun ends the job instead of leaving the first one waiting.
     let ranks = vec![
-        parallel_run_args(data_dir.path(), &a, &["--nodes", "2"]),
-        parallel_run_args(
-            data_dir.path(),
-            &b,
-            &["--nodes", "2", "--stop-after-iterations", "9"],
-        ),
+        parallel_run_args(&data, &a, &["--nodes", "2"]),
+        parallel_run_args(&data, &b, &["--nodes", "2", "--stop-after-iterations", "9"]),
     ];
     let output = mpirun(&ranks, 120);
     assert_ne!(
@@ -143,7 +134,7 @@ fn a_killed_process_stops_the_run_and_both_resume() {
     };
     let output = mpirun(&[resume(&a), resume(&b)], 300);
     assert!(output.status.success(), "{}", all_output(&output));
-    let args = parallel_run_args(data_dir.path(), &full, &["--devices", "0,1"]);
+    let args = parallel_run_args(&data, &full, &["--devices", "0,1"]);
     let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", stderr(&output));
     let expected = run_results(&full);
