@@ -1040,7 +1040,8 @@ where
             Some(team) => team.any(signalled)?,
             None => signalled,
         };
-        let (Some(metrics), true) = (&metrics, leader) else {
+        // Only the leader holds the writers: the other workers go on to the next epoch.
+        let Some(metrics) = &metrics else {
             state.next_epoch = epoch + 1;
             if stop && state.next_epoch < config.epochs {
                 return Ok(None);
