@@ -6,13 +6,16 @@
 //!
 //! ```sh
 //! cargo bench -p ast-core --bench conv_kernels
+//! cargo bench -p ast-core --bench conv_kernels -- 1.0 0.05   # only these densities
 //! ```
 
 use std::time::Instant;
 
 use ast_core::kernels::conv::{
-    sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
+    direct_is_faster, forward_im2col, sparse_is_faster, weight_grad_im2col, ConvGeometry,
+    MaskedConvPlan, PlanWeights, SparseWeight,
 };
+use ast_core::kernels::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use ast_core::rng::MaskRng;
 
 const DENSITIES: [f64; 8] = [1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02];
@@ -52,6 +55,12 @@ fn time(plan: &MaskedConvPlan, x: &[f32], dy: &[f32]) -> [f64; 4] {
 }
 
 fn main() {
+    let chosen: Vec<f64> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    let densities = if chosen.is_empty() {
+        DENSITIES.to_vec()
+    } else {
+        chosen
+    };
     let mut rng = MaskRng::new(1, 1);
     let shapes = [
         ("16 ch, 32×32 (ResNet-32 stage 1)", geometry(16, 32)),
@@ -73,8 +82,62 @@ fn main() {
             "{name}: density, dense form ms, sparse form ms (each: forward + input gradient + \
              weight gradient), model picks"
         );
+        if DirectWeight::handles(&g) {
+            let direct = DirectWeight::new(&g, &w);
+            let mut y = vec![0.0; g.batch * g.out_len()];
+            let mut reference = y.clone();
+            let [direct_ms, im2col_ms] = [true, false].map(|direct_form| {
+                let mut runs: Vec<f64> = (0..5)
+                    .map(|_| {
+                        let start = Instant::now();
+                        if direct_form {
+                            forward_direct(&g, &x, &direct, &mut y);
+                        } else {
+                            forward_im2col(&g, &x, &w, &mut reference);
+                        }
+                        start.elapsed().as_secs_f64() * 1000.0
+                    })
+                    .collect();
+                runs.sort_by(f64::total_cmp);
+                runs[2]
+            });
+            let diff = y
+                .iter()
+                .zip(&reference)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let mut dw = vec![0.0; g.weight_len()];
+            let mut dw_reference = dw.clone();
+            let [direct_grad_ms, im2col_grad_ms] = [true, false].map(|direct_form| {
+                let mut runs: Vec<f64> = (0..5)
+                    .map(|_| {
+                        let start = Instant::now();
+                        if direct_form {
+                            weight_grad_direct(&g, &x, &dy, &mut dw);
+                        } else {
+                            weight_grad_im2col(&g, &x, &dy, &mut dw_reference);
+                        }
+                        start.elapsed().as_secs_f64() * 1000.0
+                    })
+                    .collect();
+                runs.sort_by(f64::total_cmp);
+                runs[2]
+            });
+            let grad_diff = dw
+                .iter()
+                .zip(&dw_reference)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1.0)));
+            println!(
+                "  dense weight gradient: direct {direct_grad_ms:.1} ms, im2col + GEMM \
+                 {im2col_grad_ms:.1} ms (largest relative difference {grad_diff:e})"
+            );
+            println!(
+                "  dense forward: direct {direct_ms:.1} ms, im2col + GEMM {im2col_ms:.1} ms \
+                 (largest difference {diff:e}); direct chosen: {}",
+                direct_is_faster(&g)
+            );
+        }
         let mut crossover = 0.0;
-        for d in DENSITIES {
+        for &d in &densities {
             let mask: Vec<bool> = (0..g.weight_len()).map(|_| rng.next_f64() < d).collect();
             let masked = w.iter().zip(&mask).map(|(&v, &m)| if m { v } else { 0.0 });
             let dense = MaskedConvPlan {

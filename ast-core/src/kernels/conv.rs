@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use core::ops::Range;
 
+use super::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use super::gemm::{matmul, matmul_col_major, matmul_rows, MatRef};
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
@@ -80,7 +81,7 @@ impl SparseSample<'_> {
 
 /// Samples per partial sum of a weight gradient: the batch is cut into chunks of this many
 /// samples (independent of the thread count, so the sum order is fixed).
-const GRAD_CHUNK: usize = 8;
+pub(crate) const GRAD_CHUNK: usize = 8;
 
 /// Shape and hyper-parameters of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -662,8 +663,19 @@ fn check(g: &ConvGeometry, x: usize, w: usize, y: usize) {
     assert_eq!(y, g.batch * g.out_len(), "conv kernels: output length");
 }
 
-/// Dense forward: `y = conv(x, w)` (`w` already masked).
+/// Dense forward: `y = conv(x, w)` (`w` already masked): the direct kernel where
+/// [`direct_is_faster`], else im2col + GEMM.
 pub fn forward_dense(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
+    check(g, x.len(), w.len(), y.len());
+    if direct_is_faster(g) {
+        forward_direct(g, x, &DirectWeight::new(g, w), y);
+    } else {
+        forward_im2col(g, x, w, y);
+    }
+}
+
+/// [`forward_dense`]'s im2col + GEMM form, whatever the geometry.
+pub fn forward_im2col(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
     check(g, x.len(), w.len(), y.len());
     let (row, p, cog) = (g.row_len(), g.out_plane(), g.cout_g());
     let wo = g.out_hw().expect("supported geometry")[1];
@@ -688,6 +700,16 @@ pub fn forward_dense(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
                 }
             })
         });
+}
+
+/// Whether the dense forward runs on the direct kernel ([`super::direct`]) rather than im2col +
+/// GEMM: for the stride-1, ungrouped, non-pointwise geometries it handles with output planes
+/// of at least 16×16 positions. `cargo bench -p ast-core --bench conv_kernels`, forward at
+/// batch 128, direct against GEMM: 16 ch at 32×32 1.7 / 3.8 ms, 32 ch at 32×32 5.7 / 10.2,
+/// 32 ch at 16×16 1.6 / 1.9, 64 ch at 16×16 5.9 / 6.8, but 64 ch at 8×8 1.8 / 1.7 and 128 ch at
+/// 8×8 7.2 / 6.0 (a wide 8×8 plane wastes a third of its lanes on the padding columns).
+pub fn direct_is_faster(g: &ConvGeometry) -> bool {
+    DirectWeight::handles(g) && !g.pointwise() && g.out_plane() >= 256
 }
 
 /// `dy`'s block of group `grp`, output rows `rows`: `C_out/groups × rows·W_out`, rows `P` apart.
@@ -793,6 +815,28 @@ fn transposed_conv(g: &ConvGeometry, w: &[f32]) -> Option<(ConvGeometry, Vec<f32
 /// transpose once at the end (there the column-major form was 1.5–2.5× slower: the GEMM
 /// re-packs `im2col(x_n)` across its long rows).
 pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    if direct_grad_is_faster(g) {
+        weight_grad_direct(g, x, dy, dw);
+    } else {
+        weight_grad_im2col(g, x, dy, dw);
+    }
+}
+
+/// Whether the dense weight gradient runs on the direct kernel
+/// ([`super::direct::weight_grad_direct`]): 3×3 stride-1 ungrouped undilated convolutions with
+/// a multiple of 32 output channels. `cargo bench -p ast-core --bench conv_kernels`, batch 128,
+/// direct against im2col + GEMM: 32 ch at 16×16 1.8 / 2.0 ms, 64 ch at 8×8 1.5 / 2.1, 32 ch at
+/// 32×32 7.7 / 8.0, 64 ch at 16×16 6.3 / 6.6, 128 ch at 8×8 6.0 / 7.2; but 16 channels at 32×32
+/// 4.8 / 3.6 (one vector of channels: one broadcast per multiply-add).
+pub fn direct_grad_is_faster(g: &ConvGeometry) -> bool {
+    DirectWeight::handles(g)
+        && g.kernel == [3, 3]
+        && g.dilation == [1, 1]
+        && g.c_out.is_multiple_of(32)
+}
+
+/// [`weight_grad_dense`]'s im2col + GEMM form, whatever the geometry.
+pub fn weight_grad_im2col(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     check(g, x.len(), dw.len(), dy.len());
     let (row, cog, p) = (g.row_len(), g.cout_g(), g.out_plane());
     let wo = g.out_hw().expect("supported geometry")[1];
@@ -875,7 +919,7 @@ fn transpose_into(dst: &mut [f32], src: &[f32], rows: usize, cols: usize, stride
     }
 }
 
-fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
+pub(crate) fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
     out.fill(0.0);
     for part in partials {
         for (o, v) in out.iter_mut().zip(part) {
@@ -889,7 +933,7 @@ fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
 /// variable length is a `memcpy` call, whose overhead made the row copies of the sparse
 /// kernels ≈ 10 % of a step at density 0.02.
 #[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn copy_row(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "copy_row: lengths");
     let mut d = dst.chunks_exact_mut(16);
     let mut s = src.chunks_exact(16);
@@ -912,7 +956,7 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 /// Sample `x`'s input channels zero-padded, `[C_in, H + 2p_h, W + 2p_w]`, into `padded`. Only
 /// the interior is written: the border must be zero already (buffers start zeroed, and no
 /// kernel writes a border of its `padded` copy), which saves a pass over the buffer.
-fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
+pub(crate) fn pad_input(g: &ConvGeometry, x: &[f32], padded: &mut [f32]) {
     let [h, w] = g.in_hw;
     let [hp, wp] = g.padded_hw();
     let [ph, pw] = g.padding;

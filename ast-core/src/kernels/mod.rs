@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod conv;
+pub mod direct;
 pub mod gemm;
 pub mod norm;
 #[cfg(test)]

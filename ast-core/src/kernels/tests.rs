@@ -6,8 +6,10 @@ use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
 use super::conv::{
-    input_grad_dense, sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
+    direct_grad_is_faster, direct_is_faster, forward_im2col, input_grad_dense, sparse_is_faster,
+    weight_grad_im2col, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
 };
+use super::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use super::norm::{self, NormShape};
 use crate::backend::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions};
 use crate::rng::MaskRng;
@@ -174,6 +176,19 @@ fn fast_path_equals_burns_convolution_on_random_shapes_and_densities() {
         // Planes cut into several im2col tiles (dense form).
         geometry(2, [64, 16], 24, 3, 1, 1, 1),
         geometry(2, [64, 16], 25, 3, 2, 1, 2),
+        // The direct dense kernels (stride 1, one group, planes of 256 positions and more;
+        // the weight gradient for 3×3 kernels with a multiple of 32 output channels): few
+        // input channels, padding 0 and 2, a 5×5 kernel and 13 output channels (a part
+        // block), dilation, 9 samples (two weight-gradient chunks), 32/64/96 output channels
+        // (2, 4, 2·3 vectors per block).
+        geometry(3, [5, 32], 16, 3, 1, 1, 1),
+        geometry(9, [12, 64], 17, 3, 1, 0, 1),
+        geometry(2, [7, 13], 16, 5, 1, 2, 1),
+        ConvGeometry {
+            dilation: [2, 2],
+            ..geometry(2, [8, 8], 18, 3, 1, 2, 1)
+        },
+        geometry(2, [4, 96], 6, 3, 1, 1, 1),
         // Tiles of 930 positions: the dense weight gradient's blocked transpose of `dy`.
         geometry(2, [8, 16], 30, 3, 1, 1, 1),
         geometry(2, [8, 16], 30, 3, 1, 1, 2),
@@ -456,4 +471,45 @@ fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
         })
     };
     assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn direct_kernels_equal_im2col_and_do_not_depend_on_the_thread_count() {
+    // 3×3 "same" at 16×17 with 32 output channels (both direct kernels), 5 input channels,
+    // 11 samples (two weight-gradient chunks, the second short).
+    let g = geometry(11, [5, 32], 16, 3, 1, 1, 1);
+    assert!(direct_is_faster(&g) && direct_grad_is_faster(&g));
+    let mut rng = MaskRng::new(5, 0);
+    let x = values(&mut rng, g.batch * g.in_len());
+    let w = values(&mut rng, g.weight_len());
+    let dy = values(&mut rng, g.batch * g.out_len());
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut y = vec![f32::NAN; g.batch * g.out_len()];
+            forward_direct(&g, &x, &DirectWeight::new(&g, &w), &mut y);
+            let mut dw = vec![f32::NAN; g.weight_len()];
+            weight_grad_direct(&g, &x, &dy, &mut dw);
+            (y, dw)
+        })
+    };
+    let (y, dw) = run(1);
+    assert_eq!((y.clone(), dw.clone()), run(3));
+    let mut y_ref = vec![0.0; y.len()];
+    forward_im2col(&g, &x, &w, &mut y_ref);
+    let mut dw_ref = vec![0.0; dw.len()];
+    weight_grad_im2col(&g, &x, &dy, &mut dw_ref);
+    assert!(
+        rel_err(&y, &y_ref) <= 1e-5,
+        "forward {}",
+        rel_err(&y, &y_ref)
+    );
+    assert!(
+        rel_err(&dw, &dw_ref) <= 1e-5,
+        "weight grad {}",
+        rel_err(&dw, &dw_ref)
+    );
 }
