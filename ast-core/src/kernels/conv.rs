@@ -1326,14 +1326,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 ///   (`C`) grow, since im2col costs the same per column whatever `C`, and a little cheaper on
 ///   large planes, where the sparse products pay more for padding and copies.
 ///
-/// Measured crossovers (2026-11-30, output-stationary sparse forward and input gradient):
-/// 16 ch at 32×32 ≈ 0.55, 32 ch at 32×32 ≈ 0.33, 32 ch at 16×16 ≈ 0.34, 64 ch at 8×8 ≈ 0.23,
-/// 128 ch at 8×8 ≈ 0.18; the model's: 0.50, 0.37, 0.40, 0.24, 0.17.
+///   Where the dense forward runs on the direct kernel ([`direct_is_faster`]), the dense
+///   cost is 0.8 of that.
+///
+/// Measured crossovers (2026-11-30, fourth session, with the direct dense kernels): 16 ch at 32×32 ≈ 0.45,
+/// 32 ch at 32×32 ≈ 0.30, 32 ch at 16×16 ≈ 0.28, 64 ch at 16×16 ≈ 0.23, 64 ch at 8×8 ≈ 0.20,
+/// 128 ch at 8×8 ≈ 0.17; the model's: 0.40, 0.29, 0.32, 0.23, 0.24, 0.17.
 pub fn sparse_is_faster(geometry: &ConvGeometry, active: usize) -> bool {
     let p = geometry.out_plane() as f64;
     let sparse = active as f64 * (geometry.lanes_len() as f64 + 60.0);
     let per_mac = 7.8 * p.powf(-0.2) / (geometry.cout_g() as f64).powf(0.45);
-    let dense = per_mac * (geometry.weight_len() as f64) * p;
+    let direct = if direct_is_faster(geometry) { 0.8 } else { 1.0 };
+    let dense = direct * per_mac * (geometry.weight_len() as f64) * p;
     sparse < dense
 }
 
