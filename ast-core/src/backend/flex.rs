@@ -21,7 +21,7 @@ use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, TensorPrimitive};
 
 use super::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions, NormOutput};
-use crate::kernels::conv::{ConvGeometry, MaskedConvPlan};
+use crate::kernels::conv::{ConvGeometry, GradBuffers, MaskedConvPlan};
 use crate::kernels::flex_kernels_enabled;
 use crate::kernels::norm::{self, NormShape};
 
@@ -299,11 +299,25 @@ impl Backward<Flex, 2> for MaskedConvBackward {
             dense_weight_grad,
         } = ops.state;
         let g = &plan.geometry;
+        let w_shape = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
+        let (input, dy) = match (&node_x, &node_weight) {
+            (Some(node_x), Some(node_weight)) if !dense_weight_grad => {
+                match fused_grads(&plan, input, dy) {
+                    Ok((dw, dx)) => {
+                        let dw = FlexTensor::from_data(TensorData::new(dw, w_shape));
+                        grads.register::<Flex>(node_weight.id, dw);
+                        grads.register::<Flex>(node_x.id, dx);
+                        return;
+                    }
+                    Err(buffers) => buffers,
+                }
+            }
+            _ => (input, dy),
+        };
         // The weight gradient first: it is the input's last use.
         if let Some(node) = node_weight {
             let dw = plan.weight_grad(f32s(&input), f32s(&dy), dense_weight_grad);
-            let shape = [g.c_out, g.c_in / g.groups, g.kernel[0], g.kernel[1]];
-            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, shape)));
+            grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, w_shape)));
         }
         if let Some(node) = node_x {
             // No new buffer to allocate and clear for ∂x when one can be reused: the input's,
@@ -335,6 +349,45 @@ impl Backward<Flex, 2> for MaskedConvBackward {
             grads.register::<Flex>(node.id, dx);
         }
     }
+}
+
+/// Both gradients of a sparse stride-1 convolution in one pass
+/// ([`MaskedConvPlan::sparse_grads`]): `∂x` over the input's buffer when this state held its
+/// last reference, else over `dy`'s when `∂x` has its shape and it is not shared, else into a
+/// new buffer. Returns the weight gradient and `∂x`, or the two tensors untouched where the
+/// fused kernel does not apply.
+fn fused_grads(
+    plan: &MaskedConvPlan,
+    mut input: FlexTensor,
+    mut dy: FlexTensor,
+) -> Result<(Vec<f32>, FlexTensor), (FlexTensor, FlexTensor)> {
+    let g = &plan.geometry;
+    if !plan.fuses_sparse_grads() {
+        return Err((input, dy));
+    }
+    let len = g.batch * g.in_len();
+    if let Some(x) = input.try_storage_mut::<f32>().filter(|x| x.len() == len) {
+        let dw = plan.sparse_grads(GradBuffers::OverInput { x, dy: f32s(&dy) });
+        return Ok((dw.expect("a plan that fuses"), input));
+    }
+    let same_shape = g.c_in == g.c_out && g.out_hw() == Some(g.in_hw);
+    if same_shape {
+        if let Some(d) = dy.try_storage_mut::<f32>().filter(|d| d.len() == len) {
+            let dw = plan.sparse_grads(GradBuffers::OverDy {
+                x: f32s(&input),
+                dy: d,
+            });
+            return Ok((dw.expect("a plan that fuses"), dy));
+        }
+    }
+    let mut dx = vec![0.0; len];
+    let dw = plan.sparse_grads(GradBuffers::Separate {
+        x: f32s(&input),
+        dy: f32s(&dy),
+        dx: &mut dx,
+    });
+    let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
+    Ok((dw.expect("a plan that fuses"), flex(dx, shape)))
 }
 
 #[derive(Debug)]

@@ -1297,6 +1297,124 @@ fn weight_grad_sparse_sample(
     }
 }
 
+/// Where [`MaskedConvPlan::sparse_grads`] reads `x` (`[N, C_in, H, W]`) and `dy`
+/// (`[N, C_out, H_out, W_out]`) and writes `∂x`.
+#[derive(Debug)]
+pub enum GradBuffers<'a> {
+    /// `∂x` over `x` (its last use): `x` holds the input on entry and `∂x` on return.
+    OverInput {
+        /// The input, then `∂x`.
+        x: &'a mut [f32],
+        /// The output gradient.
+        dy: &'a [f32],
+    },
+    /// `∂x` over `dy`, which must then be shaped like `x`.
+    OverDy {
+        /// The input.
+        x: &'a [f32],
+        /// The output gradient, then `∂x`.
+        dy: &'a mut [f32],
+    },
+    /// `∂x` into a buffer of its own, every value of which is written.
+    Separate {
+        /// The input.
+        x: &'a [f32],
+        /// The output gradient.
+        dy: &'a [f32],
+        /// `∂x`.
+        dx: &'a mut [f32],
+    },
+}
+
+impl<'a> GradBuffers<'a> {
+    /// The buffers of each run of `samples` samples, in batch order.
+    fn split(self, g: &ConvGeometry, samples: usize) -> Vec<GradBuffers<'a>> {
+        let (xs, ys) = (samples * g.in_len(), samples * g.out_len());
+        match self {
+            Self::OverInput { x, dy } => x
+                .chunks_mut(xs)
+                .zip(dy.chunks(ys))
+                .map(|(x, dy)| Self::OverInput { x, dy })
+                .collect(),
+            Self::OverDy { x, dy } => x
+                .chunks(xs)
+                .zip(dy.chunks_mut(ys))
+                .map(|(x, dy)| Self::OverDy { x, dy })
+                .collect(),
+            Self::Separate { x, dy, dx } => x
+                .chunks(xs)
+                .zip(dy.chunks(ys))
+                .zip(dx.chunks_mut(xs))
+                .map(|((x, dy), dx)| Self::Separate { x, dy, dx })
+                .collect(),
+        }
+    }
+
+    /// The lengths of `x`, `dy` and `∂x`.
+    fn lens(&self) -> [usize; 3] {
+        match self {
+            Self::OverInput { x, dy } => [x.len(), dy.len(), x.len()],
+            Self::OverDy { x, dy } => [x.len(), dy.len(), dy.len()],
+            Self::Separate { x, dy, dx } => [x.len(), dy.len(), dx.len()],
+        }
+    }
+}
+
+/// One sample of the fused sparse backward: the stride-1 input gradient by input channel
+/// ([`lay_out_dy`], [`gather_input_grad`]) and the weight gradient at the active positions from
+/// the same laid-out `dy` (rows `W + 2p_w` apart behind each channel's margin, zero elsewhere,
+/// as [`widen`] lays it out), so that `dy` is read from memory once for both.
+struct FusedSample<'a> {
+    g: &'a ConvGeometry,
+    w: &'a SparseWeight,
+    io: GradBuffers<'a>,
+    acc: &'a mut [f32],
+    padded: &'a mut [f32],
+    buffer: &'a mut [f32],
+    plane: &'a mut [f32],
+}
+
+impl pulp::WithSimd for FusedSample<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            g,
+            w,
+            io,
+            acc,
+            padded,
+            buffer,
+            plane,
+        } = self;
+        match io {
+            GradBuffers::OverInput { x, dy } => {
+                pad_input(g, x, padded);
+                lay_out_dy(g, dy, buffer);
+                gather_input_grad(g, w, buffer, plane, x);
+            }
+            GradBuffers::OverDy { x, dy } => {
+                pad_input(g, x, padded);
+                lay_out_dy(g, dy, buffer);
+                gather_input_grad(g, w, buffer, plane, dy);
+            }
+            GradBuffers::Separate { x, dy, dx } => {
+                pad_input(g, x, padded);
+                lay_out_dy(g, dy, buffer);
+                gather_input_grad(g, w, buffer, plane, dx);
+            }
+        }
+        let (len, margin, cl) = (g.lanes_len(), g.dy_margin(), g.dy_channel_len());
+        for co in 0..g.c_out {
+            let dy = &buffer[co * cl + margin..][..len];
+            for e in w.row_start[co]..w.row_start[co + 1] {
+                acc[e] += dot(dy, &padded[w.start[e]..]);
+            }
+        }
+    }
+}
+
 /// `Σ_j a[j] · b[j]`, with 16 independent partial sums so that it vectorises (the same sums
 /// in the same order on every CPU).
 #[inline(always)]
@@ -1457,6 +1575,64 @@ impl MaskedConvPlan {
             },
         );
         true
+    }
+
+    /// Whether [`Self::sparse_grads`] applies: the sparse form with its stride-1 input
+    /// gradient by input channel.
+    pub fn fuses_sparse_grads(&self) -> bool {
+        matches!(&self.weights, PlanWeights::Sparse(w) if !w.by_input_start.is_empty())
+    }
+
+    /// Both gradients of a sparse-form, stride-1 plan in one pass over the batch: per sample,
+    /// `dy` is laid out once and serves the input gradient and the weight gradient at the
+    /// active positions (the two separate kernels each read `dy` from memory). The same
+    /// values as [`Self::input_grad`] and [`Self::weight_grad`] (not `dense`), bit for bit.
+    /// Returns the weight gradient shaped like the weight (zero at inactive positions), or
+    /// `None` where it does not apply ([`Self::fuses_sparse_grads`]), leaving the buffers
+    /// alone.
+    ///
+    /// # Panics
+    /// If a buffer's length does not match the geometry.
+    pub fn sparse_grads(&self, io: GradBuffers<'_>) -> Option<Vec<f32>> {
+        let g = &self.geometry;
+        let PlanWeights::Sparse(w) = &self.weights else {
+            return None;
+        };
+        if !self.fuses_sparse_grads() {
+            return None;
+        }
+        w.check(g);
+        let [x, dy, dx] = io.lens();
+        check(g, x, g.weight_len(), dy);
+        assert_eq!(dx, x, "conv kernels: input gradient length");
+        let partials: Vec<Vec<f32>> = io
+            .split(g, GRAD_CHUNK)
+            .into_par_iter()
+            .map(|chunk| {
+                let mut acc = vec![0.0; w.nnz()];
+                let mut padded = vec![0.0; g.sparse_buffer_len()];
+                let (mut buffer, mut plane) = g.by_input_buffers();
+                for io in chunk.split(g, 1) {
+                    pulp::Arch::new().dispatch(FusedSample {
+                        g,
+                        w,
+                        io,
+                        acc: &mut acc,
+                        padded: &mut padded,
+                        buffer: &mut buffer,
+                        plane: &mut plane,
+                    });
+                }
+                acc
+            })
+            .collect();
+        let mut active = vec![0.0; w.nnz()];
+        sum_in_order(&partials, &mut active);
+        let mut dw = vec![0.0; g.weight_len()];
+        for (&i, v) in w.index.iter().zip(active) {
+            dw[i] = v;
+        }
+        Some(dw)
     }
 
     /// `∂L/∂(W ⊙ M)`, shaped like the weight: at every position when `dense` (what growth

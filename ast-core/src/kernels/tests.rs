@@ -7,7 +7,7 @@ use burn::tensor::ops::ConvOptions;
 
 use super::conv::{
     direct_grad_is_faster, direct_is_faster, forward_im2col, input_grad_dense, sparse_is_faster,
-    weight_grad_im2col, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
+    weight_grad_im2col, ConvGeometry, GradBuffers, MaskedConvPlan, PlanWeights, SparseWeight,
 };
 use super::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use super::norm::{self, NormShape};
@@ -512,4 +512,84 @@ fn direct_kernels_equal_im2col_and_do_not_depend_on_the_thread_count() {
         "weight grad {}",
         rel_err(&dw, &dw_ref)
     );
+}
+
+#[test]
+fn fused_sparse_gradients_equal_the_separate_kernels_bit_for_bit() {
+    let shapes = [
+        // 11 samples: a short last chunk; "same" padding, so ∂x may go over dy.
+        geometry(11, [6, 6], 9, 3, 1, 1, 1),
+        // No padding, other channel counts, a 5×5 kernel, dilation.
+        geometry(3, [5, 7], 9, 3, 1, 0, 1),
+        geometry(2, [4, 4], 10, 5, 1, 2, 1),
+        ConvGeometry {
+            dilation: [2, 2],
+            ..geometry(2, [3, 5], 9, 3, 1, 2, 1)
+        },
+    ];
+    for (i, g) in shapes.into_iter().enumerate() {
+        let mut rng = MaskRng::new(i as u64, 4);
+        let x = values(&mut rng, g.batch * g.in_len());
+        let w = values(&mut rng, g.weight_len());
+        let dy = values(&mut rng, g.batch * g.out_len());
+        let mask: Vec<bool> = (0..g.weight_len()).map(|_| rng.next_f64() < 0.3).collect();
+        let plan = MaskedConvPlan {
+            geometry: g,
+            weights: PlanWeights::Sparse(SparseWeight::new(&g, &w, &mask)),
+        };
+        let (dx, dw) = (plan.input_grad(&dy), plan.weight_grad(&x, &dy, false));
+        let mut over_input = x.clone();
+        let fused = plan.sparse_grads(GradBuffers::OverInput {
+            x: &mut over_input,
+            dy: &dy,
+        });
+        assert_eq!(fused.as_ref(), Some(&dw), "{g:?}: weight gradient over x");
+        assert_eq!(over_input, dx, "{g:?}: input gradient over x");
+        let mut separate = vec![f32::NAN; dx.len()];
+        let fused = plan.sparse_grads(GradBuffers::Separate {
+            x: &x,
+            dy: &dy,
+            dx: &mut separate,
+        });
+        assert_eq!((fused.as_ref(), &separate), (Some(&dw), &dx), "{g:?}: separate");
+        if dy.len() == dx.len() {
+            let mut over_dy = dy.clone();
+            let fused = plan.sparse_grads(GradBuffers::OverDy {
+                x: &x,
+                dy: &mut over_dy,
+            });
+            assert_eq!((fused.as_ref(), &over_dy), (Some(&dw), &dx), "{g:?}: over dy");
+        }
+    }
+    // Not fused: a stride of 2, the dense form.
+    let g = geometry(2, [4, 4], 9, 3, 2, 1, 1);
+    let w = vec![1.0; g.weight_len()];
+    let all = vec![true; g.weight_len()];
+    let (x, dy) = (vec![0.0; g.batch * g.in_len()], vec![0.0; g.batch * g.out_len()]);
+    let mut dx = vec![0.0; x.len()];
+    let strided = MaskedConvPlan {
+        geometry: g,
+        weights: PlanWeights::Sparse(SparseWeight::new(&g, &w, &all)),
+    };
+    assert!(strided
+        .sparse_grads(GradBuffers::Separate {
+            x: &x,
+            dy: &dy,
+            dx: &mut dx
+        })
+        .is_none());
+    let g = geometry(2, [4, 4], 9, 3, 1, 1, 1);
+    let dense = MaskedConvPlan {
+        geometry: g,
+        weights: PlanWeights::Dense(vec![1.0; g.weight_len()]),
+    };
+    let (x, dy) = (vec![0.0; g.batch * g.in_len()], vec![0.0; g.batch * g.out_len()]);
+    let mut dx = vec![0.0; x.len()];
+    assert!(dense
+        .sparse_grads(GradBuffers::Separate {
+            x: &x,
+            dy: &dy,
+            dx: &mut dx
+        })
+        .is_none());
 }
