@@ -3,7 +3,8 @@
 //! `y = act(γ·x̂ + β + r)`, `x̂ = (x − μ)/√(σ² + ε)`, `act` ReLU or the identity.
 //!
 //! `μ`, `σ²` are the batch mean and biased variance of each channel over its `N·H·W` values,
-//! summed in `f64` in two passes (mean, then squared deviations). The backward pass is
+//! summed in two passes (mean, then squared deviations), in `f32` lanes over groups of about
+//! 1 024 values, then in `f64`. The backward pass is
 //! `g = dy·[y > 0]` (ReLU) or `dy`, `∂r = g`, `∂β = Σg`, `∂γ = Σg·x̂` and
 //! `∂x = γ/√(σ² + ε) · (g − ∂β/M − x̂·∂γ/M)` with `M = N·H·W`.
 //!
@@ -138,11 +139,12 @@ impl pulp::WithSimd for Pass<'_> {
         match self {
             Pass::Stats { planes } => {
                 let count = planes.iter().map(|p| p.len()).sum::<usize>().max(1) as f64;
-                let sum: f64 = planes.iter().map(|p| lane_sum(p, |v| v)).sum();
+                let group = planes_per_sum(&planes);
+                let sum: f64 = planes.chunks(group).map(|g| lane_sum(g, |v| v)).sum();
                 let mean = (sum / count) as f32;
                 let squares = planes
-                    .iter()
-                    .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)));
+                    .chunks(group)
+                    .map(|g| lane_sum(g, |v| (v - mean) * (v - mean)));
                 [sum, squares.sum()]
             }
             Pass::GatedSums {
@@ -150,14 +152,17 @@ impl pulp::WithSimd for Pass<'_> {
                 mean,
                 gate,
                 affine,
-            } => planes.iter().fold([0.0, 0.0], |[g, gx], [dy, s, x]| {
-                let [pg, pgx] = match gate {
-                    GateMode::None => gated_sums::<NO_GATE>(dy, s, x, mean, affine),
-                    GateMode::Output => gated_sums::<OUTPUT_GATE>(dy, s, x, mean, affine),
-                    GateMode::Input => gated_sums::<INPUT_GATE>(dy, s, x, mean, affine),
-                };
-                [g + pg, gx + pgx]
-            }),
+            } => {
+                let group = planes_per_sum(&planes.iter().map(|p| p[0]).collect::<Vec<_>>());
+                planes.chunks(group).fold([0.0, 0.0], |[g, gx], planes| {
+                    let [pg, pgx] = match gate {
+                        GateMode::None => gated_sums::<NO_GATE>(planes, mean, affine),
+                        GateMode::Output => gated_sums::<OUTPUT_GATE>(planes, mean, affine),
+                        GateMode::Input => gated_sums::<INPUT_GATE>(planes, mean, affine),
+                    };
+                    [g + pg, gx + pgx]
+                })
+            }
             Pass::Normalize {
                 out,
                 x,
@@ -220,15 +225,33 @@ impl Pass<'_> {
     }
 }
 
-/// `Σ f(a_i)` over one plane: `f32` lanes, added up in `f64`.
+/// Values a sum's `f32` lanes take in (about) before they are added up in `f64`: planes are
+/// summed in groups of at least this many values, so that small planes (64 values at 8×8) do
+/// not pay a reduction of every lane per plane (that took more time than the sums).
+const VALUES_PER_SUM: usize = 1024;
+
+/// Planes per group of a sum ([`VALUES_PER_SUM`]); the planes of a channel are equal.
+fn planes_per_sum(planes: &[&[f32]]) -> usize {
+    (VALUES_PER_SUM / planes.first().map_or(1, |p| p.len()).max(1)).max(1)
+}
+
+/// `Σ f(a_i)` over a group of planes: `f32` lanes across the group, added up in `f64` (the
+/// values past each plane's last whole vector in `f64` directly).
 #[inline(always)]
-fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+fn lane_sum(planes: &[&[f32]], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0.0f32; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(f(v))).sum();
-    for chunk in chunks {
-        for i in 0..LANES {
-            acc[i] += f(chunk[i]);
+    let mut tail = 0.0f64;
+    for a in planes {
+        let chunks = a.chunks_exact(LANES);
+        tail += chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(f(v)))
+            .sum::<f64>();
+        for chunk in chunks {
+            for i in 0..LANES {
+                acc[i] += f(chunk[i]);
+            }
         }
     }
     acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
@@ -280,37 +303,35 @@ fn gate<const MODE: u8>(dy: f32, source: f32, [a, b]: [f32; 2]) -> f32 {
     }
 }
 
-/// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, source)`: `f32` lanes added up in `f64`.
+/// `[Σg, Σg·(x − μ)]` over a group of planes (`[dy, source, x]` each), `g = gate(dy,
+/// source)`: `f32` lanes across the group, added up in `f64` (the values past each plane's
+/// last whole [`GATED_LANES`] block in `f64` directly).
 #[inline(always)]
-fn gated_sums<const MODE: u8>(
-    dy: &[f32],
-    source: &[f32],
-    x: &[f32],
-    mean: f32,
-    affine: [f32; 2],
-) -> [f64; 2] {
+fn gated_sums<const MODE: u8>(planes: &[[&[f32]; 3]], mean: f32, affine: [f32; 2]) -> [f64; 2] {
     let mut acc_g = [0.0f32; GATED_LANES];
     let mut acc_gx = [0.0f32; GATED_LANES];
-    let n = dy.len() / GATED_LANES * GATED_LANES;
-    for ((d, sv), xv) in (dy[..n].chunks_exact(GATED_LANES))
-        .zip(source[..n].chunks_exact(GATED_LANES))
-        .zip(x[..n].chunks_exact(GATED_LANES))
-    {
-        for i in 0..GATED_LANES {
-            let g = gate::<MODE>(d[i], sv[i], affine);
-            acc_g[i] += g;
-            acc_gx[i] += g * (xv[i] - mean);
+    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+    for &[dy, source, x] in planes {
+        let n = dy.len() / GATED_LANES * GATED_LANES;
+        for ((d, sv), xv) in (dy[..n].chunks_exact(GATED_LANES))
+            .zip(source[..n].chunks_exact(GATED_LANES))
+            .zip(x[..n].chunks_exact(GATED_LANES))
+        {
+            for i in 0..GATED_LANES {
+                let g = gate::<MODE>(d[i], sv[i], affine);
+                acc_g[i] += g;
+                acc_gx[i] += g * (xv[i] - mean);
+            }
+        }
+        for i in n..dy.len() {
+            let g = gate::<MODE>(dy[i], source[i], affine);
+            sum_g += f64::from(g);
+            sum_gx += f64::from(g * (x[i] - mean));
         }
     }
-    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
     for i in 0..GATED_LANES {
         sum_g += f64::from(acc_g[i]);
         sum_gx += f64::from(acc_gx[i]);
-    }
-    for i in n..dy.len() {
-        let g = gate::<MODE>(dy[i], source[i], affine);
-        sum_g += f64::from(g);
-        sum_gx += f64::from(g * (x[i] - mean));
     }
     [sum_g, sum_gx]
 }
