@@ -551,21 +551,32 @@ fn fused_sparse_gradients_equal_the_separate_kernels_bit_for_bit() {
             dy: &dy,
             dx: &mut separate,
         });
-        assert_eq!((fused.as_ref(), &separate), (Some(&dw), &dx), "{g:?}: separate");
+        assert_eq!(
+            (fused.as_ref(), &separate),
+            (Some(&dw), &dx),
+            "{g:?}: separate"
+        );
         if dy.len() == dx.len() {
             let mut over_dy = dy.clone();
             let fused = plan.sparse_grads(GradBuffers::OverDy {
                 x: &x,
                 dy: &mut over_dy,
             });
-            assert_eq!((fused.as_ref(), &over_dy), (Some(&dw), &dx), "{g:?}: over dy");
+            assert_eq!(
+                (fused.as_ref(), &over_dy),
+                (Some(&dw), &dx),
+                "{g:?}: over dy"
+            );
         }
     }
     // Not fused: a stride of 2, the dense form.
     let g = geometry(2, [4, 4], 9, 3, 2, 1, 1);
     let w = vec![1.0; g.weight_len()];
     let all = vec![true; g.weight_len()];
-    let (x, dy) = (vec![0.0; g.batch * g.in_len()], vec![0.0; g.batch * g.out_len()]);
+    let (x, dy) = (
+        vec![0.0; g.batch * g.in_len()],
+        vec![0.0; g.batch * g.out_len()],
+    );
     let mut dx = vec![0.0; x.len()];
     let strided = MaskedConvPlan {
         geometry: g,
@@ -583,7 +594,10 @@ fn fused_sparse_gradients_equal_the_separate_kernels_bit_for_bit() {
         geometry: g,
         weights: PlanWeights::Dense(vec![1.0; g.weight_len()]),
     };
-    let (x, dy) = (vec![0.0; g.batch * g.in_len()], vec![0.0; g.batch * g.out_len()]);
+    let (x, dy) = (
+        vec![0.0; g.batch * g.in_len()],
+        vec![0.0; g.batch * g.out_len()],
+    );
     let mut dx = vec![0.0; x.len()];
     assert!(dense
         .sparse_grads(GradBuffers::Separate {
