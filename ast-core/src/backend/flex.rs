@@ -24,6 +24,7 @@ use super::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOpt
 use crate::kernels::conv::{ConvGeometry, GradBuffers, MaskedConvPlan};
 use crate::kernels::flex_kernels_enabled;
 use crate::kernels::norm::{self, NormShape};
+use crate::kernels::pool;
 
 impl AstBackend for Flex {
     fn masked_conv2d(
@@ -303,10 +304,11 @@ impl Backward<Flex, 2> for MaskedConvBackward {
         let (input, dy) = match (&node_x, &node_weight) {
             (Some(node_x), Some(node_weight)) if !dense_weight_grad => {
                 match fused_grads(&plan, input, dy) {
-                    Ok((dw, dx)) => {
+                    Ok((dw, dx, spent)) => {
                         let dw = FlexTensor::from_data(TensorData::new(dw, w_shape));
                         grads.register::<Flex>(node_weight.id, dw);
                         grads.register::<Flex>(node_x.id, dx);
+                        spent.into_iter().for_each(recycle);
                         return;
                     }
                     Err(buffers) => buffers,
@@ -339,14 +341,22 @@ impl Backward<Flex, 2> for MaskedConvBackward {
                     _ => false,
                 };
             let dx = if into_input {
+                recycle(dy);
                 input
             } else if over_dy {
+                recycle(input);
                 dy
             } else {
                 let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
-                FlexTensor::from_data(TensorData::new(plan.input_grad(f32s(&dy)), shape))
+                let dx = FlexTensor::from_data(TensorData::new(plan.input_grad(f32s(&dy)), shape));
+                recycle(input);
+                recycle(dy);
+                dx
             };
             grads.register::<Flex>(node.id, dx);
+        } else {
+            recycle(input);
+            recycle(dy);
         }
     }
 }
@@ -354,13 +364,15 @@ impl Backward<Flex, 2> for MaskedConvBackward {
 /// Both gradients of a sparse stride-1 convolution in one pass
 /// ([`MaskedConvPlan::sparse_grads`]): `∂x` over the input's buffer when this state held its
 /// last reference, else over `dy`'s when `∂x` has its shape and it is not shared, else into a
-/// new buffer. Returns the weight gradient and `∂x`, or the two tensors untouched where the
-/// fused kernel does not apply.
+/// new buffer. Returns the weight gradient, `∂x` and the tensors it is done with (for
+/// [`recycle`]), or the two tensors untouched where the fused kernel does not apply.
+// Called once per backward of a convolution; the two tensors handed back are moved, not copied.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 fn fused_grads(
     plan: &MaskedConvPlan,
     mut input: FlexTensor,
     mut dy: FlexTensor,
-) -> Result<(Vec<f32>, FlexTensor), (FlexTensor, FlexTensor)> {
+) -> Result<(Vec<f32>, FlexTensor, Vec<FlexTensor>), (FlexTensor, FlexTensor)> {
     let g = &plan.geometry;
     if !plan.fuses_sparse_grads() {
         return Err((input, dy));
@@ -368,7 +380,7 @@ fn fused_grads(
     let len = g.batch * g.in_len();
     if let Some(x) = input.try_storage_mut::<f32>().filter(|x| x.len() == len) {
         let dw = plan.sparse_grads(GradBuffers::OverInput { x, dy: f32s(&dy) });
-        return Ok((dw.expect("a plan that fuses"), input));
+        return Ok((dw.expect("a plan that fuses"), input, vec![dy]));
     }
     let same_shape = g.c_in == g.c_out && g.out_hw() == Some(g.in_hw);
     if same_shape {
@@ -377,17 +389,31 @@ fn fused_grads(
                 x: f32s(&input),
                 dy: d,
             });
-            return Ok((dw.expect("a plan that fuses"), dy));
+            return Ok((dw.expect("a plan that fuses"), dy, vec![input]));
         }
     }
-    let mut dx = vec![0.0; len];
+    let mut dx = pool::take_overwritten(len);
     let dw = plan.sparse_grads(GradBuffers::Separate {
         x: f32s(&input),
         dy: f32s(&dy),
         dx: &mut dx,
     });
     let shape = [g.batch, g.c_in, g.in_hw[0], g.in_hw[1]];
-    Ok((dw.expect("a plan that fuses"), flex(dx, shape)))
+    Ok((
+        dw.expect("a plan that fuses"),
+        flex(dx, shape),
+        vec![input, dy],
+    ))
+}
+
+/// Hands the buffer of a tensor the backward pass is done with to [`pool`], when this was its
+/// last reference (else it stays with its other owners).
+fn recycle(t: FlexTensor) {
+    if t.is_unique() && t.dtype() == DType::F32 {
+        if let Ok(values) = t.into_data().into_vec::<f32>() {
+            pool::give(values);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -438,6 +464,10 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
         );
         let dims = s.dims;
         let channels = [s.shape.channels];
+        recycle(s.input);
+        if let SavedGate::Output(y) = s.gate {
+            recycle(y);
+        }
         let results = [
             Some(flex(d.x, dims)),
             Some(flex(d.gamma, channels)),

@@ -11,6 +11,7 @@ use core::ops::Range;
 
 use super::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use super::gemm::{matmul, matmul_col_major, matmul_rows, MatRef};
+use super::pool;
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
@@ -1515,7 +1516,7 @@ impl MaskedConvPlan {
     /// `y = conv(x, W ⊙ M)`, `[N, C_out, H_out, W_out]`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
-        let mut y = vec![0.0; g.batch * g.out_len()];
+        let mut y = pool::take_overwritten(g.batch * g.out_len());
         match &self.weights {
             PlanWeights::Dense(w) => forward_dense(g, x, w, &mut y),
             PlanWeights::Sparse(w) => forward_sparse(g, x, w, &mut y),
@@ -1526,7 +1527,7 @@ impl MaskedConvPlan {
     /// `∂L/∂x` from `dy = ∂L/∂y`, `[N, C_in, H, W]`.
     pub fn input_grad(&self, dy: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
-        let mut dx = vec![0.0; g.batch * g.in_len()];
+        let mut dx = pool::take_overwritten(g.batch * g.in_len());
         self.input_grad_into(dy, &mut dx);
         dx
     }

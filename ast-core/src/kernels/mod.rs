@@ -4,7 +4,8 @@
 //! - [`conv`]: masked 2-D convolution, dense (im2col + GEMM) or sparse (active weights only),
 //!   forward, input gradient, and weight gradient at every or only the active positions;
 //! - [`norm`]: training-mode batch norm with the residual add and ReLU after it fused in;
-//! - [`gemm`]: the safe front of the GEMM they use.
+//! - [`gemm`]: the safe front of the GEMM they use;
+//! - [`pool`]: recycled activation buffers, which the kernels' outputs take without clearing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,6 +13,7 @@ pub mod conv;
 pub mod direct;
 pub mod gemm;
 pub mod norm;
+pub mod pool;
 #[cfg(test)]
 mod tests;
 

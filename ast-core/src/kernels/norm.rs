@@ -438,7 +438,7 @@ pub fn normalize(
         assert_eq!(v.len(), shape.channels, "{name} is not one per channel");
     }
     let coefficients = affine(gamma, beta, mean, inv_std);
-    let mut y = vec![0.0f32; shape.len()];
+    let mut y = super::pool::take_overwritten(shape.len());
     let task = shape.planes_per_task() * shape.plane;
     y.par_chunks_mut(task.max(1))
         .enumerate()
@@ -543,7 +543,7 @@ pub fn backward(
         ReluGate::None | ReluGate::Recompute { .. } => x,
     };
     let mut dx = dy;
-    let mut dr = residual.then(|| vec![0.0f32; shape.len()]);
+    let mut dr = residual.then(|| super::pool::take_overwritten(shape.len()));
     let task = (shape.planes_per_task() * shape.plane).max(1);
     let pass = |t: usize, grad: &mut [f32], dr: Option<&mut [f32]>| {
         let start = t * task;

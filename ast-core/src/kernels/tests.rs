@@ -11,6 +11,7 @@ use super::conv::{
 };
 use super::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use super::norm::{self, NormShape};
+use super::pool;
 use crate::backend::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions};
 use crate::rng::MaskRng;
 
@@ -606,4 +607,54 @@ fn fused_sparse_gradients_equal_the_separate_kernels_bit_for_bit() {
             dx: &mut dx
         })
         .is_none());
+}
+
+#[test]
+fn outputs_taken_from_the_pool_are_overwritten_everywhere() {
+    // Lengths above `pool::MIN_LEN` that no other test uses (the pool is process-wide).
+    let g = geometry(3, [7, 9], 61, 3, 1, 1, 1);
+    let mut rng = MaskRng::new(9, 0);
+    let x = values(&mut rng, g.batch * g.in_len());
+    let w = values(&mut rng, g.weight_len());
+    let dy = values(&mut rng, g.batch * g.out_len());
+    let poison = |len: usize| pool::give(vec![f32::NAN; len]);
+    for density in [1.0, 0.1] {
+        let mask: Vec<bool> = (0..g.weight_len())
+            .map(|_| rng.next_f64() < density)
+            .collect();
+        let plan = MaskedConvPlan::new(g, &w, &mask);
+        let (y, dx) = (plan.forward(&x), plan.input_grad(&dy));
+        poison(y.len());
+        poison(dx.len());
+        assert_eq!(
+            (plan.forward(&x), plan.input_grad(&dy)),
+            (y, dx),
+            "density {density}"
+        );
+    }
+    let shape = NormShape {
+        batch: 3,
+        channels: 7,
+        plane: 61 * 62,
+    };
+    let (gamma, beta) = (values(&mut rng, 7), values(&mut rng, 7));
+    let run = || {
+        let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&x), true);
+        let inv_std = norm::inv_std(&stats.var, 1e-5);
+        let grads = norm::backward(
+            &shape,
+            &x,
+            norm::ReluGate::Output(&y),
+            x.clone(),
+            &stats.mean,
+            &inv_std,
+            &gamma,
+            true,
+        );
+        (y, grads)
+    };
+    let first = run();
+    poison(shape.len());
+    poison(shape.len());
+    assert_eq!(run(), first);
 }
