@@ -3,8 +3,8 @@
 //! `y = act(γ·x̂ + β + r)`, `x̂ = (x − μ)/√(σ² + ε)`, `act` ReLU or the identity.
 //!
 //! `μ`, `σ²` are the batch mean and biased variance of each channel over its `N·H·W` values,
-//! summed in two passes (mean, then squared deviations), in `f32` lanes over groups of about
-//! 1 024 values, then in `f64`. The backward pass is
+//! summed in two passes (mean, then squared deviations): per plane in `f32` lanes, the lanes
+//! added up in `f64` across the planes. The backward pass is
 //! `g = dy·[y > 0]` (ReLU) or `dy`, `∂r = g`, `∂β = Σg`, `∂γ = Σg·x̂` and
 //! `∂x = γ/√(σ² + ε) · (g − ∂β/M − x̂·∂γ/M)` with `M = N·H·W`.
 //!
@@ -139,13 +139,10 @@ impl pulp::WithSimd for Pass<'_> {
         match self {
             Pass::Stats { planes } => {
                 let count = planes.iter().map(|p| p.len()).sum::<usize>().max(1) as f64;
-                let group = planes_per_sum(&planes);
-                let sum: f64 = planes.chunks(group).map(|g| lane_sum(g, |v| v)).sum();
+                let sum = sum_planes(&planes, |v| v);
                 let mean = (sum / count) as f32;
-                let squares = planes
-                    .chunks(group)
-                    .map(|g| lane_sum(g, |v| (v - mean) * (v - mean)));
-                [sum, squares.sum()]
+                let squares = sum_planes(&planes, |v| (v - mean) * (v - mean));
+                [sum, squares]
             }
             Pass::GatedSums {
                 planes,
@@ -153,15 +150,21 @@ impl pulp::WithSimd for Pass<'_> {
                 gate,
                 affine,
             } => {
-                let group = planes_per_sum(&planes.iter().map(|p| p[0]).collect::<Vec<_>>());
-                planes.chunks(group).fold([0.0, 0.0], |[g, gx], planes| {
-                    let [pg, pgx] = match gate {
-                        GateMode::None => gated_sums::<NO_GATE>(planes, mean, affine),
-                        GateMode::Output => gated_sums::<OUTPUT_GATE>(planes, mean, affine),
-                        GateMode::Input => gated_sums::<INPUT_GATE>(planes, mean, affine),
+                // Each plane's f32 lanes, added up lane by lane in f64 across the planes.
+                let mut lanes = [[0.0f64; GATED_LANES]; 2];
+                let mut tails = [0.0f64; 2];
+                for [dy, s, x] in &planes {
+                    let (plane, tail) = match gate {
+                        GateMode::None => gated_sums::<NO_GATE>(dy, s, x, mean, affine),
+                        GateMode::Output => gated_sums::<OUTPUT_GATE>(dy, s, x, mean, affine),
+                        GateMode::Input => gated_sums::<INPUT_GATE>(dy, s, x, mean, affine),
                     };
-                    [g + pg, gx + pgx]
-                })
+                    for (sums, plane) in lanes.iter_mut().zip(plane) {
+                        add_lanes(sums, &plane);
+                    }
+                    tails = [tails[0] + tail[0], tails[1] + tail[1]];
+                }
+                [0, 1].map(|k| lanes[k].iter().sum::<f64>() + tails[k])
             }
             Pass::Normalize {
                 out,
@@ -225,36 +228,43 @@ impl Pass<'_> {
     }
 }
 
-/// Values a sum's `f32` lanes take in (about) before they are added up in `f64`: planes are
-/// summed in groups of at least this many values, so that small planes (64 values at 8×8) do
-/// not pay a reduction of every lane per plane (that took more time than the sums).
-const VALUES_PER_SUM: usize = 1024;
-
-/// Planes per group of a sum ([`VALUES_PER_SUM`]); the planes of a channel are equal.
-fn planes_per_sum(planes: &[&[f32]]) -> usize {
-    (VALUES_PER_SUM / planes.first().map_or(1, |p| p.len()).max(1)).max(1)
+/// `Σ f(a_i)` over the planes of one channel: per plane `f32` lanes ([`lane_sums`]), added up
+/// lane by lane in `f64` across the planes, then across the lanes. (Reducing each plane's
+/// lanes to one `f64` was a chain of dependent additions per plane: on 64-value planes it
+/// took longer than the sums.)
+#[inline(always)]
+fn sum_planes(planes: &[&[f32]], f: impl Fn(f32) -> f32 + Copy) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let mut tail = 0.0f64;
+    for plane in planes {
+        let (sums, rest) = lane_sums(plane, f);
+        add_lanes(&mut lanes, &sums);
+        tail += rest;
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
-/// `Σ f(a_i)` over a group of planes: `f32` lanes across the group, added up in `f64` (the
-/// values past each plane's last whole vector in `f64` directly).
+/// `lanes[i] += f64(values[i])`.
 #[inline(always)]
-fn lane_sum(planes: &[&[f32]], f: impl Fn(f32) -> f32) -> f64 {
+fn add_lanes<const N: usize>(lanes: &mut [f64; N], values: &[f32; N]) {
+    for (l, &v) in lanes.iter_mut().zip(values) {
+        *l += f64::from(v);
+    }
+}
+
+/// `Σ f(a_i)` over one plane in `f32` lanes, and its values past the last whole vector in
+/// `f64`.
+#[inline(always)]
+fn lane_sums(a: &[f32], f: impl Fn(f32) -> f32) -> ([f32; LANES], f64) {
     let mut acc = [0.0f32; LANES];
-    let mut tail = 0.0f64;
-    for a in planes {
-        let chunks = a.chunks_exact(LANES);
-        tail += chunks
-            .remainder()
-            .iter()
-            .map(|&v| f64::from(f(v)))
-            .sum::<f64>();
-        for chunk in chunks {
-            for i in 0..LANES {
-                acc[i] += f(chunk[i]);
-            }
+    let chunks = a.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(f(v))).sum();
+    for chunk in chunks {
+        for i in 0..LANES {
+            acc[i] += f(chunk[i]);
         }
     }
-    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+    (acc, tail)
 }
 
 /// Where the backward pass reads the ReLU's gate `[y > 0]` from.
@@ -303,37 +313,36 @@ fn gate<const MODE: u8>(dy: f32, source: f32, [a, b]: [f32; 2]) -> f32 {
     }
 }
 
-/// `[Σg, Σg·(x − μ)]` over a group of planes (`[dy, source, x]` each), `g = gate(dy,
-/// source)`: `f32` lanes across the group, added up in `f64` (the values past each plane's
-/// last whole [`GATED_LANES`] block in `f64` directly).
+/// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, source)`: `f32` lanes, and the values
+/// past the last whole block of lanes in `f64`.
 #[inline(always)]
-fn gated_sums<const MODE: u8>(planes: &[[&[f32]; 3]], mean: f32, affine: [f32; 2]) -> [f64; 2] {
+fn gated_sums<const MODE: u8>(
+    dy: &[f32],
+    source: &[f32],
+    x: &[f32],
+    mean: f32,
+    affine: [f32; 2],
+) -> ([[f32; GATED_LANES]; 2], [f64; 2]) {
     let mut acc_g = [0.0f32; GATED_LANES];
     let mut acc_gx = [0.0f32; GATED_LANES];
-    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-    for &[dy, source, x] in planes {
-        let n = dy.len() / GATED_LANES * GATED_LANES;
-        for ((d, sv), xv) in (dy[..n].chunks_exact(GATED_LANES))
-            .zip(source[..n].chunks_exact(GATED_LANES))
-            .zip(x[..n].chunks_exact(GATED_LANES))
-        {
-            for i in 0..GATED_LANES {
-                let g = gate::<MODE>(d[i], sv[i], affine);
-                acc_g[i] += g;
-                acc_gx[i] += g * (xv[i] - mean);
-            }
-        }
-        for i in n..dy.len() {
-            let g = gate::<MODE>(dy[i], source[i], affine);
-            sum_g += f64::from(g);
-            sum_gx += f64::from(g * (x[i] - mean));
+    let n = dy.len() / GATED_LANES * GATED_LANES;
+    for ((d, sv), xv) in (dy[..n].chunks_exact(GATED_LANES))
+        .zip(source[..n].chunks_exact(GATED_LANES))
+        .zip(x[..n].chunks_exact(GATED_LANES))
+    {
+        for i in 0..GATED_LANES {
+            let g = gate::<MODE>(d[i], sv[i], affine);
+            acc_g[i] += g;
+            acc_gx[i] += g * (xv[i] - mean);
         }
     }
-    for i in 0..GATED_LANES {
-        sum_g += f64::from(acc_g[i]);
-        sum_gx += f64::from(acc_gx[i]);
+    let (mut tail_g, mut tail_gx) = (0.0f64, 0.0f64);
+    for i in n..dy.len() {
+        let g = gate::<MODE>(dy[i], source[i], affine);
+        tail_g += f64::from(g);
+        tail_gx += f64::from(g * (x[i] - mean));
     }
-    [sum_g, sum_gx]
+    ([acc_g, acc_gx], [tail_g, tail_gx])
 }
 
 /// `out = act(a·x + b + r)` over one plane (`r` empty: no residual).
