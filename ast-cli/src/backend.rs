@@ -5,10 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 use ast_core::AstBackend;
+use ast_models::AstModel;
 use ast_train::bench::{step_throughput, StepBench, StepTiming};
+use ast_train::metrics::SubnetMetrics;
 use ast_train::train::{evaluate, load_run_model};
 use ast_train::{RunOptions, RunSummary, TrainConfig};
 use burn::backend::Autodiff;
+use burn::prelude::{Tensor, TensorData};
 use burn::tensor::backend::{AutodiffBackend, Device, DeviceId};
 
 use crate::report;
@@ -234,7 +237,13 @@ pub struct Eval<'a> {
     pub data_path: Option<&'a Path>,
     /// Where to write the JSON results (default `<run>/eval.json`).
     pub json: Option<&'a Path>,
+    /// A latency budget in seconds and the images per timed forward pass: time each
+    /// sub-net's inference and pick the most accurate one within the budget.
+    pub latency: Option<(f64, usize)>,
 }
+
+/// Forward passes timed per sub-net for `eval --latency-budget-ms`.
+const LATENCY_RUNS: usize = 20;
 
 impl BackendJob for Eval<'_> {
     type Output = ();
@@ -268,22 +277,96 @@ impl BackendJob for Eval<'_> {
                 m.loss
             );
         }
+        let latency = match self.latency {
+            Some((budget, batch)) => Some(pick_within_budget(
+                &inner, &loader, &metrics, budget, batch, device,
+            )?),
+            None => None,
+        };
         let out = self
             .json
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.run.join("eval.json"));
-        let text = serde_json::to_string_pretty(&serde_json::json!({
+        let mut results = serde_json::json!({
             "run": self.run,
             "epochs": epochs,
             "data": config.data.path,
             "targets": config.ast.subnets,
             "subnets": metrics,
-        }))?;
+        });
+        if let Some((budget, batch, latencies, chosen)) = latency {
+            results["latency"] = serde_json::json!({
+                "budget_s": budget,
+                "batch": batch,
+                "median_s": latencies,
+                "chosen": chosen,
+            });
+        }
+        let text = serde_json::to_string_pretty(&results)?;
         std::fs::write(&out, text)
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
         println!("results written to {}", out.display());
         Ok(())
     }
+}
+
+/// Times each sub-net's inference on the first `batch` test images ([`LATENCY_RUNS`] passes,
+/// median), prints them and the most accurate sub-net within `budget` seconds. Returns the
+/// budget, the batch, the latencies and the chosen sub-net; an error line when no sub-net fits.
+fn pick_within_budget<B: AstBackend>(
+    model: &AstModel<B>,
+    loader: &ast_train::data::Loader,
+    metrics: &[SubnetMetrics],
+    budget: f64,
+    batch: usize,
+    device: &B::Device,
+) -> Result<(f64, usize, Vec<f64>, usize)> {
+    let first = loader
+        .epoch(0, 0)
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the test set is empty: no images to time"))??;
+    let available = first.labels.len();
+    if batch > available {
+        anyhow::bail!(
+            "--latency-batch {batch} is more than the {available} images of one evaluation \
+             batch: give at most {available}"
+        );
+    }
+    let x = Tensor::<B, 4>::from_data(TensorData::new(first.images, first.shape), device)
+        .narrow(0, 0, batch);
+    let latencies = ast_train::latency::subnet_latencies(model, &x, LATENCY_RUNS, device)?;
+    println!("inference latency, batch {batch}, median of {LATENCY_RUNS} passes:");
+    for (m, t) in metrics.iter().zip(&latencies) {
+        println!(
+            "  sub-net {}  density {:.4}  top-1 {:6.2}%  {:9.3} ms",
+            m.subnet,
+            m.density,
+            100.0 * m.top1,
+            t * 1000.0
+        );
+    }
+    let Some(chosen) = ast_train::latency::best_within_budget(metrics, &latencies, budget) else {
+        let (fastest, t) = latencies
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .expect("at least one sub-net");
+        anyhow::bail!(
+            "no sub-net runs within {:.3} ms (the fastest, sub-net {fastest}, takes {:.3} ms): \
+             raise --latency-budget-ms or lower --latency-batch; nothing written",
+            budget * 1000.0,
+            t * 1000.0
+        );
+    };
+    let m = &metrics[chosen];
+    println!(
+        "within {:.3} ms: sub-net {chosen} (density {:.4}, top-1 {:.2}%, {:.3} ms)",
+        budget * 1000.0,
+        m.density,
+        100.0 * m.top1,
+        latencies[chosen] * 1000.0
+    );
+    Ok((budget, batch, latencies, chosen))
 }
 
 /// Times the AST training step.

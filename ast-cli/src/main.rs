@@ -391,6 +391,22 @@ struct EvalArgs {
     /// Write the results as JSON here (default: <run>/eval.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also time each sub-net's inference on this machine and backend, and pick the most
+    /// accurate sub-net whose forward pass takes at most this many milliseconds.
+    #[arg(long, value_name = "MS", value_parser = parse_budget, allow_hyphen_values = true)]
+    latency_budget_ms: Option<f64>,
+    /// Images per timed forward pass (taken from the test set).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096), requires = "latency_budget_ms")]
+    latency_batch: u64,
+}
+
+fn parse_budget(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
+        _ => Err(format!(
+            "`{text}` is not a latency budget: give a positive number of milliseconds, e.g. 5"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -942,6 +958,9 @@ fn command(cli: Cli) -> Result<()> {
                 run: &args.run,
                 data_path: args.data_path.as_deref(),
                 json: args.json.as_deref(),
+                latency: args
+                    .latency_budget_ms
+                    .map(|ms| (ms / 1000.0, args.latency_batch as usize)),
             },
         ),
         Command::Bench(args) => bench(args),

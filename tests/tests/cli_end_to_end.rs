@@ -114,6 +114,55 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         );
     }
 
+    // The most accurate sub-net within a latency budget: every sub-net fits a generous one.
+    let output = cli(&[
+        "eval",
+        "--run",
+        out_s,
+        "--latency-budget-ms",
+        "100000",
+        "--latency-batch",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let latency = &eval["latency"];
+    let medians = latency["median_s"].as_array().unwrap();
+    assert_eq!(medians.len(), 3, "{latency}");
+    assert!(
+        medians.iter().all(|t| t.as_f64().unwrap() > 0.0),
+        "{latency}"
+    );
+    let top1: Vec<f64> = (eval["subnets"].as_array().unwrap().iter())
+        .map(|s| s["top1"].as_f64().unwrap())
+        .collect();
+    let chosen = latency["chosen"].as_u64().unwrap() as usize;
+    assert!(
+        top1.iter().all(|&t| t <= top1[chosen]),
+        "{top1:?} {latency}"
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains(&format!("sub-net {chosen} (density")),
+        "{printed}"
+    );
+    // None fits a budget below the fastest: one error line, eval.json left as it was.
+    let before = std::fs::read(out.join("eval.json")).unwrap();
+    let output = cli(&["eval", "--run", out_s, "--latency-budget-ms", "0.000001"]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("no sub-net runs within"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
+    let output = cli(&["eval", "--run", out_s, "--latency-budget-ms", "-3"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("not a latency budget"),
+        "{}",
+        stderr(&output)
+    );
+
     let output = cli(&["stats", "--run", out_s]);
     assert!(output.status.success(), "{}", stderr(&output));
     let stats = std::fs::read_to_string(out.join("stats.csv")).unwrap();
