@@ -349,45 +349,73 @@ impl SparseWeight {
             "SparseWeight: unequal strides"
         );
         let row = geometry.row_len();
-        let mut row_start = Vec::with_capacity(geometry.c_out + 1);
-        let mut index = Vec::new();
-        row_start.push(0);
-        for co in 0..geometry.c_out {
-            index.extend((co * row..(co + 1) * row).filter(|&i| mask[i]));
-            row_start.push(index.len());
-        }
-        let value: Vec<f32> = index.iter().map(|&i| weight[i]).collect();
         let [kh, kw] = geometry.kernel;
         let [hp, wp] = geometry.padded_hw();
-        let offset = index
-            .iter()
-            .map(|&i| {
-                let (co, within) = (i / row, i % row);
-                let ci = within / (kh * kw) + co / geometry.cout_g() * geometry.cin_g();
-                let (ky, kx) = (within / kw % kh, within % kw);
-                ci * hp * wp + ky * geometry.dilation[0] * wp + kx * geometry.dilation[1]
+        let plane = hp * wp;
+        // One pass over the weights in their order, with the input channel and kernel offset
+        // counted along (no divisions per entry: they cost more than the convolution of a
+        // batch-1 inference). Per entry: its input channel and in-plane offset.
+        let mut row_start = Vec::with_capacity(geometry.c_out + 1);
+        let (mut index, mut value, mut offset) = (Vec::new(), Vec::new(), Vec::new());
+        let mut channel_and_shift: Vec<(usize, usize)> = Vec::new();
+        let shifts: Vec<usize> = (0..kh)
+            .flat_map(|ky| {
+                (0..kw).map(move |kx| ky * geometry.dilation[0] * wp + kx * geometry.dilation[1])
             })
-            .collect::<Vec<usize>>();
-        let start = offset.iter().map(|&o| geometry.phase_offset(o)).collect();
+            .collect();
+        row_start.push(0);
+        for co in 0..geometry.c_out {
+            let base = co * row;
+            let (mut ci, mut k) = (co / geometry.cout_g() * geometry.cin_g(), 0);
+            for (t, (&m, &w)) in mask[base..base + row]
+                .iter()
+                .zip(&weight[base..base + row])
+                .enumerate()
+            {
+                if m {
+                    index.push(base + t);
+                    value.push(w);
+                    offset.push(ci * plane + shifts[k]);
+                    channel_and_shift.push((ci, shifts[k]));
+                }
+                k += 1;
+                if k == shifts.len() {
+                    (ci, k) = (ci + 1, 0);
+                }
+            }
+            row_start.push(index.len());
+        }
+        let start = if geometry.stride[1] == 1 {
+            offset.clone()
+        } else {
+            offset.iter().map(|&o| geometry.phase_offset(o)).collect()
+        };
         let (mut by_input_start, mut by_input_value, mut by_input_read) =
             (Vec::new(), Vec::new(), Vec::new());
         if geometry.stride == [1, 1] {
             // Entry e reads dy channel co at in-plane offset o_e backwards: dx_pad[ci][q] +=
             // v_e · dy_wide[co][q − o_e], i.e. position `read + q` of the dy channels' buffer.
-            let (plane, margin, cl) = (hp * wp, geometry.dy_margin(), geometry.dy_channel_len());
-            let mut order: Vec<usize> = (0..index.len()).collect();
-            order.sort_by_key(|&e| offset[e] / plane);
-            by_input_start.push(0);
-            let mut at = 0;
+            let (margin, cl) = (geometry.dy_margin(), geometry.dy_channel_len());
+            // A counting sort by input channel (stable: entries keep their order within a
+            // channel); it runs per call, and a comparison sort of the entries cost more than
+            // the convolution at batch 1.
+            by_input_start = vec![0; geometry.c_in + 1];
+            for &(ci, _) in &channel_and_shift {
+                by_input_start[ci + 1] += 1;
+            }
             for ci in 0..geometry.c_in {
-                while at < order.len() && offset[order[at]] / plane == ci {
-                    let e = order[at];
-                    let co = index[e] / row;
-                    by_input_value.push(value[e]);
-                    by_input_read.push(co * cl + margin - offset[e] % plane);
-                    at += 1;
+                by_input_start[ci + 1] += by_input_start[ci];
+            }
+            let mut next = by_input_start.clone();
+            (by_input_value, by_input_read) = (vec![0.0; index.len()], vec![0; index.len()]);
+            for co in 0..geometry.c_out {
+                for e in row_start[co]..row_start[co + 1] {
+                    let (ci, shift) = channel_and_shift[e];
+                    let at = &mut next[ci];
+                    by_input_value[*at] = value[e];
+                    by_input_read[*at] = co * cl + margin - shift;
+                    *at += 1;
                 }
-                by_input_start.push(at);
             }
         }
         Self {
