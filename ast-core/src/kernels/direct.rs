@@ -1,5 +1,8 @@
-//! Direct dense convolution for stride-1, ungrouped layers with few output channels: no
-//! im2col. Each block of [`CO`] output channels and [`LANES`] output positions keeps its sums
+//! Direct dense convolution for stride-1, ungrouped layers, forward ([`forward_direct`]) and
+//! weight gradient ([`weight_grad_direct`]): no im2col. (The input gradient of a stride-1
+//! convolution is the forward of the transposed kernel, so it runs here too.)
+//!
+//! Forward: each block of [`CO`] output channels and [`LANES`] output positions keeps its sums
 //! in registers across all `C_in·kh·kw` weight positions; every position loads one shifted
 //! run of the padded input and feeds [`CO`] multiply-adds with it (the im2col + GEMM form
 //! writes `kh·kw` copies of the input, which the GEMM then packs once more: on 16 channels
