@@ -2,9 +2,9 @@
 //! weight gradient ([`weight_grad_direct`]): no im2col. (The input gradient of a stride-1
 //! convolution is the forward of the transposed kernel, so it runs here too.)
 //!
-//! Forward: each block of [`CO`] output channels and [`LANES`] output positions keeps its sums
+//! Forward: each block of `CO` (8) output channels and `LANES` (32) output positions keeps its sums
 //! in registers across all `C_in·kh·kw` weight positions; every position loads one shifted
-//! run of the padded input and feeds [`CO`] multiply-adds with it (the im2col + GEMM form
+//! run of the padded input and feeds `CO` (8) multiply-adds with it (the im2col + GEMM form
 //! writes `kh·kw` copies of the input, which the GEMM then packs once more: on 16 channels
 //! that costs as much as the multiply-adds).
 //!
@@ -26,8 +26,8 @@ const VECTORS: usize = 2;
 /// narrower vectors of AVX2 or no SIMD run one after another).
 const LANES: usize = 32;
 
-/// The weights of a [`ConvGeometry`] laid out for the direct kernel: per block of [`CO`]
-/// output channels, per weight position `(ci, ky, kx)`, the [`CO`] channels' values (zero for
+/// The weights of a [`ConvGeometry`] laid out for the direct kernel: per block of `CO` (8)
+/// output channels, per weight position `(ci, ky, kx)`, the `CO` (8) channels' values (zero for
 /// channels past `C_out`), and each position's offset in the padded input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DirectWeight {
