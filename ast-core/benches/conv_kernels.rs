@@ -69,6 +69,14 @@ fn main() {
         ("32 ch, 32×32 (wide stage 1)", geometry(32, 32)),
         ("64 ch, 16×16 (wide stage 2)", geometry(64, 16)),
         ("128 ch, 8×8 (wide stage 3)", geometry(128, 8)),
+        (
+            "32 → 64 ch, 32×32, stride 2 (wide stage 2 entry)",
+            ConvGeometry {
+                c_out: 64,
+                stride: [2, 2],
+                ..geometry(32, 32)
+            },
+        ),
     ];
     for (name, g) in shapes {
         let x: Vec<f32> = (0..g.batch * g.in_len())
