@@ -9,5 +9,9 @@ if [ ! -f "$data/train-images-idx3-ubyte.gz" ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist
 fi
-exec cargo run --release -p ast-cli -- run --recipe quickstart \
-  --out "runs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
+# A new run directory unless the caller names one (`--out DIR` or `--out=DIR`).
+out=(--out "runs/quickstart-$(date +%Y%m%d-%H%M%S)")
+for arg in "$@"; do
+  case "$arg" in --out|--out=*) out=() ;; esac
+done
+exec cargo run --release -p ast-cli -- run --recipe quickstart "${out[@]}" "$@"
