@@ -54,6 +54,19 @@ fn time(plan: &MaskedConvPlan, x: &[f32], dy: &[f32]) -> [f64; 4] {
     runs[2]
 }
 
+/// Median milliseconds of 5 runs of `f`.
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[2]
+}
+
 fn main() {
     let chosen: Vec<f64> = std::env::args().filter_map(|a| a.parse().ok()).collect();
     let densities = if chosen.is_empty() {
@@ -94,42 +107,16 @@ fn main() {
             let direct = DirectWeight::new(&g, &w);
             let mut y = vec![0.0; g.batch * g.out_len()];
             let mut reference = y.clone();
-            let [direct_ms, im2col_ms] = [true, false].map(|direct_form| {
-                let mut runs: Vec<f64> = (0..5)
-                    .map(|_| {
-                        let start = Instant::now();
-                        if direct_form {
-                            forward_direct(&g, &x, &direct, &mut y);
-                        } else {
-                            forward_im2col(&g, &x, &w, &mut reference);
-                        }
-                        start.elapsed().as_secs_f64() * 1000.0
-                    })
-                    .collect();
-                runs.sort_by(f64::total_cmp);
-                runs[2]
-            });
+            let direct_ms = median_ms(|| forward_direct(&g, &x, &direct, &mut y));
+            let im2col_ms = median_ms(|| forward_im2col(&g, &x, &w, &mut reference));
             let diff = y
                 .iter()
                 .zip(&reference)
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             let mut dw = vec![0.0; g.weight_len()];
             let mut dw_reference = dw.clone();
-            let [direct_grad_ms, im2col_grad_ms] = [true, false].map(|direct_form| {
-                let mut runs: Vec<f64> = (0..5)
-                    .map(|_| {
-                        let start = Instant::now();
-                        if direct_form {
-                            weight_grad_direct(&g, &x, &dy, &mut dw);
-                        } else {
-                            weight_grad_im2col(&g, &x, &dy, &mut dw_reference);
-                        }
-                        start.elapsed().as_secs_f64() * 1000.0
-                    })
-                    .collect();
-                runs.sort_by(f64::total_cmp);
-                runs[2]
-            });
+            let direct_grad_ms = median_ms(|| weight_grad_direct(&g, &x, &dy, &mut dw));
+            let im2col_grad_ms = median_ms(|| weight_grad_im2col(&g, &x, &dy, &mut dw_reference));
             let grad_diff = dw
                 .iter()
                 .zip(&dw_reference)
