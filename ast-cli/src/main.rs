@@ -162,7 +162,7 @@ struct RunArgs {
     /// A shipped recipe name (see `ast-cli recipes`) or a JSON file.
     #[arg(long)]
     recipe: Option<String>,
-    /// Run directory (default: runs/<recipe name>).
+    /// Run directory (default: runs/RECIPE, the recipe's name).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint.
@@ -388,7 +388,7 @@ struct EvalArgs {
     /// Evaluate on this dataset directory instead of the run's.
     #[arg(long)]
     data_path: Option<PathBuf>,
-    /// Write the results as JSON here (default: <run>/eval.json).
+    /// Write the results as JSON here (default: eval.json in the run directory).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Also time each sub-net's inference on this machine and backend, and pick the most
@@ -414,7 +414,7 @@ struct StatsArgs {
     /// Run directory.
     #[arg(long)]
     run: PathBuf,
-    /// Write the per-layer table as CSV here (default: <run>/stats.csv).
+    /// Write the per-layer table as CSV here (default: stats.csv in the run directory).
     #[arg(long)]
     csv: Option<PathBuf>,
 }
@@ -470,7 +470,7 @@ struct BenchArgs {
 fn bench(args: BenchArgs) -> Result<()> {
     let model = args.model;
     #[cfg(feature = "flex")]
-    ast_core::kernels::set_flex_kernels(!args.generic_conv);
+    ast_core::backend::set_flex_kernels(!args.generic_conv);
     if let Some(dir) = args.json.as_deref().and_then(Path::parent) {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
             bail!(

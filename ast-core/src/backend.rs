@@ -3,8 +3,9 @@
 //! Every masked layer computes through [`AstBackend`], a trait on the backend with a generic
 //! implementation written in burn's tensor API. A backend with faster kernels overrides the
 //! methods for itself; the layers, the algorithms and the step do not change. Flex does: its
-//! masked convolution runs on [`crate::kernels::conv`] (dense or sparse by density) and its
-//! training BatchNorm on [`crate::kernels::norm`], each with a backward of its own ([`flex`]).
+//! masked convolution runs on [`ast_kernels::conv`] (dense or sparse by density) and its
+//! training BatchNorm on [`ast_kernels::norm`], each with a backward of its own
+//! ([`set_flex_kernels`] turns them off).
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
@@ -16,6 +17,8 @@ use burn::tensor::ops::ConvOptions;
 pub mod cuda;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "flex")]
+pub use flex::{flex_kernels_enabled, set_flex_kernels};
 
 /// A backend the AST layers can run on. The provided methods are the reference arithmetic.
 pub trait AstBackend: Backend {

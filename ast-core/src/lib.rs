@@ -16,8 +16,10 @@
 //! - [`correction`]: gradient correction between sub-nets;
 //! - [`optimizer`]: SGD, Adam or AdamW on the dense shared weights or the active positions;
 //! - [`step`]: the AST step tying these together;
-//! - [`backend`]: the backend-extension seam where fast sparse kernels plug in.
+//! - [`backend`]: the backend-extension seam where fast sparse kernels plug in; on Flex they are
+//!   the [`kernels`] (the `ast-kernels` crate, re-exported with the `flex` feature).
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 #[macro_use]
 mod choices;
@@ -28,8 +30,6 @@ pub mod correction;
 pub mod criteria;
 pub mod density;
 pub mod error;
-#[cfg(feature = "flex")]
-pub mod kernels;
 pub mod layers;
 pub mod mask;
 pub mod optimizer;
@@ -40,6 +40,8 @@ pub mod subnet;
 #[doc(hidden)]
 pub mod testing;
 
+#[cfg(feature = "flex")]
+pub use ast_kernels as kernels;
 pub use backend::{AstBackend, NormOptions, NormOutput};
 pub use config::{
     AdamSettings, AstConfig, CorrectionKind, CorrectionMode, MaskScheduleConfig, OptimizerKind,

@@ -61,8 +61,8 @@ pub struct MaskUpdate {
 ///
 /// **Update rule**: the configured optimizer ([`crate::optimizer`]; SGD with PyTorch's
 /// semantics by default) on the masked, corrected gradient `g ⊙ M`. In the default
-/// [`UpdateScope::Dense`] (the original's) it acts at every position, e.g. for SGD
-/// `d = (g ⊙ M) + λ·W`, `v ← μ·v + d`, `W ← W − lr·v`. In [`UpdateScope::Active`] the same
+/// [`UpdateScope::Dense`](crate::UpdateScope::Dense) (the original's) it acts at every position, e.g. for SGD
+/// `d = (g ⊙ M) + λ·W`, `v ← μ·v + d`, `W ← W − lr·v`. In [`UpdateScope::Active`](crate::UpdateScope::Active) the same
 /// happens *on active positions only*: weights outside the active mask, their optimizer state
 /// and their weight decay are untouched (they belong to other sub-nets; no momentum from other
 /// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's

@@ -11,7 +11,7 @@
 //! In its own test binary: the kernels are switched on and off for the whole process, and the
 //! model's weights come from the backend's process-wide generator.
 
-use ast_core::kernels::set_flex_kernels;
+use ast_core::backend::set_flex_kernels;
 use ast_core::rng::MaskRng;
 use ast_train::consistency::{small_resnet, train_small, SmallRun};
 use burn::backend::{Autodiff, Flex};

@@ -1,12 +1,23 @@
-//! A bounds-checked, safe front for `gemm::gemm` (the GEMM burn-flex itself uses).
+//! A bounds-checked, safe front for `gemm::gemm` (the GEMM burn-flex itself uses), private to
+//! the crate: the convolution kernels are its only callers.
+//!
+//! # Safety argument
+//! `gemm::gemm` reads `a` and `b` and writes `c` through raw pointers at `ptr + i·rs + j·cs`
+//! for `i < rows`, `j < cols`. [`matmul_strided`] calls it only after checking, for each
+//! matrix with at least one element, that `(rows − 1)·rs + (cols − 1)·cs` is computed without
+//! overflow and lies inside the matrix's slice, so every element the GEMM touches is inside
+//! its slice (the largest offset bounds every other one, strides being unsigned). Strides are
+//! handed to the GEMM as `isize`: a stride along an axis of more than one element is below the
+//! slice's length and so below `isize::MAX`; along an axis of one element it is never applied
+//! and is passed as 1. `c` is a `&mut` slice, so it aliases neither operand. Empty products
+//! (`rows`, `cols` or the inner dimension zero) never reach the GEMM.
 
-// The one place of the workspace with `unsafe`: `gemm::gemm` takes raw pointers and strides.
-// Every call goes through `matmul`, which checks that each matrix lies inside its slice.
+// The one place of the workspace with `unsafe`.
 #![allow(unsafe_code)]
 
 /// A read-only `rows × cols` matrix inside a slice: element `(i, j)` is `data[i·rs + j·cs]`.
 #[derive(Debug, Clone, Copy)]
-pub struct MatRef<'a> {
+pub(crate) struct MatRef<'a> {
     /// The storage.
     pub data: &'a [f32],
     /// Rows.
@@ -43,10 +54,30 @@ impl<'a> MatRef<'a> {
     }
 
     fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        fits(self.data.len(), self.rows, self.cols, [self.rs, self.cs])
     }
+}
+
+/// Whether every element `(i, j)`, `i < rows`, `j < cols`, at `i·rs + j·cs` lies below `len`,
+/// with the largest offset computed without overflow (a wrapped offset would pass).
+fn fits(len: usize, rows: usize, cols: usize, [rs, cs]: [usize; 2]) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1)
+        .checked_mul(rs)
+        .zip((cols - 1).checked_mul(cs))
+        .and_then(|(r, c)| r.checked_add(c));
+    last.is_some_and(|last| last < len)
+}
+
+/// The stride handed to the GEMM for an axis of `n` elements: itself where it is applied
+/// (`n > 1`, where [`fits`] bounds it by the slice's length), else 1.
+fn gemm_stride(n: usize, stride: usize) -> isize {
+    if n <= 1 {
+        return 1;
+    }
+    isize::try_from(stride).expect("a stride checked by `fits` is below the slice length")
 }
 
 /// `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major `a.rows × b.cols` in a slice of
@@ -54,7 +85,7 @@ impl<'a> MatRef<'a> {
 ///
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
-pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+pub(crate) fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     check_whole_output(c, a, b);
     matmul_rows(c, b.cols, a, b, accumulate);
 }
@@ -62,8 +93,8 @@ pub fn matmul(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 /// `c` holds exactly the `a.rows × b.cols` product.
 fn check_whole_output(c: &[f32], a: MatRef<'_>, b: MatRef<'_>) {
     assert_eq!(
-        c.len(),
-        a.rows * b.cols,
+        Some(c.len()),
+        a.rows.checked_mul(b.cols),
         "matmul: output holds {} values, not {}×{}",
         c.len(),
         a.rows,
@@ -75,7 +106,13 @@ fn check_whole_output(c: &[f32], a: MatRef<'_>, b: MatRef<'_>) {
 ///
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
-pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+pub(crate) fn matmul_rows(
+    c: &mut [f32],
+    ldc: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+) {
     assert!(
         ldc >= b.cols,
         "matmul: row stride {ldc} below {} columns",
@@ -90,7 +127,7 @@ pub fn matmul_rows(c: &mut [f32], ldc: usize, a: MatRef<'_>, b: MatRef<'_>, accu
 ///
 /// # Panics
 /// If the shapes do not chain or a matrix does not lie inside its slice.
-pub fn matmul_col_major(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+pub(crate) fn matmul_col_major(c: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     check_whole_output(c, a, b);
     matmul_strided(c, [1, a.rows.max(1)], a, b, accumulate);
 }
@@ -113,13 +150,13 @@ fn matmul_strided(
         a.fits() && b.fits(),
         "matmul: an operand lies outside its slice"
     );
+    assert!(
+        fits(c.len(), m, n, [rs, cs]),
+        "matmul: the output lies outside its slice"
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        (m - 1) * rs + (n - 1) * cs < c.len(),
-        "matmul: the output lies outside its slice"
-    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -130,23 +167,24 @@ fn matmul_strided(
         }
         return;
     }
-    // SAFETY: `c` holds the m×n matrix with strides (rs, cs) and `a`, `b` address only
-    // elements inside their slices (all checked above); `c` does not alias them (it is `&mut`).
+    // SAFETY: see the module's safety argument: `a`, `b` and `c` were checked above to hold
+    // every element the GEMM addresses (m, n, k ≥ 1 here), the strides it is given are those
+    // checked ones or 1 along an axis of one element, and `c` aliases neither operand.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            cs as isize,
-            rs as isize,
+            gemm_stride(n, cs),
+            gemm_stride(m, rs),
             accumulate,
             a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
+            gemm_stride(k, a.cs),
+            gemm_stride(m, a.rs),
             b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
+            gemm_stride(n, b.cs),
+            gemm_stride(k, b.rs),
             1.0,
             1.0,
             false,
@@ -227,5 +265,73 @@ mod tests {
             MatRef::row_major(&a, 3, 2),
             false,
         );
+    }
+
+    /// A matrix of `rows` rows `rs` apart inside a 16-value slice.
+    fn strided(data: &[f32], rows: usize, cols: usize, rs: usize, cs: usize) -> MatRef<'_> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    #[test]
+    fn offsets_that_wrap_around_are_refused() {
+        let data = [1.0; 16];
+        // Three rows 2^63 apart: the last row's offset 2·2^63 wraps to 0, inside the slice,
+        // while the second row lies at 2^63.
+        let wraps_in_product = strided(&data, 3, 1, 1 << (usize::BITS - 1), 1);
+        // Row stride usize::MAX and column stride 1: (2 − 1)·MAX + (2 − 1)·1 wraps to 0.
+        let wraps_in_sum = strided(&data, 2, 2, usize::MAX, 1);
+        for a in [wraps_in_product, wraps_in_sum] {
+            assert!(!a.fits());
+            assert!(!a.t().fits());
+            let b = MatRef::row_major(&data, a.cols, 1);
+            let refused = std::panic::catch_unwind(|| {
+                let mut c = vec![0.0; a.rows];
+                matmul(&mut c, a, b, false);
+            });
+            let message = *refused.expect_err("refused").downcast::<&str>().unwrap();
+            assert_eq!(message, "matmul: an operand lies outside its slice");
+        }
+        // The same for an output whose row stride wraps: a 3×1 block with rows 2^63 apart.
+        let (a, b) = (
+            MatRef::row_major(&data, 3, 1),
+            MatRef::row_major(&data, 1, 1),
+        );
+        let refused = std::panic::catch_unwind(|| {
+            let mut c = [0.0; 4];
+            matmul_rows(&mut c, 1 << (usize::BITS - 1), a, b, false);
+        });
+        let message = *refused.expect_err("refused").downcast::<&str>().unwrap();
+        assert_eq!(message, "matmul: the output lies outside its slice");
+    }
+
+    #[test]
+    fn an_output_size_that_overflows_is_refused() {
+        let data = [1.0; 4];
+        let (a, b) = (
+            strided(&data, usize::MAX, 0, 1, 1),
+            strided(&data, 0, 2, 1, 1),
+        );
+        let refused = std::panic::catch_unwind(|| matmul(&mut [0.0; 2], a, b, false));
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn the_stride_of_an_axis_of_one_element_is_never_applied() {
+        // One row with a row stride far past the slice: [1, 2, 3]·[[1], [1], [1]] = 6.
+        let (a, b) = ([1.0, 2.0, 3.0], [1.0; 3]);
+        let mut c = [0.0];
+        matmul(
+            &mut c,
+            strided(&a, 1, 3, usize::MAX, 1),
+            strided(&b, 3, 1, 1, usize::MAX),
+            false,
+        );
+        assert_eq!(c, [6.0]);
     }
 }

@@ -8,14 +8,15 @@
 //! writes `kh·kw` copies of the input, which the GEMM then packs once more: on 16 channels
 //! that costs as much as the multiply-adds).
 //!
-//! The layouts are those of the sparse kernels (see [`super::conv::SparseWeight`]): the
+//! The layouts are those of the sparse kernels (see [`super::sparse::SparseWeight`]): the
 //! zero-padded input `[C_in, H + 2p_h, W + 2p_w]` and output planes with the padded row pitch
 //! ("wide" planes), so that weight position `(ci, ky, kx)` reads the padded input at a fixed
 //! offset from the output position.
 
 use rayon::prelude::*;
 
-use super::conv::{copy_row, pad_input, sum_in_order, ConvGeometry, GRAD_CHUNK};
+use super::geometry::ConvGeometry;
+use super::layout::{copy_row, pad_input, sum_in_order, GRAD_CHUNK};
 
 /// Output channels per block.
 pub(crate) const CO: usize = 8;

@@ -2,12 +2,13 @@
 //! after it) on our CPU kernels, each with its own backward.
 //!
 //! Forward, input gradient and weight gradient run on [`MaskedConvPlan`] (sparse where
-//! [`crate::kernels::conv::sparse_is_faster`], else im2col + GEMM). The weight gradient is
+//! [`ast_kernels::conv::sparse_is_faster`], else im2col + GEMM). The weight gradient is
 //! computed at every position only when the caller asks for it (mask-event iterations, where
 //! growth ranks inactive positions), else only at the active positions. The BatchNorm runs on
-//! [`crate::kernels::norm`]. Geometries or dtypes the kernels do not cover take the generic
+//! [`ast_kernels::norm`]. Geometries or dtypes the kernels do not cover take the generic
 //! path.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,10 +22,25 @@ use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, TensorPrimitive};
 
 use super::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions, NormOutput};
-use crate::kernels::conv::{ConvGeometry, GradBuffers, MaskedConvPlan};
-use crate::kernels::flex_kernels_enabled;
-use crate::kernels::norm::{self, NormShape};
-use crate::kernels::pool;
+use ast_kernels::conv::{ConvGeometry, GradBuffers, MaskedConvPlan};
+use ast_kernels::norm::{self, NormShape};
+use ast_kernels::pool;
+
+#[cfg(test)]
+mod kernel_tests;
+
+static FLEX_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Whether Flex's masked layers run on the [`ast_kernels`] (the default) or on burn's generic
+/// operations (the reference; for comparisons and benchmarks). Process-wide.
+pub fn flex_kernels_enabled() -> bool {
+    FLEX_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Turns Flex's use of the [`ast_kernels`] on or off for the whole process.
+pub fn set_flex_kernels(enabled: bool) {
+    FLEX_KERNELS.store(enabled, Ordering::Relaxed);
+}
 
 impl AstBackend for Flex {
     fn masked_conv2d(
@@ -213,7 +229,7 @@ fn track<C: CheckpointStrategy, const N: usize>(
 
 /// The kernels' geometry for these shapes, or `None` for what they do not cover (non-f32
 /// data, unsupported hyper-parameters) or when they are switched off
-/// ([`crate::kernels::set_flex_kernels`]): the generic path runs instead.
+/// ([`set_flex_kernels`]): the generic path runs instead.
 fn geometry(
     x: &[usize; 4],
     weight: &[usize; 4],

@@ -5,18 +5,18 @@
 //! model `sparse_is_faster` picks (fitted to these figures).
 //!
 //! ```sh
-//! cargo bench -p ast-core --bench conv_kernels
-//! cargo bench -p ast-core --bench conv_kernels -- 1.0 0.05   # only these densities
+//! cargo bench -p ast-kernels --bench conv_kernels
+//! cargo bench -p ast-kernels --bench conv_kernels -- 1.0 0.05   # only these densities
 //! ```
 
 use std::time::Instant;
 
-use ast_core::kernels::conv::{
-    direct_is_faster, forward_im2col, sparse_is_faster, weight_grad_im2col, ConvGeometry,
-    MaskedConvPlan, PlanWeights, SparseWeight,
+use ast_kernels::conv::dense::{direct_is_faster, forward_im2col, weight_grad_im2col};
+use ast_kernels::conv::direct::{forward_direct, weight_grad_direct, DirectWeight};
+use ast_kernels::conv::{
+    sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
 };
-use ast_core::kernels::direct::{forward_direct, weight_grad_direct, DirectWeight};
-use ast_core::rng::MaskRng;
+use ast_kernels::test_support::TestRng;
 
 const DENSITIES: [f64; 8] = [1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02];
 
@@ -74,7 +74,7 @@ fn main() {
     } else {
         chosen
     };
-    let mut rng = MaskRng::new(1, 1);
+    let mut rng = TestRng::new(1);
     let shapes = [
         ("16 ch, 32×32 (ResNet-32 stage 1)", geometry(16, 32)),
         ("32 ch, 16×16 (ResNet-32 stage 2)", geometry(32, 16)),

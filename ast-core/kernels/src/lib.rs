@@ -1,0 +1,66 @@
+//! # ast-kernels — the CPU kernels of `ast`, on host slices
+//!
+//! Plain Rust over `f32` slices, with no burn types: `ast-core`'s Flex backend trains with
+//! them, and an exported sub-net can run inference with them.
+//!
+//! - [`conv`]: masked 2-D convolution, dense (direct kernel or im2col + GEMM) or sparse (active
+//!   weights only), forward, input gradient, and weight gradient at every or only the active
+//!   positions; a cost model picks the form per layer ([`conv::MaskedConvPlan`]);
+//! - [`norm`]: training-mode batch norm with the residual add and ReLU after it fused in;
+//! - [`pool`]: recycled activation buffers, which the kernels' outputs take without clearing.
+//!
+//! Every sum is taken in a fixed order whatever the thread count (rayon's), so results are
+//! bit-identical run to run. SIMD loops are compiled for the CPU's level at run time through
+//! `pulp`'s dispatch ([`simd_level`] names it).
+//!
+//! The crate's one `unsafe` block is the call into the `gemm` crate, in a private module whose
+//! checks (overflow-checked, every stride and extent) are its safety argument.
+
+pub mod conv;
+mod gemm;
+pub mod norm;
+pub mod pool;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
+#[cfg(test)]
+mod tests;
+
+/// The SIMD instruction set `pulp` dispatches the kernels to on this CPU: `"AVX-512"`,
+/// `"AVX2+FMA"`, `"NEON"` or `"scalar"` (what a benchmark figure must name).
+pub fn simd_level() -> &'static str {
+    struct Level;
+    impl pulp::WithSimd for Level {
+        type Output = &'static str;
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> &'static str {
+            let name = core::any::type_name::<S>();
+            if name.ends_with("V4") {
+                "AVX-512"
+            } else if name.ends_with("V3") {
+                "AVX2+FMA"
+            } else if name.contains("Neon") {
+                "NEON"
+            } else {
+                "scalar"
+            }
+        }
+    }
+    pulp::Arch::new().dispatch(Level)
+}
+
+#[cfg(test)]
+mod level_tests {
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_simd_level_is_one_this_cpu_has() {
+        let level = super::simd_level();
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx512 = is_x86_feature_detected!("avx512f");
+        match level {
+            "AVX-512" => assert!(avx512 && avx2),
+            "AVX2+FMA" => assert!(avx2),
+            "scalar" => assert!(!avx2),
+            other => panic!("{other} on x86_64"),
+        }
+    }
+}
