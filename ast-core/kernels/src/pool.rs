@@ -26,18 +26,67 @@ pub const MAX_BYTES: usize = 512 << 20;
 /// Takes (of any length) after which a buffer nobody took is freed.
 pub const WINDOW: u64 = 256;
 
+/// Buffers by length, with the bounds above as fields (tests use small ones).
 struct Pool {
     /// Each buffer with the take count when it was given.
     buffers: Vec<(Vec<f32>, u64)>,
     bytes: usize,
     takes: u64,
+    min_len: usize,
+    max_bytes: usize,
+    window: u64,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool {
-    buffers: Vec::new(),
-    bytes: 0,
-    takes: 0,
-});
+impl Pool {
+    const fn new(min_len: usize, max_bytes: usize, window: u64) -> Self {
+        Self {
+            buffers: Vec::new(),
+            bytes: 0,
+            takes: 0,
+            min_len,
+            max_bytes,
+            window,
+        }
+    }
+
+    /// A kept buffer of `len` values, or `None`; frees the buffers older than the window.
+    fn take(&mut self, len: usize) -> Option<Vec<f32>> {
+        if len < self.min_len {
+            return None;
+        }
+        self.takes += 1;
+        let (now, window) = (self.takes, self.window);
+        let before = self.buffers.len();
+        self.buffers.retain(|(_, given)| now - given <= window);
+        if self.buffers.len() < before {
+            self.bytes = self
+                .buffers
+                .iter()
+                .map(|(b, _)| b.len() * size_of::<f32>())
+                .sum();
+        }
+        let i = self.buffers.iter().position(|(b, _)| b.len() == len)?;
+        let (buffer, _) = self.buffers.swap_remove(i);
+        self.bytes -= len * size_of::<f32>();
+        Some(buffer)
+    }
+
+    /// Keeps `buffer` unless it is too short or would take the pool past its bound.
+    fn give(&mut self, buffer: Vec<f32>) {
+        let bytes = buffer.len() * size_of::<f32>();
+        if buffer.len() >= self.min_len && self.bytes + bytes <= self.max_bytes {
+            self.bytes += bytes;
+            self.buffers.push((buffer, self.takes));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.buffers.clear();
+        self.bytes = 0;
+    }
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool::new(MIN_LEN, MAX_BYTES, WINDOW));
 
 fn pool() -> std::sync::MutexGuard<'static, Pool> {
     // A panic while holding the lock leaves the pool consistent (each operation is one push
@@ -48,48 +97,25 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
 /// A buffer of `len` values whose contents are unspecified (stale values of an earlier
 /// activation, or zeros): the caller must overwrite every value before reading any.
 pub fn take_overwritten(len: usize) -> Vec<f32> {
-    if len >= MIN_LEN {
-        let mut pool = pool();
-        pool.takes += 1;
-        let now = pool.takes;
-        let before = pool.buffers.len();
-        pool.buffers.retain(|(_, given)| now - given <= WINDOW);
-        if pool.buffers.len() < before {
-            pool.bytes = pool
-                .buffers
-                .iter()
-                .map(|(b, _)| b.len() * size_of::<f32>())
-                .sum();
-        }
-        if let Some(i) = pool.buffers.iter().position(|(b, _)| b.len() == len) {
-            let (buffer, _) = pool.buffers.swap_remove(i);
-            pool.bytes -= len * size_of::<f32>();
-            return buffer;
-        }
-    }
-    vec![0.0; len]
+    let kept = if len >= MIN_LEN {
+        pool().take(len)
+    } else {
+        None
+    };
+    kept.unwrap_or_else(|| vec![0.0; len])
 }
 
 /// Hands `buffer` over for a later [`take_overwritten`] of its length (or frees it: too short,
 /// or the pool is full).
 pub fn give(buffer: Vec<f32>) {
-    let bytes = buffer.len() * size_of::<f32>();
-    if buffer.len() < MIN_LEN {
-        return;
-    }
-    let mut pool = pool();
-    if pool.bytes + bytes <= MAX_BYTES {
-        pool.bytes += bytes;
-        let now = pool.takes;
-        pool.buffers.push((buffer, now));
+    if buffer.len() >= MIN_LEN {
+        pool().give(buffer);
     }
 }
 
 /// Frees every kept buffer.
 pub fn clear() {
-    let mut pool = pool();
-    pool.buffers.clear();
-    pool.bytes = 0;
+    pool().clear();
 }
 
 /// Bytes kept now.
@@ -101,55 +127,67 @@ pub fn kept_bytes() -> usize {
 mod tests {
     use super::*;
 
-    /// Serialises the tests that count on a buffer staying until they take it back (the
-    /// window test makes hundreds of takes).
-    static ORDER: Mutex<()> = Mutex::new(());
+    /// A pool of buffers of at least 4 values, 64 bytes (16 values) in all, a window of 3 takes.
+    fn small() -> Pool {
+        Pool::new(4, 64, 3)
+    }
 
-    /// The pool is process-wide and tests run in parallel: lengths here are unusual enough
-    /// (odd, above `MIN_LEN`) that no other test takes or gives them.
     #[test]
     fn a_given_buffer_is_taken_back_by_its_length_only() {
-        let _order = ORDER.lock().unwrap_or_else(|e| e.into_inner());
-        let len = MIN_LEN + 12_345;
-        let mut buffer = vec![7.0f32; len];
+        let mut pool = small();
+        let mut buffer = vec![7.0f32; 5];
         buffer[0] = 3.0;
         let at = buffer.as_ptr();
-        give(buffer);
-        // Another length gets a fresh, zeroed buffer.
-        let other = take_overwritten(len + 1);
-        assert!(other.iter().all(|&v| v == 0.0));
-        let back = take_overwritten(len);
+        pool.give(buffer);
+        assert_eq!(pool.bytes, 20);
+        assert!(pool.take(6).is_none());
+        let back = pool.take(5).expect("kept");
         assert_eq!((back.as_ptr(), back[0], back[1]), (at, 3.0, 7.0));
+        assert_eq!(pool.bytes, 0);
         // Taken once only.
-        let again = take_overwritten(len);
-        assert_ne!(again.as_ptr(), at);
+        assert!(pool.take(5).is_none());
     }
 
     #[test]
     fn a_buffer_nobody_takes_is_freed_after_the_window() {
-        let _order = ORDER.lock().unwrap_or_else(|e| e.into_inner());
-        let len = MIN_LEN + 23_456;
-        let buffer = vec![1.0f32; len];
-        let at = buffer.as_ptr();
-        give(buffer);
-        // Takes of another length (other tests' takes only bring the end nearer).
-        let others: Vec<Vec<f32>> = (0..=WINDOW)
-            .map(|_| take_overwritten(MIN_LEN + 7))
-            .collect();
-        let again = take_overwritten(len);
-        assert_ne!(again.as_ptr(), at);
-        assert!(again.iter().all(|&v| v == 0.0));
-        drop(others);
+        let mut pool = small();
+        pool.give(vec![1.0; 5]);
+        pool.give(vec![1.0; 6]);
+        // Three takes of other lengths keep it; the fourth frees both.
+        for _ in 0..3 {
+            assert!(pool.take(4).is_none());
+        }
+        assert_eq!(pool.bytes, 44);
+        assert!(pool.take(4).is_none());
+        assert_eq!(pool.bytes, 0);
+        assert!(pool.take(5).is_none());
     }
 
     #[test]
-    fn short_buffers_and_buffers_past_the_limit_are_freed() {
-        let before = kept_bytes();
-        give(vec![1.0; MIN_LEN - 1]);
-        assert_eq!(take_overwritten(MIN_LEN - 1), vec![0.0; MIN_LEN - 1]);
-        let huge = MAX_BYTES / size_of::<f32>() + 1;
-        give(vec![0.0; huge]);
-        assert!(kept_bytes() <= MAX_BYTES);
-        assert!(kept_bytes() < before + huge * size_of::<f32>());
+    fn short_buffers_and_buffers_past_the_bound_are_not_kept() {
+        let mut pool = small();
+        pool.give(vec![1.0; 3]);
+        assert_eq!((pool.bytes, pool.buffers.len()), (0, 0));
+        pool.give(vec![1.0; 12]);
+        pool.give(vec![2.0; 5]);
+        assert_eq!((pool.bytes, pool.buffers.len()), (48, 1));
+        pool.give(vec![2.0; 4]);
+        assert_eq!((pool.bytes, pool.buffers.len()), (64, 2));
+        pool.clear();
+        assert_eq!((pool.bytes, pool.buffers.len()), (0, 0));
+    }
+
+    #[test]
+    fn the_process_pool_hands_back_what_it_was_given() {
+        // An odd length above `MIN_LEN` that no other test of the process takes or gives.
+        let len = MIN_LEN + 12_345;
+        let mut buffer = vec![7.0f32; len];
+        buffer[0] = 3.0;
+        give(buffer);
+        let back = take_overwritten(len);
+        assert_eq!((back[0], back[1]), (3.0, 7.0));
+        // Short lengths never reach it: a fresh, zeroed buffer.
+        give(vec![5.0; 8]);
+        assert_eq!(take_overwritten(8), vec![0.0; 8]);
     }
 }
