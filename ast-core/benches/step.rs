@@ -79,9 +79,9 @@ fn main() {
         let mut times = Vec::new();
         for i in 0..WARMUP + REPS {
             let start = Instant::now();
-            ast.begin();
+            let iteration = ast.begin();
             let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
-            model = ast.step(model, loss.backward(), 0.05).0;
+            model = ast.step(model, loss.backward(), iteration, 0.05).0;
             if i >= WARMUP {
                 times.push(start.elapsed().as_secs_f64());
             }

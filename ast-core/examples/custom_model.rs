@@ -74,10 +74,10 @@ fn main() {
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
 
     for t in 0..total {
-        ast.begin(); // switch to sub-net t mod K
+        let iteration = ast.begin(); // switch to sub-net t mod K
         let (x, y) = synthetic_batch::<B>(32, t as u64, &device);
         let loss = loss_fn.forward(model.forward(x), y);
-        let (next, report) = ast.step(model, loss.backward(), 0.05);
+        let (next, report) = ast.step(model, loss.backward(), iteration, 0.05);
         model = next;
         if let Some(update) = report.mask_update {
             println!(

@@ -2,6 +2,7 @@
 //! correct them against the previous sub-net, and hand them to the shared optimizer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::GradientsParams;
@@ -50,14 +51,44 @@ pub struct MaskUpdate {
     pub changed: usize,
 }
 
+/// An iteration begun by [`AstStep::begin`]: the model is switched to its sub-net, and
+/// [`AstStep::step`] takes it back after the forward and backward pass. Only `begin` makes
+/// one, so a step cannot run on an iteration that was not begun.
+#[derive(Debug)]
+#[must_use = "pass it to AstStep::step after the forward and backward pass"]
+pub struct Iteration {
+    t: usize,
+    subnet: usize,
+    owner: u64,
+}
+
+impl Iteration {
+    /// The global iteration `t`.
+    pub fn index(&self) -> usize {
+        self.t
+    }
+
+    /// The sub-net it trains, `t mod K`.
+    pub fn subnet(&self) -> usize {
+        self.subnet
+    }
+}
+
+/// Tells the [`AstStep`]s of a process apart, so that an [`Iteration`] goes back to its own.
+static NEXT_STEP_ID: AtomicU64 = AtomicU64::new(0);
+
 /// The AST training step. Holds the shared optimizer (one state per parameter, shared by all
 /// sub-nets) and the correction references.
 ///
 /// ```text
-/// let k = ast.begin();                     // switch(t mod K)
+/// let it = ast.begin();                    // switch(t mod K); it.subnet() is k
 /// let loss = model.forward(x) ...;         // forward with sub-net k
-/// let (model, report) = ast.step(model, loss.backward(), lr);
+/// let (model, report) = ast.step(model, loss.backward(), it, iteration, lr);
 /// ```
+///
+/// A wrong sequence is a panic that says what to do: an [`Iteration`] of another step or of an
+/// earlier iteration, or a model whose masked layers did not compute through this step's
+/// [`SubnetSwitch`] since `begin` (the switch given to [`AstStep::new`] is not the model's).
 ///
 /// **Update rule**: the configured optimizer ([`crate::optimizer`]; SGD with PyTorch's
 /// semantics by default) on the masked, corrected gradient `g ⊙ M`. In the default
@@ -79,6 +110,7 @@ pub struct AstStep<B: AutodiffBackend> {
     iteration: usize,
     optimizer: AstOptimizer<B::InnerBackend>,
     correction: CorrectionState<B::InnerBackend>,
+    id: u64,
 }
 
 impl<B: AutodiffBackend> AstStep<B> {
@@ -142,6 +174,7 @@ impl<B: AutodiffBackend> AstStep<B> {
             iteration: 0,
             optimizer,
             correction,
+            id: NEXT_STEP_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -192,15 +225,17 @@ impl<B: AutodiffBackend> AstStep<B> {
         model
     }
 
-    /// Switches the model to the sub-net of the coming iteration, `t mod K`, and returns it.
+    /// Switches the model to the sub-net of the coming iteration, `t mod K`, and hands out the
+    /// [`Iteration`] that [`AstStep::step`] takes back.
     ///
     /// It also tells the masked layers whether this iteration's backward pass must give the
     /// dense weight gradient at every position: only on a mask event, where growth ranks the
     /// inactive positions; otherwise the gradient inside the mask is all the update reads.
-    pub fn begin(&self) -> usize {
+    pub fn begin(&self) -> Iteration {
         let t = self.iteration;
         let k = t % self.subnets();
         self.switch.set(k);
+        self.switch.reset_forwards();
         let event = mask_event(
             &self.config.schedule,
             self.subnets(),
@@ -209,32 +244,71 @@ impl<B: AutodiffBackend> AstStep<B> {
             self.steps_per_epoch,
         );
         self.switch.set_dense_weight_grad(event.is_some());
-        k
+        Iteration {
+            t,
+            subnet: k,
+            owner: self.id,
+        }
+    }
+
+    /// Checks that `iteration` is this step's current one and that the model computed
+    /// through this step's switch since it began.
+    ///
+    /// # Panics
+    /// On a misuse, with what to do instead.
+    fn check_begun(&self, iteration: &Iteration) {
+        assert!(
+            iteration.owner == self.id,
+            "AstStep::step got an Iteration begun by another AstStep: each step takes back \
+             what its own begin() handed out"
+        );
+        assert!(
+            iteration.t == self.iteration,
+            "AstStep::step got iteration {} but the step is at iteration {}: call begin() \
+             once per iteration, before its forward pass",
+            iteration.t,
+            self.iteration
+        );
+        assert!(
+            self.switch.forwards() > 0,
+            "AstStep::step: no masked layer computed through this step's SubnetSwitch since \
+             begin(): give AstStep::new the switch the model's masked layers were built with, \
+             and run the forward pass between begin() and step()"
+        );
     }
 
     /// One AST iteration after the forward and backward pass of sub-net `t mod K`
     /// (see [`AstStep::begin`]): mask schedule, gradient masking, correction, masked SGD.
+    ///
+    /// # Panics
+    /// If `iteration` is not this step's current one, or the model did not compute through
+    /// this step's switch since [`AstStep::begin`] (see [`AstStep`]).
     pub fn step<M: AutodiffModule<B>>(
         &mut self,
         model: M,
         grads: B::Gradients,
+        iteration: Iteration,
         lr: f64,
     ) -> (M, StepReport) {
         let grads = GradientsParams::from_grads(grads, &model);
-        self.step_params(model, grads, lr)
+        self.step_params(model, grads, iteration, lr)
     }
 
     /// [`AstStep::step`] from the dense gradients already gathered per parameter: the place
     /// for anything that must see them before masking, e.g. the mean over data-parallel
     /// workers (mask growth then ranks the global gradient).
+    ///
+    /// # Panics
+    /// As [`AstStep::step`].
     pub fn step_params<M: AutodiffModule<B>>(
         &mut self,
         model: M,
         mut grads: GradientsParams,
+        iteration: Iteration,
         lr: f64,
     ) -> (M, StepReport) {
-        let t = self.iteration;
-        let k = t % self.subnets();
+        self.check_begun(&iteration);
+        let (t, k) = (iteration.t, iteration.subnet);
         let dense: Vec<Option<Tensor<B::InnerBackend, 1>>> = self
             .layers
             .iter()
@@ -529,10 +603,11 @@ mod tests {
         let x = Tensor::<AD, 2>::from_floats([[1.0, -2.0, 0.5]], &device);
         let mut model = model;
         for _ in 0..6 {
-            let k = ast.begin();
+            let iteration = ast.begin();
+            let k = iteration.subnet();
             let before: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
             let grads = loss_of(&model, &x).backward();
-            model = ast.step(model, grads, 0.1).0;
+            model = ast.step(model, grads, iteration, 0.1).0;
             let after: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
             for i in 0..9 {
                 let active = k == 0 || i % 4 == 0;
@@ -574,9 +649,11 @@ mod tests {
         let x = Tensor::<AD, 2>::from_floats(rows, &device);
         let (mut a, mut b) = (model.clone(), model);
         for _ in 0..4 {
-            whole.begin();
-            a = whole.step(a.clone(), loss_of(&a, &x).backward(), 0.1).0;
-            split.begin();
+            let whole_iteration = whole.begin();
+            a = whole
+                .step(a.clone(), loss_of(&a, &x).backward(), whole_iteration, 0.1)
+                .0;
+            let split_iteration = split.begin();
             let mut grads: Vec<GradientsParams> = rows
                 .iter()
                 .map(|r| {
@@ -594,7 +671,7 @@ mod tests {
                     + other.remove::<TestBackend, 1>(bias).unwrap();
                 sum.register(bias, total);
             }
-            b = split.step_params(b, sum, 0.1).0;
+            b = split.step_params(b, sum, split_iteration, 0.1).0;
         }
         a.fc.weight
             .val()
@@ -629,9 +706,9 @@ mod tests {
         );
         let (mut ours, mut theirs) = (model.clone(), model);
         for _ in 0..3 {
-            ast.begin();
+            let iteration = ast.begin();
             let g = loss_of(&ours, &x).backward();
-            ours = ast.step(ours, g, 0.05).0;
+            ours = ast.step(ours, g, iteration, 0.05).0;
             let g = GradientsParams::from_grads(loss_of(&theirs, &x).backward(), &theirs);
             theirs = reference.step(0.05, theirs, g);
         }
@@ -666,13 +743,127 @@ mod tests {
             100,
         )
         .unwrap();
-        ast.begin();
+        let iteration = ast.begin();
         let x = Tensor::<AD, 2>::ones([1, 3], &device);
         let g = loss_of(&model, &x).backward();
-        let model = ast.step(model, g, 0.1).0;
+        let model = ast.step(model, g, iteration, 0.1).0;
         assert_eq!(model.fc.weight.id, id);
         assert!(model.fc.weight.val().is_require_grad());
         assert!(ast.optimizer().state(id).is_some());
+    }
+
+    /// A one-layer model with two sub-nets, its step, and the data of one iteration.
+    fn two_subnets(switch: &SubnetSwitch) -> (OneLinear<AD>, AstStep<AD>, Tensor<AD, 2>) {
+        let device = device();
+        let model = OneLinear {
+            fc: MaskedLinearConfig::new(3, 2)
+                .with_subnets(2)
+                .init::<AD>(switch, &device),
+        };
+        let config = AstConfig {
+            schedule: no_events(),
+            ..AstConfig::new(vec![SubnetTarget::Density(1.0); 2])
+        };
+        let ast = AstStep::new(config, &model, switch, 10, 100).unwrap();
+        (model, ast, Tensor::<AD, 2>::ones([1, 3], &device))
+    }
+
+    /// The panic message of `f`.
+    fn panic_message(f: impl FnOnce()) -> String {
+        let payload =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("the call panics");
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn begin_hands_out_the_subnet_of_t_mod_k_and_switches_to_it() {
+        let switch = SubnetSwitch::new();
+        let (mut model, mut ast, x) = two_subnets(&switch);
+        for t in 0..5 {
+            let iteration = ast.begin();
+            assert_eq!((iteration.index(), iteration.subnet()), (t, t % 2));
+            assert_eq!(switch.get(), t % 2);
+            let g = loss_of(&model, &x).backward();
+            let (stepped, report) = ast.step(model, g, iteration, 0.1);
+            assert_eq!((report.iteration, report.subnet), (t, t % 2));
+            model = stepped;
+        }
+    }
+
+    #[test]
+    fn an_iteration_of_an_earlier_begin_is_refused() {
+        let switch = SubnetSwitch::new();
+        let (model, mut ast, x) = two_subnets(&switch);
+        let stale = ast.begin();
+        let iteration = ast.begin();
+        let g = loss_of(&model, &x).backward();
+        let model = ast.step(model, g, iteration, 0.1).0;
+        let message = panic_message(|| {
+            let g = loss_of(&model, &x).backward();
+            ast.step(model, g, stale, 0.1);
+        });
+        assert!(
+            message.contains("got iteration 0 but the step is at iteration 1: call begin() once"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_iteration_of_another_step_is_refused() {
+        let switch = SubnetSwitch::new();
+        let (model, mut ast, x) = two_subnets(&switch);
+        let (_, other, _) = two_subnets(&switch);
+        let foreign = other.begin();
+        let message = panic_message(|| {
+            let g = loss_of(&model, &x).backward();
+            ast.step(model, g, foreign, 0.1);
+        });
+        assert!(message.contains("begun by another AstStep"), "{message}");
+    }
+
+    #[test]
+    fn a_switch_that_is_not_the_models_is_refused() {
+        // The step was given a switch of its own; the model's layers follow another one, so
+        // begin() could not switch them (they would train sub-net 0 under sub-net 1's mask).
+        let models_switch = SubnetSwitch::new();
+        let (model, _, x) = two_subnets(&models_switch);
+        let config = AstConfig {
+            schedule: no_events(),
+            ..AstConfig::new(vec![SubnetTarget::Density(1.0); 2])
+        };
+        let mut ast = AstStep::new(config, &model, &SubnetSwitch::new(), 10, 100).unwrap();
+        let iteration = ast.begin();
+        let message = panic_message(|| {
+            let g = loss_of(&model, &x).backward();
+            ast.step(model, g, iteration, 0.1);
+        });
+        assert!(
+            message.contains("no masked layer computed through this step's SubnetSwitch"),
+            "{message}"
+        );
+        assert!(
+            message.contains("give AstStep::new the switch"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_forward_pass_before_begin_is_refused() {
+        let switch = SubnetSwitch::new();
+        let (model, mut ast, x) = two_subnets(&switch);
+        let g = loss_of(&model, &x).backward();
+        let iteration = ast.begin();
+        let message = panic_message(|| {
+            ast.step(model, g, iteration, 0.1);
+        });
+        assert!(
+            message.contains("run the forward pass between begin() and step()"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -801,17 +992,18 @@ mod tests {
         };
         let mut checked = 0;
         for t in 0..200 {
-            let k = off.begin();
+            let off_iteration = off.begin();
+            let k = off_iteration.subnet();
             let (x, y) = synthetic_batch::<AD>(16, t as u64, &device);
             let before_masks = read_masks(&m_off, k).unwrap();
             let before: Vec<Vec<f32>> = ids.iter().map(|&id| flat(&off, id)).collect();
             let grads_off = loss_fn
                 .forward(m_off.forward(x.clone()), y.clone())
                 .backward();
-            let (next_off, report) = off.step(m_off, grads_off, 0.05);
-            on.begin();
+            let (next_off, report) = off.step(m_off, grads_off, off_iteration, 0.05);
+            let on_iteration = on.begin();
             let grads_on = loss_fn.forward(m_on.forward(x), y).backward();
-            m_on = on.step(m_on, grads_on, 0.05).0;
+            m_on = on.step(m_on, grads_on, on_iteration, 0.05).0;
             m_off = next_off;
             let regrow = matches!(
                 report.mask_update,
@@ -912,9 +1104,11 @@ mod tests {
             let mut model = model;
             (0..2)
                 .map(|_| {
-                    ast.begin();
-                    let grads = model.fc.weight.val().sum().backward();
-                    model = ast.step(model.clone(), grads, 1.0).0;
+                    let iteration = ast.begin();
+                    // ∂/∂W of x·(W ⊙ M) with x = 1: 1 at every position (the dense gradient).
+                    let x = Tensor::<AD, 2>::ones([1, 2], &device);
+                    let grads = model.fc.forward(x).sum().backward();
+                    model = ast.step(model.clone(), grads, iteration, 1.0).0;
                     let w: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
                     [w[0], w[1]]
                 })
@@ -976,11 +1170,14 @@ mod tests {
         gradients
             .iter()
             .map(|c| {
-                ast.begin();
+                let iteration = ast.begin();
+                // The step checks that the model computed through its switch; the gradient
+                // below is made by hand.
+                let _ = model.fc.forward(Tensor::<AD, 2>::zeros([1, 2], &device));
                 let before: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
                 let c = Tensor::<AD, 1>::from_floats(*c, &device).reshape([2, 2]);
                 let grads = (model.fc.weight.val() * c).sum().backward();
-                model = ast.step(model.clone(), grads, 1.0).0;
+                model = ast.step(model.clone(), grads, iteration, 1.0).0;
                 let after: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
                 before.iter().zip(&after).map(|(b, a)| b - a).collect()
             })
@@ -1059,9 +1256,9 @@ mod tests {
         )
         .unwrap();
         let before: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
-        ast.begin();
+        let iteration = ast.begin();
         let g = loss_of(&model, &Tensor::ones([1, 2], &device)).backward();
-        let model = ast.step(model, g, 0.1).0;
+        let model = ast.step(model, g, iteration, 0.1).0;
         let after: Vec<f32> = model.fc.weight.val().into_data().to_vec().unwrap();
         assert_ne!(before[0], after[0]);
         assert_eq!(&before[1..], &after[1..]);

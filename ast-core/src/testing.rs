@@ -139,11 +139,11 @@ pub fn train_tiny<B: AutodiffBackend + AstBackend>(
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let (mut losses, mut reports) = (Vec::new(), Vec::new());
     for t in 0..steps {
-        ast.begin();
+        let iteration = ast.begin();
         let (x, y) = synthetic_batch::<B>(16, t as u64, device);
         let loss = loss_fn.forward(model.forward(x), y);
         losses.push(loss.clone().into_scalar().elem::<f32>());
-        let (m, report) = ast.step(model, loss.backward(), 0.05);
+        let (m, report) = ast.step(model, loss.backward(), iteration, 0.05);
         model = m;
         reports.push(report);
     }

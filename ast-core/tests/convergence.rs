@@ -38,11 +38,11 @@ fn three_subnets_each_reach_ninety_percent_train_accuracy() {
     let mut model = ast.init_masks(model);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     for t in 0..total {
-        ast.begin();
+        let iteration = ast.begin();
         let (x, y) = synthetic_batch::<B>(32, t as u64, &device);
         let loss = loss_fn.forward(model.forward(x), y);
         let lr = 0.05 * 0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total as f64).cos());
-        model = ast.step(model, loss.backward(), lr).0;
+        model = ast.step(model, loss.backward(), iteration, lr).0;
     }
     let eval = model.valid();
     for (k, target) in targets.iter().enumerate() {

@@ -181,8 +181,8 @@ pub fn trainable_params<B: Backend, M: Module<B>>(module: &M) -> usize {
 pub(crate) mod tests {
     //! Helpers shared by the models' tests, all on Flex.
     use super::*;
-    use ast_core::subnet::{masked_layers, replace_masks};
-    use ast_core::{AstConfig, AstStep, SubnetTarget};
+    use ast_core::subnet::{masked_layers, read_params, replace_masks, weight_vec};
+    use ast_core::{AstConfig, AstStep, SubnetTarget, UpdateScope};
     use burn::module::AutodiffModule;
     use burn::nn::loss::CrossEntropyLossConfig;
     use burn::tensor::Distribution;
@@ -216,41 +216,10 @@ pub(crate) mod tests {
         assert!(layers.iter().all(|l| l.mask_ids.len() == 3));
     }
 
-    /// One AST step (sub-nets at densities 0.5/0.2/0.1) on a batch of 2; returns the loss.
-    pub fn ast_step_loss<M: AutodiffModule<AD>>(
-        model: M,
-        switch: &SubnetSwitch,
-        forward: impl Fn(&M, Tensor<AD, 4>) -> Tensor<AD, 2>,
-        side: usize,
-    ) -> f32 {
-        let start = Instant::now();
-        let device = device();
-        let targets = [0.5, 0.2, 0.1].map(SubnetTarget::Density).to_vec();
-        let mut ast = AstStep::<AD>::new(AstConfig::new(targets), &model, switch, 1, 10).unwrap();
-        let model = ast.init_masks(model);
-        assert_eq!(ast.begin(), 0);
-        let logits = forward(&model, images(2, side, 7));
-        let labels = Tensor::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
-        let loss = CrossEntropyLossConfig::new()
-            .init(&device)
-            .forward(logits, labels);
-        let value: f32 = loss.clone().into_scalar();
-        let (_, report) = ast.step(model, loss.backward(), 0.01);
-        assert_eq!(report.subnet, 0);
-        println!("loss {value}, step took {:?}", start.elapsed());
-        value
-    }
-
-    /// Gives sub-net 1 a pseudo-random 50 % mask and checks, in inference mode, that its output
-    /// differs from sub-net 0's and that switching back reproduces sub-net 0's bit for bit.
-    pub fn assert_subnets_differ<M: Module<TB>>(
-        model: M,
-        switch: &SubnetSwitch,
-        forward: impl Fn(&M, Tensor<TB, 4>) -> Tensor<TB, 2>,
-    ) {
-        let x = images::<TB>(2, 32, 3);
+    /// Pseudo-random masks keeping about half of every masked layer's weights.
+    fn half_masks<B: Backend, M: Module<B>>(model: &M) -> Vec<TensorData> {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let masks = masked_layers(&model)
+        masked_layers(model)
             .iter()
             .map(|l| {
                 let bits = (0..l.numel())
@@ -263,7 +232,82 @@ pub(crate) mod tests {
                     .collect::<Vec<bool>>();
                 TensorData::new(bits, l.shape.clone())
             })
-            .collect();
+            .collect()
+    }
+
+    /// The masked layers' weights, flat, in layer order.
+    fn masked_weights<B: Backend, M: Module<B>>(model: &M) -> Vec<Vec<f32>> {
+        let ids: Vec<_> = masked_layers(model).iter().map(|l| l.weight_id).collect();
+        read_params(model, &ids)
+            .into_iter()
+            .map(weight_vec)
+            .collect()
+    }
+
+    /// One AST step of sub-net 0 (sub-nets at densities 0.5/0.2/0.1, sub-net 0 given a 50 %
+    /// mask, the active update scope) on a batch of 2: the loss is finite, no weight outside
+    /// the mask moves, and most weights inside it do (a gradient of exactly zero is rare).
+    pub fn assert_one_ast_step_moves_only_the_active_weights<M: AutodiffModule<AD>>(
+        model: M,
+        switch: &SubnetSwitch,
+        forward: impl Fn(&M, Tensor<AD, 4>) -> Tensor<AD, 2>,
+        side: usize,
+    ) {
+        let start = Instant::now();
+        let device = device();
+        let targets = [0.5, 0.2, 0.1].map(SubnetTarget::Density).to_vec();
+        let config = AstConfig {
+            update_scope: UpdateScope::Active,
+            ..AstConfig::new(targets)
+        };
+        let mut ast = AstStep::<AD>::new(config, &model, switch, 1, 10).unwrap();
+        let model = ast.init_masks(model);
+        let half = half_masks(&model);
+        let masks: Vec<Vec<bool>> = half.iter().map(|m| m.to_vec().unwrap()).collect();
+        let model = replace_masks(model, 0, half).unwrap();
+        let before = masked_weights(&model);
+        let iteration = ast.begin();
+        assert_eq!(iteration.subnet(), 0);
+        let logits = forward(&model, images(2, side, 7));
+        let labels = Tensor::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&device)
+            .forward(logits, labels);
+        let value: f32 = loss.clone().into_scalar();
+        assert!(value.is_finite(), "loss {value}");
+        let (model, report) = ast.step(model, loss.backward(), iteration, 0.01);
+        assert_eq!((report.subnet, report.mask_update), (0, None));
+        let after = masked_weights(&model);
+        let (mut inside, mut moved) = (0, 0);
+        for ((mask, b), a) in masks.iter().zip(&before).zip(&after) {
+            for ((&m, x), y) in mask.iter().zip(b).zip(a) {
+                if m {
+                    inside += 1;
+                    moved += usize::from(x != y);
+                } else {
+                    assert_eq!(x.to_bits(), y.to_bits(), "a weight outside the mask moved");
+                }
+            }
+        }
+        assert!(
+            moved * 2 > inside,
+            "{moved} of {inside} active weights moved"
+        );
+        println!(
+            "loss {value}, {moved} of {inside} active weights moved, step took {:?}",
+            start.elapsed()
+        );
+    }
+
+    /// Gives sub-net 1 a pseudo-random 50 % mask and checks, in inference mode, that its output
+    /// differs from sub-net 0's and that switching back reproduces sub-net 0's bit for bit.
+    pub fn assert_subnets_differ<M: Module<TB>>(
+        model: M,
+        switch: &SubnetSwitch,
+        forward: impl Fn(&M, Tensor<TB, 4>) -> Tensor<TB, 2>,
+    ) {
+        let x = images::<TB>(2, 32, 3);
+        let masks = half_masks(&model);
         let model = replace_masks(model, 1, masks).unwrap();
         let out = |k: usize| {
             switch.set(k);

@@ -144,7 +144,7 @@ where
     let mut first_step_s = 0.0;
     for i in 0..total + bench.steps.min(3) {
         let start = Instant::now();
-        ast.begin();
+        let iteration = ast.begin();
         if i >= dense_grad_from {
             switch.set_dense_weight_grad(true);
         }
@@ -154,7 +154,7 @@ where
         let grads = loss.backward();
         sync()?;
         let backward = start.elapsed().as_secs_f64();
-        model = ast.step(model, grads, 0.1).0;
+        model = ast.step(model, grads, iteration, 0.1).0;
         sync()?;
         let end = start.elapsed().as_secs_f64();
         if i == 0 {

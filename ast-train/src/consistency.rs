@@ -159,7 +159,7 @@ pub fn train_small<B: AutodiffBackend + AstBackend>(
     let (batch, side) = (8, 16);
     let (mut losses, mut events) = (Vec::with_capacity(steps), 0);
     for _ in 0..steps {
-        ast.begin();
+        let iteration = ast.begin();
         let pixels: Vec<f32> = (0..batch * 3 * side * side)
             .map(|_| inputs.next_f64() as f32 * 2.0 - 1.0)
             .collect();
@@ -176,7 +176,7 @@ pub fn train_small<B: AutodiffBackend + AstBackend>(
                 .and_then(|v| v.first().copied())
                 .unwrap_or(f32::NAN),
         );
-        let (m, report) = ast.step(model, loss.backward(), 0.05);
+        let (m, report) = ast.step(model, loss.backward(), iteration, 0.05);
         model = m;
         events += usize::from(report.mask_update.is_some());
     }

@@ -905,7 +905,8 @@ where
             let labels = batch.labels.clone();
             let shard = labels.len();
             let (x, y) = to_tensors::<B>(batch, device);
-            let subnet = ast.begin();
+            let iteration = ast.begin();
+            let subnet = iteration.subnet();
             let logits = model.forward(x);
             let loss = loss_fn.forward(logits.clone(), y);
             pending.push(PendingStep {
@@ -931,7 +932,7 @@ where
                     team.mean_gradients(&model, grads)?
                 }
             };
-            let (stepped, report) = ast.step_params(model, grads, lr);
+            let (stepped, report) = ast.step_params(model, grads, iteration, lr);
             model = match team {
                 // Every worker leaves the iteration with the same running statistics.
                 Some(team) => team.mean_buffers(stepped)?,

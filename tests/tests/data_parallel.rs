@@ -144,7 +144,7 @@ fn accumulated(initial: &CifarResNet<AD>, workers: usize) -> Outcome {
     let loss_fn = CrossEntropyLossConfig::new().init(&Default::default());
     let (mut losses, mut events) = (Vec::new(), 0);
     for step in 0..STEPS {
-        ast.begin();
+        let iteration = ast.begin();
         let mut grads = Vec::new();
         let mut step_losses = Vec::new();
         for rank in 0..workers {
@@ -159,7 +159,7 @@ fn accumulated(initial: &CifarResNet<AD>, workers: usize) -> Outcome {
             others,
         });
         let mean = grads.swap_remove(0);
-        let (stepped, report) = ast.step_params(model, mean, 0.05);
+        let (stepped, report) = ast.step_params(model, mean, iteration, 0.05);
         model = stepped;
         events += usize::from(report.mask_update.is_some());
         losses.push(step_losses);
@@ -185,13 +185,13 @@ fn data_parallel(initial: &CifarResNet<AD>, workers: usize) -> Vec<Outcome> {
                     let loss_fn = CrossEntropyLossConfig::new().init(&device);
                     let (mut losses, mut events) = (Vec::new(), 0);
                     for step in 0..STEPS {
-                        ast.begin();
+                        let iteration = ast.begin();
                         let (x, y) = shard(step, rank, workers);
                         let loss = loss_fn.forward(model.forward(x), y);
                         losses.push(vec![loss.clone().into_scalar()]);
                         let grads = GradientsParams::from_grads(loss.backward(), &model);
                         let grads = team.mean_gradients(&model, grads).unwrap();
-                        let (stepped, report) = ast.step_params(model, grads, 0.05);
+                        let (stepped, report) = ast.step_params(model, grads, iteration, 0.05);
                         model = stepped;
                         events += usize::from(report.mask_update.is_some());
                     }

@@ -30,11 +30,11 @@ fn run<B: AutodiffBackend + AstBackend>() -> (Vec<f32>, Vec<TensorData>) {
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut losses = Vec::new();
     for t in 0..12 {
-        ast.begin();
+        let iteration = ast.begin();
         let (x, y) = synthetic_batch::<B>(8, t, &device);
         let loss = loss_fn.forward(model.forward(x), y);
         losses.push(loss.clone().into_scalar().elem::<f32>());
-        model = ast.step(model, loss.backward(), 0.05).0;
+        model = ast.step(model, loss.backward(), iteration, 0.05).0;
     }
     (losses, read_masks(&model, 1).unwrap())
 }

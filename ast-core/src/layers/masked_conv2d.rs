@@ -111,6 +111,7 @@ impl<B: AstBackend> MaskedConv2d<B> {
     /// # Panics
     /// If the active sub-net index is not below the number of masks.
     pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.switch.note_forward();
         let mask = self.active_mask();
         let options = ConvOptions::new(self.stride, self.padding, self.dilation, self.groups);
         B::masked_conv2d(

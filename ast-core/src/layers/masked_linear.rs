@@ -81,6 +81,7 @@ impl<B: AstBackend> MaskedLinear<B> {
     /// # Panics
     /// If the active sub-net index is not below the number of masks.
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
+        self.switch.note_forward();
         B::masked_linear(
             input,
             self.weight.val(),

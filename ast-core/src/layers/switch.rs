@@ -15,10 +15,15 @@ use std::sync::Arc;
 /// gradient at *every* position (growth ranks inactive positions by it) or only at the active
 /// ones (enough for an update inside the mask, and cheaper for a sparse kernel). It starts at
 /// "every position"; [`crate::AstStep::begin`] asks for it only on mask-event iterations.
+///
+/// Masked layers count their forward passes on the handle, so that [`crate::AstStep::step`]
+/// can tell that the model it steps computed through the step's own switch since
+/// [`crate::AstStep::begin`].
 #[derive(Clone)]
 pub struct SubnetSwitch {
     active: Arc<AtomicUsize>,
     dense_weight_grad: Arc<AtomicBool>,
+    forwards: Arc<AtomicUsize>,
 }
 
 impl Default for SubnetSwitch {
@@ -26,6 +31,7 @@ impl Default for SubnetSwitch {
         Self {
             active: Arc::default(),
             dense_weight_grad: Arc::new(AtomicBool::new(true)),
+            forwards: Arc::default(),
         }
     }
 }
@@ -54,6 +60,20 @@ impl SubnetSwitch {
     /// Sets [`SubnetSwitch::dense_weight_grad`] for every layer sharing this handle.
     pub fn set_dense_weight_grad(&self, dense: bool) {
         self.dense_weight_grad.store(dense, Ordering::Relaxed);
+    }
+
+    /// Counts one forward pass of a masked layer switched by this handle.
+    pub(crate) fn note_forward(&self) {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forward passes of masked layers since the last [`Self::reset_forwards`].
+    pub(crate) fn forwards(&self) -> usize {
+        self.forwards.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn reset_forwards(&self) {
+        self.forwards.store(0, Ordering::Relaxed);
     }
 
     /// Whether two handles switch the same layers.
