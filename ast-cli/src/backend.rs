@@ -4,14 +4,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
-use ast_core::AstBackend;
 use ast_models::AstModel;
 use ast_train::bench::{step_throughput, StepBench, StepTiming};
 use ast_train::metrics::SubnetMetrics;
 use ast_train::train::{evaluate, load_run_model};
 use ast_train::{RunOptions, RunSummary, TrainConfig};
 use burn::backend::Autodiff;
-use burn::prelude::{Tensor, TensorData};
+use burn::prelude::{Backend, Tensor, TensorData};
 use burn::tensor::backend::{AutodiffBackend, Device, DeviceId};
 
 use crate::report;
@@ -138,8 +137,7 @@ pub trait BackendJob {
     /// Runs the job on backend `B`.
     fn run<B>(self, device: &B::Device) -> Result<Self::Output>
     where
-        B: AutodiffBackend + AstBackend,
-        B::InnerBackend: AstBackend;
+        B: AutodiffBackend;
 }
 
 /// Runs `job` on the backend and device of `args`.
@@ -206,8 +204,7 @@ impl BackendJob for Train<'_> {
 
     fn run<B>(self, device: &B::Device) -> Result<RunSummary>
     where
-        B: AutodiffBackend + AstBackend,
-        B::InnerBackend: AstBackend,
+        B: AutodiffBackend,
     {
         let indices = match (self.devices, &self.nodes) {
             (Some(indices), _) => indices,
@@ -250,8 +247,7 @@ impl BackendJob for Eval<'_> {
 
     fn run<B>(self, device: &B::Device) -> Result<()>
     where
-        B: AutodiffBackend + AstBackend,
-        B::InnerBackend: AstBackend,
+        B: AutodiffBackend,
     {
         let (mut config, model, epochs) = load_run_model::<B>(self.run, device)?;
         if let Some(p) = self.data_path {
@@ -313,7 +309,7 @@ impl BackendJob for Eval<'_> {
 /// Times each sub-net's inference on the first `batch` test images ([`LATENCY_RUNS`] passes,
 /// median), prints them and the most accurate sub-net within `budget` seconds. Returns the
 /// budget, the batch, the latencies and the chosen sub-net; an error line when no sub-net fits.
-fn pick_within_budget<B: AstBackend>(
+fn pick_within_budget<B: Backend>(
     model: &AstModel<B>,
     loader: &ast_train::data::Loader,
     metrics: &[SubnetMetrics],
@@ -377,8 +373,7 @@ impl BackendJob for Bench {
 
     fn run<B>(self, device: &B::Device) -> Result<StepTiming>
     where
-        B: AutodiffBackend + AstBackend,
-        B::InnerBackend: AstBackend,
+        B: AutodiffBackend,
     {
         Ok(step_throughput::<B>(&self.0, device)?)
     }
@@ -398,8 +393,7 @@ impl BackendJob for CheckBackend {
 
     fn run<B>(self, device: &B::Device) -> Result<Self::Output>
     where
-        B: AutodiffBackend + AstBackend,
-        B::InnerBackend: AstBackend,
+        B: AutodiffBackend,
     {
         #[cfg(feature = "flex")]
         return Ok(ast_train::consistency::compare_backends::<

@@ -9,9 +9,8 @@
 use ast_core::subnet::density;
 use ast_core::testing::{synthetic_batch, CLASSES};
 use ast_core::{
-    AstBackend, AstConfig, AstStep, MaskScheduleConfig, MaskedConv2d, MaskedConv2dConfig,
-    MaskedLinear, MaskedLinearConfig, SubnetSwitch, SubnetTarget, SwitchableBatchNorm,
-    SwitchableBatchNormConfig,
+    AstConfig, AstStep, MaskScheduleConfig, MaskedConv2d, MaskedConv2dConfig, MaskedLinear,
+    MaskedLinearConfig, SubnetSwitch, SubnetTarget, SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
@@ -28,7 +27,7 @@ struct MyNet<B: Backend> {
     head: MaskedLinear<B>,
 }
 
-impl<B: AstBackend> MyNet<B> {
+impl<B: Backend> MyNet<B> {
     fn new(subnets: usize, switch: &SubnetSwitch, device: &B::Device) -> Self {
         Self {
             conv: MaskedConv2dConfig::new([1, 16], [3, 3])

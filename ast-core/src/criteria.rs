@@ -2,7 +2,7 @@
 //!
 //! Drop ranks active weights by the shared dense `|W|`; grow ranks inactive positions by the
 //! dense gradient of the loss with respect to the effective weight `W ⊙ M` (which the masked
-//! layers deliver, see [`crate::AstBackend::masked_weight`]), so any position can be regrown.
+//! layers deliver, see [`crate::backend::masked_weight`]), so any position can be regrown.
 
 use crate::mask::topk::top_k_indices;
 

@@ -42,7 +42,7 @@ pub mod testing;
 
 #[cfg(feature = "flex")]
 pub use ast_kernels as kernels;
-pub use backend::{AstBackend, NormOptions, NormOutput};
+pub use backend::{NormOptions, NormOutput};
 pub use config::{
     AdamSettings, AstConfig, CorrectionKind, CorrectionMode, MaskScheduleConfig, OptimizerKind,
     SgdSettings, SubnetTarget, UpdateScope,

@@ -11,7 +11,6 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 
-use crate::backend::AstBackend;
 use crate::config::{AstConfig, MaskScheduleConfig, SubnetTarget};
 use crate::layers::{
     MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
@@ -36,7 +35,7 @@ pub struct TinyNet<B: Backend> {
     head: MaskedLinear<B>,
 }
 
-impl<B: AstBackend> TinyNet<B> {
+impl<B: Backend> TinyNet<B> {
     /// `subnets` sub-nets switched by `switch`.
     pub fn new(subnets: usize, switch: &SubnetSwitch, device: &B::Device) -> Self {
         let conv = |c_in, c_out, stride| {
@@ -125,7 +124,7 @@ pub fn tiny_config(subnets: Vec<SubnetTarget>) -> AstConfig {
 ///
 /// The weights are drawn from the backend's process-wide generator: two runs are bit-identical
 /// only if nothing else draws from it meanwhile (run such comparisons in their own process).
-pub fn train_tiny<B: AutodiffBackend + AstBackend>(
+pub fn train_tiny<B: AutodiffBackend>(
     config: AstConfig,
     steps: usize,
     seed: u64,

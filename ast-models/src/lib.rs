@@ -28,7 +28,7 @@ pub mod resnet;
 pub mod resnet_cifar;
 pub mod small_cnn;
 
-use ast_core::{AstBackend, SubnetSwitch};
+use ast_core::SubnetSwitch;
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 
@@ -122,7 +122,7 @@ impl<B: Backend> AstModel<B> {
     }
 }
 
-impl<B: AstBackend> AstModel<B> {
+impl<B: Backend> AstModel<B> {
     /// Logits of the active sub-net.
     ///
     /// # Shapes

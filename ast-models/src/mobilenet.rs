@@ -12,7 +12,7 @@
 //! layer that does not fit: the stem `conv1` (input 3); even without it, every depthwise layer
 //! (`blocks.i.depthwise`, input 1) would be rejected.
 
-use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
+use ast_core::{MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::prelude::*;
 use burn::tensor::module::avg_pool2d;
 
@@ -96,7 +96,7 @@ pub struct DepthwiseSeparable<B: Backend> {
     pub bn2: SwitchableBatchNorm<B>,
 }
 
-impl<B: AstBackend> DepthwiseSeparable<B> {
+impl<B: Backend> DepthwiseSeparable<B> {
     /// Applies the block with the active sub-net.
     ///
     /// # Shapes
@@ -131,7 +131,7 @@ impl<B: Backend> MobileNetV1<B> {
     }
 }
 
-impl<B: AstBackend> MobileNetV1<B> {
+impl<B: Backend> MobileNetV1<B> {
     /// Logits of the active sub-net.
     ///
     /// # Shapes

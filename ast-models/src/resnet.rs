@@ -7,7 +7,7 @@
 //! linear layer, the ImageNet variant in a plain one.
 
 use ast_core::layers::{batch_norm_2d, batch_norm_act, plain_conv2d};
-use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
+use ast_core::{MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, LinearConfig};
@@ -28,7 +28,7 @@ pub enum Norm<B: Backend> {
     Switchable(SwitchableBatchNorm<B>),
 }
 
-impl<B: AstBackend> Norm<B> {
+impl<B: Backend> Norm<B> {
     /// Normalises with the shared BatchNorm or the active sub-net's.
     ///
     /// # Shapes
@@ -51,7 +51,7 @@ pub struct Shortcut<B: Backend> {
     pub norm: Norm<B>,
 }
 
-impl<B: AstBackend> Shortcut<B> {
+impl<B: Backend> Shortcut<B> {
     /// Projects the block input to the block output's shape.
     ///
     /// # Shapes
@@ -77,7 +77,7 @@ fn shortcut<B: Backend>(
     })
 }
 
-fn residual<B: AstBackend>(shortcut: &Option<Shortcut<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+fn residual<B: Backend>(shortcut: &Option<Shortcut<B>>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     match shortcut {
         Some(s) => s.forward(x),
         None => x,
@@ -118,7 +118,7 @@ impl<B: Backend> BasicBlock<B> {
     }
 }
 
-impl<B: AstBackend> BasicBlock<B> {
+impl<B: Backend> BasicBlock<B> {
     /// Applies the block with the active sub-net.
     ///
     /// # Shapes
@@ -181,7 +181,7 @@ impl<B: Backend> Bottleneck<B> {
     }
 }
 
-impl<B: AstBackend> Bottleneck<B> {
+impl<B: Backend> Bottleneck<B> {
     /// Applies the block with the active sub-net.
     ///
     /// # Shapes
@@ -206,7 +206,7 @@ pub enum Block<B: Backend> {
     Bottleneck(Bottleneck<B>),
 }
 
-impl<B: AstBackend> Block<B> {
+impl<B: Backend> Block<B> {
     /// Applies the block with the active sub-net.
     ///
     /// # Shapes
@@ -231,7 +231,7 @@ pub enum Classifier<B: Backend> {
     Plain(Linear<B>),
 }
 
-impl<B: AstBackend> Classifier<B> {
+impl<B: Backend> Classifier<B> {
     /// Logits of pooled features.
     ///
     /// # Shapes
@@ -413,7 +413,7 @@ impl<B: Backend> ResNet<B> {
     }
 }
 
-impl<B: AstBackend> ResNet<B> {
+impl<B: Backend> ResNet<B> {
     /// Logits of the active sub-net.
     ///
     /// # Shapes

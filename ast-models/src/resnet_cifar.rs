@@ -9,7 +9,7 @@
 //! or normal(0, 0.01) for the wide ResNet-32; bias zero).
 
 use ast_core::layers::{batch_norm_act, plain_conv2d};
-use ast_core::{AstBackend, MaskedLinear, SubnetSwitch};
+use ast_core::{MaskedLinear, SubnetSwitch};
 use burn::module::Initializer;
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
@@ -123,7 +123,7 @@ impl<B: Backend> CifarResNet<B> {
     }
 }
 
-impl<B: AstBackend> CifarResNet<B> {
+impl<B: Backend> CifarResNet<B> {
     /// Logits of the active sub-net.
     ///
     /// # Shapes

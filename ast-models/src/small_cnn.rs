@@ -6,7 +6,7 @@
 //! ResNet-20).
 
 use ast_core::layers::{batch_norm_act, plain_conv2d};
-use ast_core::{AstBackend, MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
+use ast_core::{MaskedConv2d, MaskedLinear, SubnetSwitch, SwitchableBatchNorm};
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
 use burn::prelude::*;
@@ -68,7 +68,7 @@ impl<B: Backend> SmallCnn<B> {
     }
 }
 
-impl<B: AstBackend> SmallCnn<B> {
+impl<B: Backend> SmallCnn<B> {
     /// Logits of the active sub-net.
     ///
     /// # Shapes

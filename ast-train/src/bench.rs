@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use ast_core::{AstBackend, AstConfig, AstStep, CorrectionMode, MaskScheduleConfig, SubnetTarget};
+use ast_core::{AstConfig, AstStep, CorrectionMode, MaskScheduleConfig, SubnetTarget};
 use ast_models::{AstModel, ModelKind};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::momentum::MomentumConfig;
@@ -84,7 +84,7 @@ pub const MAX_BENCH_BATCH: usize = 65_536;
 /// up to the end of its device work.
 pub fn step_throughput<B>(bench: &StepBench, device: &B::Device) -> Result<StepTiming>
 where
-    B: AutodiffBackend + AstBackend,
+    B: AutodiffBackend,
 {
     for (field, value) in [
         ("batch", bench.batch),
@@ -207,7 +207,7 @@ fn dense_step_times<B>(
     device: &B::Device,
 ) -> Result<(f64, Vec<f64>)>
 where
-    B: AutodiffBackend + AstBackend,
+    B: AutodiffBackend,
 {
     let mut model = AstModel::<B>::new(bench.model, 10, 1, device);
     let mut optim = SgdConfig::new()

@@ -8,7 +8,7 @@
 
 use ast_core::rng::MaskRng;
 use ast_core::subnet::{mask_vec, read_masks};
-use ast_core::{AstBackend, AstConfig, AstStep, MaskScheduleConfig, SubnetTarget};
+use ast_core::{AstConfig, AstStep, MaskScheduleConfig, SubnetTarget};
 use ast_models::{CifarResNet, CifarResNetConfig};
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -61,8 +61,8 @@ pub fn compare_backends<R, T>(
     tested: &T::Device,
 ) -> Result<Consistency>
 where
-    R: AutodiffBackend + AstBackend,
-    T: AutodiffBackend + AstBackend,
+    R: AutodiffBackend,
+    T: AutodiffBackend,
 {
     if steps == 0 {
         return Err(TrainError::Config {
@@ -133,7 +133,7 @@ pub type SmallRun = (Vec<f32>, usize, Vec<Vec<Vec<bool>>>);
 /// the first two epochs of `steps_per_epoch` iterations, mask events every 6 global iterations
 /// of a sub-net's counter (pruning and prune-and-regrow), batches of 8 random 16×16 images
 /// drawn from `inputs`, SGD at lr 0.05.
-pub fn train_small<B: AutodiffBackend + AstBackend>(
+pub fn train_small<B: AutodiffBackend>(
     model: CifarResNet<B>,
     steps: usize,
     steps_per_epoch: usize,

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use ast_core::backend::AstBackend;
 use burn::prelude::*;
 
 use crate::error::{Result, TrainError};
@@ -14,7 +13,7 @@ use ast_models::AstModel;
 /// Median seconds of one inference forward pass of `x` through each sub-net of `model`, over
 /// `runs` passes after one warm-up pass (the device is synchronised after each). The active
 /// sub-net is restored.
-pub fn subnet_latencies<B: AstBackend>(
+pub fn subnet_latencies<B: Backend>(
     model: &AstModel<B>,
     x: &Tensor<B, 4>,
     runs: usize,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use ast_core::schedule::{check_reaches_final_density, scheduled_event};
 use ast_core::subnet::{density, non_finite_params, sync_running_stats};
-use ast_core::{AstBackend, AstStep, SubnetTarget};
+use ast_core::{AstStep, SubnetTarget};
 use ast_models::AstModel;
 use burn::collective;
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
@@ -399,7 +399,7 @@ fn data_threads(config: &TrainConfig) -> usize {
 }
 
 /// Evaluates every sub-net of `model` on `loader` (loss, top-1, top-5, density).
-pub fn evaluate<B: AstBackend>(
+pub fn evaluate<B: Backend>(
     model: &AstModel<B>,
     loader: &Loader,
     device: &B::Device,
@@ -459,7 +459,7 @@ pub fn evaluate<B: AstBackend>(
 /// Refreshes every sub-net's BatchNorm running statistics with `batches` training-mode forward
 /// passes over batches of `epoch` (no weight changes); see
 /// [`TrainConfig::bn_recalibration_batches`].
-pub fn recalibrate_batch_norms<B: AutodiffBackend + AstBackend>(
+pub fn recalibrate_batch_norms<B: AutodiffBackend>(
     model: &AstModel<B>,
     loader: &Loader,
     epoch: usize,
@@ -495,8 +495,7 @@ pub fn sparsest(targets: &[SubnetTarget]) -> usize {
 /// Runs (or resumes) a training run in `opts.dir` on backend `B`.
 pub fn train<B>(config: TrainConfig, opts: &RunOptions, device: &B::Device) -> Result<RunSummary>
 where
-    B: AutodiffBackend + AstBackend,
-    B::InnerBackend: AstBackend,
+    B: AutodiffBackend,
 {
     let started = Instant::now();
     let sources = load_data(&config)?;
@@ -540,8 +539,7 @@ pub fn train_data_parallel<B>(
     nodes: Option<Arc<dyn CrossNode>>,
 ) -> Result<RunSummary>
 where
-    B: AutodiffBackend + AstBackend,
-    B::InnerBackend: AstBackend,
+    B: AutodiffBackend,
 {
     if devices.is_empty() {
         return Err(TrainError::config(
@@ -680,7 +678,7 @@ fn initial_weights<B>(
     device: &B::Device,
 ) -> <AstModel<B> as Module<B>>::Record
 where
-    B: AutodiffBackend + AstBackend,
+    B: AutodiffBackend,
 {
     B::seed(device, config.seed);
     AstModel::<B>::new(config.model, classes, config.ast.subnets.len(), device).into_record()
@@ -755,8 +753,7 @@ struct Worker<'a, B: AutodiffBackend> {
 /// writes the run's files and returns the summary; the others return `None`.
 fn run_worker<B>(worker: Worker<'_, B>) -> Result<Option<RunSummary>>
 where
-    B: AutodiffBackend + AstBackend,
-    B::InnerBackend: AstBackend,
+    B: AutodiffBackend,
 {
     let Worker {
         config,
@@ -1278,8 +1275,7 @@ pub fn load_run_model<B>(
     device: &B::Device,
 ) -> Result<(TrainConfig, AstModel<B>, usize)>
 where
-    B: AutodiffBackend + AstBackend,
-    B::InnerBackend: AstBackend,
+    B: AutodiffBackend,
 {
     let config = read_run_config(run_dir)?;
     let dir = checkpoint::latest(run_dir)?.ok_or_else(|| TrainError::Checkpoint {

@@ -8,7 +8,6 @@
 #![cfg(feature = "cuda")]
 
 use ast_core::backend::cuda::{CudaDevice, CudaFused, CudaUnfused};
-use ast_core::AstBackend;
 use ast_train::consistency::compare_backends;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
@@ -40,7 +39,7 @@ fn gpu<B: Backend<Device = CudaDevice>>(test: &str) -> Option<CudaDevice> {
 
 fn check<B>(test: &str)
 where
-    B: Backend<Device = CudaDevice> + AstBackend,
+    B: Backend<Device = CudaDevice>,
 {
     let Some(device) = gpu::<B>(test) else {
         return;

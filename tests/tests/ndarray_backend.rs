@@ -1,15 +1,16 @@
-//! The backend-generic engine on NdArray: the same AST steps as on Flex give the same losses
-//! and the same mask densities (the NdArray backend is selectable with `--backend ndarray`).
+//! The backend-generic engine on NdArray, which has no fast path of ours (burn's operations
+//! only), in f32 and in f64: the same AST steps as on Flex give the same losses and the same
+//! mask densities (the NdArray backend is selectable with `--backend ndarray`).
 
 use ast_core::subnet::read_masks;
 use ast_core::testing::{synthetic_batch, TinyNet};
-use ast_core::{AstBackend, AstConfig, AstStep, MaskScheduleConfig, SubnetSwitch, SubnetTarget};
+use ast_core::{AstConfig, AstStep, MaskScheduleConfig, SubnetSwitch, SubnetTarget};
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-fn run<B: AutodiffBackend + AstBackend>() -> (Vec<f32>, Vec<TensorData>) {
+fn run<B: AutodiffBackend>() -> (Vec<f32>, Vec<TensorData>) {
     let device = Default::default();
     let switch = SubnetSwitch::new();
     let model = TinyNet::<B>::new(2, &switch, &device);
@@ -62,7 +63,20 @@ impl<B: Backend> burn::module::ModuleMapper<B> for Fill {
 #[test]
 fn ndarray_and_flex_agree_on_losses_and_masks() {
     let (flex_losses, flex_masks) = run::<Autodiff<Flex>>();
-    let (nd_losses, nd_masks) = run::<Autodiff<NdArray>>();
+    assert_agree(&flex_losses, &flex_masks, run::<Autodiff<NdArray>>());
+}
+
+#[test]
+fn ndarray_in_f64_and_flex_agree_on_losses_and_masks() {
+    let (flex_losses, flex_masks) = run::<Autodiff<Flex>>();
+    assert_agree(&flex_losses, &flex_masks, run::<Autodiff<NdArray<f64>>>());
+}
+
+fn assert_agree(
+    flex_losses: &[f32],
+    flex_masks: &[TensorData],
+    (nd_losses, nd_masks): (Vec<f32>, Vec<TensorData>),
+) {
     for (a, b) in flex_losses.iter().zip(&nd_losses) {
         assert!(
             a.is_finite() && (a - b).abs() < 1e-3,
@@ -72,7 +86,7 @@ fn ndarray_and_flex_agree_on_losses_and_masks() {
     // Masks are computed on the host from each backend's weights: equal densities, and all
     // but near-ties agree.
     let (mut same, mut total, mut kept) = (0usize, 0usize, [0usize; 2]);
-    for (a, b) in flex_masks.into_iter().zip(nd_masks) {
+    for (a, b) in flex_masks.iter().zip(nd_masks) {
         let (a, b) = (a.to_vec::<bool>().unwrap(), b.to_vec::<bool>().unwrap());
         kept[0] += a.iter().filter(|&&x| x).count();
         kept[1] += b.iter().filter(|&&x| x).count();

@@ -7,16 +7,11 @@ use std::sync::OnceLock;
 use cubecl::config::cache::CacheConfig;
 use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
 
-use super::AstBackend;
-
 /// CUDA with burn's kernel fusion (element-wise chains compiled into one kernel).
 pub type CudaFused = burn_cuda::Cuda<f32, i32>;
 /// CUDA without fusion: every tensor operation launches its own kernel.
 pub type CudaUnfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 pub use burn_cuda::CudaDevice;
-
-impl AstBackend for CudaFused {}
-impl AstBackend for CudaUnfused {}
 
 /// Whether conv and matmul kernels are autotuned (chosen at build time by the `cuda-autotune`
 /// feature).

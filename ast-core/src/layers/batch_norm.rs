@@ -10,24 +10,24 @@
 use burn::nn::BatchNorm;
 use burn::prelude::*;
 
-use crate::backend::{activate, normalize_rows, AstBackend, NormOptions};
+use crate::backend::{activate, batch_norm_train, normalize_rows, NormOptions};
 
 /// Batch norm of `x` with `bn`'s parameters: batch statistics (and a running-statistics update)
 /// when the backend tracks gradients, running statistics otherwise.
 ///
 /// # Shapes
 /// - `x`: `[N, C, H, W]`, output the same.
-pub fn batch_norm_2d<B: AstBackend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn batch_norm_2d<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     batch_norm_act(bn, x, None, false)
 }
 
 /// [`batch_norm_2d`] followed by the residual add and ReLU of a ResNet block,
 /// `act(bn(x) + r)`, computed in one pass where the backend fuses them
-/// ([`AstBackend::batch_norm_train`]).
+/// ([`crate::backend::batch_norm_train`]).
 ///
 /// # Shapes
 /// - `x`, `residual`: `[N, C, H, W]`, output the same.
-pub fn batch_norm_act<B: AstBackend>(
+pub fn batch_norm_act<B: Backend>(
     bn: &BatchNorm<B>,
     x: Tensor<B, 4>,
     residual: Option<Tensor<B, 4>>,
@@ -46,7 +46,7 @@ pub fn batch_norm_act<B: AstBackend>(
         epsilon: bn.epsilon,
         relu,
     };
-    let out = B::batch_norm_train(x, bn.gamma.val(), bn.beta.val(), residual, norm);
+    let out = batch_norm_train(x, bn.gamma.val(), bn.beta.val(), residual, norm);
     let count = (n * h * w) as f64;
     let unbiased = out.var * (count / (count - 1.0).max(1.0));
     let m = bn.momentum;

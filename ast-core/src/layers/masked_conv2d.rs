@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::ops::ConvOptions;
 
 use super::{dense_masks, SubnetSwitch};
-use crate::backend::AstBackend;
+use crate::backend::masked_conv2d;
 
 /// Configuration of a [`MaskedConv2d`].
 #[derive(Config, Debug)]
@@ -101,7 +101,7 @@ impl MaskedConv2dConfig {
     }
 }
 
-impl<B: AstBackend> MaskedConv2d<B> {
+impl<B: Backend> MaskedConv2d<B> {
     /// Convolution with the active sub-net's masked weight.
     ///
     /// # Shapes
@@ -114,7 +114,7 @@ impl<B: AstBackend> MaskedConv2d<B> {
         self.switch.note_forward();
         let mask = self.active_mask();
         let options = ConvOptions::new(self.stride, self.padding, self.dilation, self.groups);
-        B::masked_conv2d(
+        masked_conv2d(
             input,
             self.weight.val(),
             mask,
@@ -142,10 +142,7 @@ impl<B: Backend> MaskedConv2d<B> {
 ///
 /// # Shapes
 /// - input `[batch, C_in, H, W]`, output `[batch, C_out, H_out, W_out]`.
-pub fn plain_conv2d<B: AstBackend>(
-    conv: &burn::nn::conv::Conv2d<B>,
-    x: Tensor<B, 4>,
-) -> Tensor<B, 4> {
+pub fn plain_conv2d<B: Backend>(conv: &burn::nn::conv::Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) = conv.padding else {
         return conv.forward(x);
     };
@@ -155,7 +152,7 @@ pub fn plain_conv2d<B: AstBackend>(
     let weight = conv.weight.val();
     let mask = Tensor::<B, 4, Bool>::full(weight.dims(), true, &weight.device());
     let options = ConvOptions::new(conv.stride, [top, left], conv.dilation, conv.groups);
-    B::masked_conv2d(
+    masked_conv2d(
         x,
         weight,
         mask,

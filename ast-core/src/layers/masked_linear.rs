@@ -4,7 +4,7 @@ use burn::module::{Initializer, Param};
 use burn::prelude::*;
 
 use super::{dense_masks, SubnetSwitch};
-use crate::backend::AstBackend;
+use crate::backend::masked_linear;
 
 /// Configuration of a [`MaskedLinear`].
 #[derive(Config, Debug)]
@@ -71,7 +71,7 @@ impl MaskedLinearConfig {
     }
 }
 
-impl<B: AstBackend> MaskedLinear<B> {
+impl<B: Backend> MaskedLinear<B> {
     /// Applies the active sub-net's masked weight.
     ///
     /// # Shapes
@@ -82,7 +82,7 @@ impl<B: AstBackend> MaskedLinear<B> {
     /// If the active sub-net index is not below the number of masks.
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
         self.switch.note_forward();
-        B::masked_linear(
+        masked_linear(
             input,
             self.weight.val(),
             self.active_mask(),

@@ -4,7 +4,6 @@ use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::prelude::*;
 
 use super::{active_index, batch_norm_2d, batch_norm_act, SubnetSwitch};
-use crate::AstBackend;
 
 /// Configuration of a [`SwitchableBatchNorm`].
 #[derive(Config, Debug)]
@@ -59,7 +58,7 @@ impl SwitchableBatchNormConfig {
     }
 }
 
-impl<B: AstBackend> SwitchableBatchNorm<B> {
+impl<B: Backend> SwitchableBatchNorm<B> {
     /// Normalises with the active sub-net's BatchNorm.
     ///
     /// # Shapes

@@ -8,7 +8,9 @@ use burn::tensor::ops::ConvOptions;
 use ast_kernels::conv::ConvGeometry;
 use ast_kernels::test_support::{geometry, rel_err, TestRng};
 
-use crate::backend::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions};
+use crate::backend::{
+    batch_norm_train, generic_batch_norm_train, generic_masked_conv2d, masked_conv2d, NormOptions,
+};
 
 type AD = Autodiff<Flex>;
 
@@ -60,7 +62,7 @@ fn compare(case: &Case, seed: u64) -> [f32; 4] {
             } else {
                 xt.clone()
             };
-            AD::masked_conv2d(input, wt.clone(), mt, bt, options.clone(), dense_grad)
+            masked_conv2d::<AD>(input, wt.clone(), mt, bt, options.clone(), dense_grad)
         } else {
             generic_masked_conv2d(xt.clone(), wt.clone(), mt, bt, options.clone())
         };
@@ -213,7 +215,7 @@ fn compare_norm(shape: [usize; 4], residual: bool, relu: bool, seed: u64) -> f32
         let (xt, rt, gt, bt) = (tensor(&x), tensor(&r), vector(&gamma), vector(&beta));
         let res = residual.then(|| rt.clone());
         let out = if fast {
-            AD::batch_norm_train(xt.clone(), gt.clone(), bt.clone(), res, norm)
+            batch_norm_train::<AD>(xt.clone(), gt.clone(), bt.clone(), res, norm)
         } else {
             generic_batch_norm_train(xt.clone(), gt.clone(), bt.clone(), res, norm)
         };

@@ -8,11 +8,14 @@
 //! [`ast_kernels::norm`]. Geometries or dtypes the kernels do not cover take the generic
 //! path.
 
+use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
@@ -21,7 +24,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{ConvOptions, FloatTensor};
 use burn::tensor::{DType, TensorPrimitive};
 
-use super::{generic_batch_norm_train, generic_masked_conv2d, AstBackend, NormOptions, NormOutput};
+use super::{generic_batch_norm_train, generic_masked_conv2d, NormOptions, NormOutput};
 use ast_kernels::conv::{ConvGeometry, GradBuffers, MaskedConvPlan};
 use ast_kernels::norm::{self, NormShape};
 use ast_kernels::pool;
@@ -42,146 +45,223 @@ pub fn set_flex_kernels(enabled: bool) {
     FLEX_KERNELS.store(enabled, Ordering::Relaxed);
 }
 
-impl AstBackend for Flex {
-    fn masked_conv2d(
-        x: Tensor<Self, 4>,
-        weight: Tensor<Self, 4>,
-        mask: Tensor<Self, 4, Bool>,
-        bias: Option<Tensor<Self, 1>>,
-        options: ConvOptions<2>,
-        _dense_weight_grad: bool,
-    ) -> Tensor<Self, 4> {
-        let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
-            return generic_masked_conv2d(x, weight, mask, bias, options);
-        };
-        let x = contiguous(x.into_primitive().tensor());
-        let plan = plan(
-            geometry,
-            &weight.into_primitive().tensor(),
-            mask.into_primitive(),
-        );
-        let y = Tensor::from_primitive(TensorPrimitive::Float(output(&plan, &x)));
-        add_bias(y, bias)
-    }
+/// The masked convolution's inputs, handed back when `B` has no fast path here.
+pub(super) type ConvInputs<B> = (
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Tensor<B, 4, Bool>,
+    Option<Tensor<B, 1>>,
+);
 
-    fn autodiff_masked_conv2d<C: CheckpointStrategy>(
-        x: Tensor<Autodiff<Self, C>, 4>,
-        weight: Tensor<Autodiff<Self, C>, 4>,
-        mask: Tensor<Autodiff<Self, C>, 4, Bool>,
-        bias: Option<Tensor<Autodiff<Self, C>, 1>>,
-        options: ConvOptions<2>,
-        dense_weight_grad: bool,
-    ) -> Tensor<Autodiff<Self, C>, 4> {
-        let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
-            return generic_masked_conv2d(x, weight, mask, bias, options);
-        };
-        let x = x.into_primitive().tensor();
-        let weight = weight.into_primitive().tensor();
-        let plan = Arc::new(plan(geometry, &weight.primitive, mask.into_primitive()));
-        let input = contiguous(x.primitive);
-        let y = output(&plan, &input);
-        let y = match MaskedConvBackward
-            .prepare::<C>([x.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                BackwardState {
-                    plan,
-                    input,
-                    dense_weight_grad,
-                },
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        };
-        add_bias(Tensor::from_primitive(TensorPrimitive::Float(y)), bias)
-    }
+/// The batch norm's inputs, handed back when `B` has no fast path here.
+pub(super) type NormInputs<B> = (
+    Tensor<B, 4>,
+    Tensor<B, 1>,
+    Tensor<B, 1>,
+    Option<Tensor<B, 4>>,
+);
 
-    fn batch_norm_train(
-        x: Tensor<Self, 4>,
-        gamma: Tensor<Self, 1>,
-        beta: Tensor<Self, 1>,
-        residual: Option<Tensor<Self, 4>>,
-        options: NormOptions,
-    ) -> NormOutput<Self> {
-        let Some(shape) = norm_shape(&x, residual.as_ref()) else {
-            return generic_batch_norm_train(x, gamma, beta, residual, options);
-        };
-        let dims = x.dims();
-        let [x, gamma, beta] = [float(x), float(gamma), float(beta)];
-        let residual = residual.map(float);
-        let (y, stats) = norm::forward(
-            &shape,
-            f32s(&x),
-            f32s(&gamma),
-            f32s(&beta),
-            options.epsilon as f32,
-            residual.as_ref().map(f32s),
-            options.relu,
-        );
+/// `value` as `U`, which the caller checked (by `TypeId`) to be `T` itself.
+fn same<T: 'static, U: 'static>(value: T) -> U {
+    let mut slot = Some(value);
+    (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<U>>()
+        .and_then(Option::take)
+        .expect("a type checked equal by TypeId")
+}
+
+fn is<B: 'static, T: 'static>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<T>()
+}
+
+/// [`super::masked_conv2d`] on the kernels when `B` is Flex or `Autodiff<Flex>` (no or
+/// balanced checkpointing); the inputs back otherwise.
+pub(super) fn masked_conv2d<B: Backend>(
+    (x, weight, mask, bias): ConvInputs<B>,
+    options: ConvOptions<2>,
+    dense_weight_grad: bool,
+) -> Result<Tensor<B, 4>, ConvInputs<B>> {
+    fn run<B: Backend, T: Backend>(
+        (x, weight, mask, bias): ConvInputs<B>,
+        f: impl FnOnce(ConvInputs<T>) -> Tensor<T, 4>,
+    ) -> Tensor<B, 4> {
+        same(f((same(x), same(weight), same(mask), same(bias))))
+    }
+    let inputs = (x, weight, mask, bias);
+    if is::<B, Flex>() {
+        return Ok(run(inputs, |i| conv_forward(i, options)));
+    }
+    if is::<B, Autodiff<Flex>>() {
+        return Ok(run(inputs, |i| {
+            conv_autodiff::<NoCheckpointing>(i, options, dense_weight_grad)
+        }));
+    }
+    if is::<B, Autodiff<Flex, BalancedCheckpointing>>() {
+        return Ok(run(inputs, |i| {
+            conv_autodiff::<BalancedCheckpointing>(i, options, dense_weight_grad)
+        }));
+    }
+    Err(inputs)
+}
+
+/// [`super::batch_norm_train`] on the kernels when `B` is Flex or `Autodiff<Flex>` (no or
+/// balanced checkpointing); the inputs back otherwise.
+pub(super) fn batch_norm_train<B: Backend>(
+    inputs: NormInputs<B>,
+    options: NormOptions,
+) -> Result<NormOutput<B>, NormInputs<B>> {
+    fn run<B: Backend, T: Backend>(
+        (x, gamma, beta, residual): NormInputs<B>,
+        f: impl FnOnce(NormInputs<T>) -> NormOutput<T>,
+    ) -> NormOutput<B> {
+        let out = f((same(x), same(gamma), same(beta), same(residual)));
         NormOutput {
-            y: Tensor::from_primitive(TensorPrimitive::Float(flex(y, dims))),
-            mean: vector(stats.mean),
-            var: vector(stats.var),
+            y: same(out.y),
+            mean: same(out.mean),
+            var: same(out.var),
         }
     }
+    if is::<B, Flex>() {
+        return Ok(run(inputs, |i| norm_forward(i, options)));
+    }
+    if is::<B, Autodiff<Flex>>() {
+        return Ok(run(inputs, |i| {
+            norm_autodiff::<NoCheckpointing>(i, options)
+        }));
+    }
+    if is::<B, Autodiff<Flex, BalancedCheckpointing>>() {
+        return Ok(run(inputs, |i| {
+            norm_autodiff::<BalancedCheckpointing>(i, options)
+        }));
+    }
+    Err(inputs)
+}
 
-    fn autodiff_batch_norm_train<C: CheckpointStrategy>(
-        x: Tensor<Autodiff<Self, C>, 4>,
-        gamma: Tensor<Autodiff<Self, C>, 1>,
-        beta: Tensor<Autodiff<Self, C>, 1>,
-        residual: Option<Tensor<Autodiff<Self, C>, 4>>,
-        options: NormOptions,
-    ) -> NormOutput<Autodiff<Self, C>> {
-        let Some(shape) = norm_shape(&x, residual.as_ref()) else {
-            return generic_batch_norm_train(x, gamma, beta, residual, options);
-        };
-        let dims = x.dims();
-        let x = x.into_primitive().tensor();
-        let gamma = gamma.into_primitive().tensor();
-        let beta = beta.into_primitive().tensor();
-        let residual = residual.map(|r| r.into_primitive().tensor());
-        let input = contiguous(x.primitive.clone());
-        let gamma_values = contiguous(gamma.primitive.clone());
-        let beta_values = contiguous(beta.primitive.clone());
-        let residual_values = residual.as_ref().map(|r| contiguous(r.primitive.clone()));
-        let (y, stats) = norm::forward(
-            &shape,
-            f32s(&input),
-            f32s(&gamma_values),
-            f32s(&beta_values),
-            options.epsilon as f32,
-            residual_values.as_ref().map(f32s),
-            options.relu,
-        );
-        let y = flex(y, dims);
-        // After a ReLU without a residual the backward recomputes the gate from the input;
-        // with a residual it reads the output.
-        let gate = match (options.relu, &residual) {
-            (false, _) => SavedGate::None,
-            (true, Some(_)) => SavedGate::Output(y.clone()),
-            (true, None) => SavedGate::Recompute(f32s(&beta_values).to_vec()),
-        };
-        let state = NormState {
-            shape,
-            dims,
-            input,
-            gate,
-            inv_std: norm::inv_std(&stats.var, options.epsilon as f32),
-            mean: stats.mean.clone(),
-            gamma: gamma_values,
-        };
-        let y = match residual {
-            Some(r) => track::<C, 4>([x, gamma, beta, r], state, y),
-            None => track::<C, 3>([x, gamma, beta], state, y),
-        };
-        let untracked = |v: Vec<f32>| Tensor::from_inner(vector(v));
-        NormOutput {
-            y: Tensor::from_primitive(TensorPrimitive::Float(y)),
-            mean: untracked(stats.mean),
-            var: untracked(stats.var),
-        }
+fn conv_forward(
+    (x, weight, mask, bias): ConvInputs<Flex>,
+    options: ConvOptions<2>,
+) -> Tensor<Flex, 4> {
+    let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
+        return generic_masked_conv2d(x, weight, mask, bias, options);
+    };
+    let x = contiguous(x.into_primitive().tensor());
+    let plan = plan(
+        geometry,
+        &weight.into_primitive().tensor(),
+        mask.into_primitive(),
+    );
+    let y = Tensor::from_primitive(TensorPrimitive::Float(output(&plan, &x)));
+    add_bias(y, bias)
+}
+
+fn conv_autodiff<C: CheckpointStrategy>(
+    (x, weight, mask, bias): ConvInputs<Autodiff<Flex, C>>,
+    options: ConvOptions<2>,
+    dense_weight_grad: bool,
+) -> Tensor<Autodiff<Flex, C>, 4> {
+    let Some(geometry) = geometry(&x.dims(), &weight.dims(), &options, weight.dtype()) else {
+        return generic_masked_conv2d(x, weight, mask, bias, options);
+    };
+    let x = x.into_primitive().tensor();
+    let weight = weight.into_primitive().tensor();
+    let plan = Arc::new(plan(geometry, &weight.primitive, mask.into_primitive()));
+    let input = contiguous(x.primitive);
+    let y = output(&plan, &input);
+    let y = match MaskedConvBackward
+        .prepare::<C>([x.node.clone(), weight.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            BackwardState {
+                plan,
+                input,
+                dense_weight_grad,
+            },
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    add_bias(Tensor::from_primitive(TensorPrimitive::Float(y)), bias)
+}
+
+fn norm_forward(
+    (x, gamma, beta, residual): NormInputs<Flex>,
+    options: NormOptions,
+) -> NormOutput<Flex> {
+    let Some(shape) = norm_shape(&x, residual.as_ref()) else {
+        return generic_batch_norm_train(x, gamma, beta, residual, options);
+    };
+    let dims = x.dims();
+    let [x, gamma, beta] = [float(x), float(gamma), float(beta)];
+    let residual = residual.map(float);
+    let (y, stats) = norm::forward(
+        &shape,
+        f32s(&x),
+        f32s(&gamma),
+        f32s(&beta),
+        options.epsilon as f32,
+        residual.as_ref().map(f32s),
+        options.relu,
+    );
+    NormOutput {
+        y: Tensor::from_primitive(TensorPrimitive::Float(flex(y, dims))),
+        mean: vector(stats.mean),
+        var: vector(stats.var),
+    }
+}
+
+fn norm_autodiff<C: CheckpointStrategy>(
+    (x, gamma, beta, residual): NormInputs<Autodiff<Flex, C>>,
+    options: NormOptions,
+) -> NormOutput<Autodiff<Flex, C>> {
+    let Some(shape) = norm_shape(&x, residual.as_ref()) else {
+        return generic_batch_norm_train(x, gamma, beta, residual, options);
+    };
+    let dims = x.dims();
+    let x = x.into_primitive().tensor();
+    let gamma = gamma.into_primitive().tensor();
+    let beta = beta.into_primitive().tensor();
+    let residual = residual.map(|r| r.into_primitive().tensor());
+    let input = contiguous(x.primitive.clone());
+    let gamma_values = contiguous(gamma.primitive.clone());
+    let beta_values = contiguous(beta.primitive.clone());
+    let residual_values = residual.as_ref().map(|r| contiguous(r.primitive.clone()));
+    let (y, stats) = norm::forward(
+        &shape,
+        f32s(&input),
+        f32s(&gamma_values),
+        f32s(&beta_values),
+        options.epsilon as f32,
+        residual_values.as_ref().map(f32s),
+        options.relu,
+    );
+    let y = flex(y, dims);
+    // After a ReLU without a residual the backward recomputes the gate from the input;
+    // with a residual it reads the output.
+    let gate = match (options.relu, &residual) {
+        (false, _) => SavedGate::None,
+        (true, Some(_)) => SavedGate::Output(y.clone()),
+        (true, None) => SavedGate::Recompute(f32s(&beta_values).to_vec()),
+    };
+    let state = NormState {
+        shape,
+        dims,
+        input,
+        gate,
+        inv_std: norm::inv_std(&stats.var, options.epsilon as f32),
+        mean: stats.mean.clone(),
+        gamma: gamma_values,
+    };
+    let y = match residual {
+        Some(r) => track::<C, 4>([x, gamma, beta, r], state, y),
+        None => track::<C, 3>([x, gamma, beta], state, y),
+    };
+    let untracked = |v: Vec<f32>| Tensor::from_inner(vector(v));
+    NormOutput {
+        y: Tensor::from_primitive(TensorPrimitive::Float(y)),
+        mean: untracked(stats.mean),
+        var: untracked(stats.var),
     }
 }
 
@@ -501,6 +581,50 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 1×1 convolution's inputs on `B`.
+    fn conv_inputs<B: Backend>() -> ConvInputs<B> {
+        let device = Default::default();
+        (
+            Tensor::ones([1, 2, 3, 3], &device),
+            Tensor::ones([2, 2, 1, 1], &device),
+            Tensor::<B, 4, Int>::ones([2, 2, 1, 1], &device).bool(),
+            None,
+        )
+    }
+
+    /// A batch norm's inputs on `B`.
+    fn norm_inputs<B: Backend>() -> NormInputs<B> {
+        let device = Default::default();
+        (
+            Tensor::ones([2, 3, 2, 2], &device),
+            Tensor::ones([3], &device),
+            Tensor::zeros([3], &device),
+            None,
+        )
+    }
+
+    #[test]
+    fn flex_and_autodiff_flex_take_the_kernels_other_backends_the_generic_path() {
+        let options = || ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        let y = masked_conv2d::<Flex>(conv_inputs(), options(), false).expect("Flex");
+        assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![2.0; 18]);
+        assert!(masked_conv2d::<Autodiff<Flex>>(conv_inputs(), options(), false).is_ok());
+        type Balanced = Autodiff<Flex, BalancedCheckpointing>;
+        assert!(masked_conv2d::<Balanced>(conv_inputs(), options(), false).is_ok());
+        // A backend this crate has no kernels for: the inputs come back untouched.
+        type Twice = Autodiff<Autodiff<Flex>>;
+        let (x, ..) = masked_conv2d::<Twice>(conv_inputs(), options(), false).unwrap_err();
+        assert_eq!(x.dims(), [1, 2, 3, 3]);
+
+        let options = NormOptions {
+            epsilon: 1e-5,
+            relu: false,
+        };
+        assert!(batch_norm_train::<Flex>(norm_inputs(), options).is_ok());
+        assert!(batch_norm_train::<Autodiff<Flex>>(norm_inputs(), options).is_ok());
+        assert!(batch_norm_train::<Twice>(norm_inputs(), options).is_err());
+    }
 
     #[test]
     fn what_the_kernels_do_not_cover_is_left_to_the_generic_path() {
