@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 mod build;
+pub mod export;
 pub mod mobilenet;
 pub mod resnet;
 pub mod resnet_cifar;

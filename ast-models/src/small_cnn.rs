@@ -29,11 +29,11 @@ pub struct SmallCnnConfig {
 /// Stem 3×3 (plain) → 3×3/2 → 3×3/2 → 3×3 (masked, switchable BN) → pool → masked linear.
 #[derive(Module, Debug)]
 pub struct SmallCnn<B: Backend> {
-    stem: Conv2d<B>,
-    stem_norm: BatchNorm<B>,
-    convs: Vec<MaskedConv2d<B>>,
-    norms: Vec<SwitchableBatchNorm<B>>,
-    linear: MaskedLinear<B>,
+    pub(crate) stem: Conv2d<B>,
+    pub(crate) stem_norm: BatchNorm<B>,
+    pub(crate) convs: Vec<MaskedConv2d<B>>,
+    pub(crate) norms: Vec<SwitchableBatchNorm<B>>,
+    pub(crate) linear: MaskedLinear<B>,
     #[module(skip)]
     switch: SubnetSwitch,
 }

@@ -72,8 +72,7 @@ impl MaskedConvPlan {
             "conv kernels: unsupported geometry {geometry:?}"
         );
         let active = mask.iter().filter(|&&m| m).count();
-        let sparse = sparse_is_faster(&geometry, active) || geometry.cin_g() == 1;
-        let weights = if sparse && geometry.stride[0] == geometry.stride[1] {
+        let weights = if Self::picks_sparse(&geometry, active) {
             PlanWeights::Sparse(SparseWeight::new(&geometry, weight, mask))
         } else {
             assert_eq!(
@@ -92,14 +91,29 @@ impl MaskedConvPlan {
         Self { geometry, weights }
     }
 
+    /// Whether [`Self::new`] picks the sparse form for a mask of `active` active weights.
+    pub fn picks_sparse(geometry: &ConvGeometry, active: usize) -> bool {
+        let sparse = sparse_is_faster(geometry, active) || geometry.cin_g() == 1;
+        sparse && geometry.stride[0] == geometry.stride[1]
+    }
+
+    /// [`Self::forward`] into `y`, every value of which it overwrites.
+    ///
+    /// # Panics
+    /// If `x` or `y` does not hold the geometry's batch.
+    pub fn forward_into(&self, x: &[f32], y: &mut [f32]) {
+        let g = &self.geometry;
+        match &self.weights {
+            PlanWeights::Dense(w) => forward_dense(g, x, w, y),
+            PlanWeights::Sparse(w) => forward_sparse(g, x, w, y),
+        }
+    }
+
     /// `y = conv(x, W ⊙ M)`, `[N, C_out, H_out, W_out]`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
         let mut y = pool::take_overwritten(g.batch * g.out_len());
-        match &self.weights {
-            PlanWeights::Dense(w) => forward_dense(g, x, w, &mut y),
-            PlanWeights::Sparse(w) => forward_sparse(g, x, w, &mut y),
-        }
+        self.forward_into(x, &mut y);
         y
     }
 
