@@ -402,6 +402,7 @@ mod tests {
             &model.export_params(),
             infos(subnets),
             values,
+            serde_json::Value::Null,
         )
         .unwrap();
         assert_eq!(header.subnets.len(), subnets);

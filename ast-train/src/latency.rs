@@ -47,7 +47,8 @@ pub fn subnet_latencies<B: Backend>(
 }
 
 /// The sub-net with the best top-1 among those whose latency is within `budget_s` seconds
-/// (ties: the faster one, then the lower index), or `None` when none is.
+/// (ties: the faster one, then the lower index), or `None` when none is: the runtime's
+/// [`ast_infer::best_within_budget`] on the evaluated top-1.
 ///
 /// # Panics
 /// If `metrics` and `latencies` differ in length.
@@ -56,24 +57,18 @@ pub fn best_within_budget(
     latencies: &[f64],
     budget_s: f64,
 ) -> Option<usize> {
-    assert_eq!(metrics.len(), latencies.len(), "one latency per sub-net");
-    (0..metrics.len())
-        .filter(|&s| latencies[s] <= budget_s)
-        .min_by(|&a, &b| {
-            metrics[b]
-                .top1
-                .total_cmp(&metrics[a].top1)
-                .then(latencies[a].total_cmp(&latencies[b]))
-                .then(a.cmp(&b))
-        })
+    let top1: Vec<f64> = metrics.iter().map(|m| m.top1).collect();
+    ast_infer::best_within_budget(&top1, latencies, budget_s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn metrics(top1: &[f64]) -> Vec<SubnetMetrics> {
-        top1.iter()
+    #[test]
+    fn the_choice_ranks_the_evaluated_top1() {
+        let metrics: Vec<SubnetMetrics> = [0.92, 0.90, 0.85]
+            .iter()
             .enumerate()
             .map(|(subnet, &top1)| SubnetMetrics {
                 subnet,
@@ -82,21 +77,10 @@ mod tests {
                 top1,
                 top5: 1.0,
             })
-            .collect()
-    }
-
-    #[test]
-    fn the_most_accurate_sub_net_within_the_budget_by_hand() {
-        let m = metrics(&[0.92, 0.90, 0.85]);
+            .collect();
         let lat = [0.010, 0.006, 0.003];
-        assert_eq!(best_within_budget(&m, &lat, 1.0), Some(0));
-        assert_eq!(best_within_budget(&m, &lat, 0.010), Some(0));
-        assert_eq!(best_within_budget(&m, &lat, 0.0099), Some(1));
-        assert_eq!(best_within_budget(&m, &lat, 0.004), Some(2));
-        assert_eq!(best_within_budget(&m, &lat, 0.002), None);
-        // Equal top-1: the faster one.
-        let tied = metrics(&[0.9, 0.9, 0.8]);
-        assert_eq!(best_within_budget(&tied, &lat, 1.0), Some(1));
+        assert_eq!(best_within_budget(&metrics, &lat, 0.0099), Some(1));
+        assert_eq!(best_within_budget(&metrics, &lat, 0.002), None);
     }
 
     #[test]

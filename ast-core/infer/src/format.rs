@@ -153,6 +153,10 @@ pub struct Header {
     pub report: Vec<LayerReport>,
     /// `sha256:` and the hex SHA-256 of the tensors (see [`checksum`]).
     pub checksum: String,
+    /// The training run's configuration (as `ast-cli` wrote it), so that tools read and
+    /// preprocess data the way training did; `null` when unknown.
+    #[serde(default)]
+    pub training: serde_json::Value,
 }
 
 /// A model's parameters by module path, as the export reads them: float tensors flat
@@ -269,14 +273,16 @@ pub(crate) fn geometry(conv: &ConvSpec) -> ConvGeometry {
 }
 
 /// Writes the file: the chosen sub-nets (`subnets`, by their index in the run) of a model
-/// whose forward pass is `graph` and whose parameters are `params`. Fills each sub-net's
-/// density; returns the file's bytes and its header.
+/// whose forward pass is `graph` and whose parameters are `params`, with the run's
+/// configuration `training` (or `null`). Fills each sub-net's density; returns the file's
+/// bytes and its header.
 pub fn export(
     model: &str,
     graph: &Graph,
     params: &Params,
     mut subnets: Vec<SubnetInfo>,
     values: Values,
+    training: serde_json::Value,
 ) -> Result<(Vec<u8>, Header)> {
     graph
         .buffer_lens()
@@ -422,6 +428,7 @@ pub fn export(
                 .iter()
                 .map(|(k, t)| (k.as_str(), t.dtype, t.shape.as_slice(), t.data.as_slice())),
         ),
+        training,
     };
     let json = serde_json::to_string(&header).map_err(|e| InferError::Export(e.to_string()))?;
     let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);

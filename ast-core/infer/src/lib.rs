@@ -11,7 +11,8 @@
 //!   it (`ast-cli export` calls it);
 //! - [`InferenceModel`]: the runtime. Loads a file once, builds each sub-net's kernels
 //!   ([`ast_kernels`], sparse or dense per layer), switches sub-nets in O(1) and runs forward
-//!   passes, batch 1 on the calling thread, larger batches over the current rayon pool.
+//!   passes, batch 1 on the calling thread, larger batches over the current rayon pool;
+//! - [`pick`]: each sub-net's latency here, and the most accurate one within a budget.
 //!
 //! ```no_run
 //! use ast_infer::InferenceModel;
@@ -28,8 +29,10 @@ pub mod error;
 pub mod format;
 pub mod graph;
 mod model;
+pub mod pick;
 
 pub use error::InferError;
 pub use format::{export, Header, Params, SubnetInfo, Values};
 pub use graph::{ConvSpec, Graph, NormRef, Op};
 pub use model::{argmax, InferenceModel};
+pub use pick::{best_within_budget, Latency};

@@ -1,0 +1,346 @@
+//! The file format against its documentation, read with the `safetensors` crate alone (not
+//! our loader), and every kind of bad file or call refused with its own error.
+
+use std::collections::HashMap;
+
+use ast_infer::{
+    export, ConvSpec, Graph, InferError, InferenceModel, NormRef, Op, Params, SubnetInfo, Values,
+};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// conv (2 → 3 channels, 3×3, padding 1, switchable BatchNorm, ReLU) on 4×4 images, global
+/// pooling, masked linear 3 → 2 with a bias; three sub-nets.
+fn graph() -> Graph {
+    Graph {
+        input: [2, 4, 4],
+        classes: 2,
+        ops: vec![
+            Op::Conv {
+                input: 0,
+                output: 1,
+                layer: "conv".into(),
+                masked: true,
+                conv: ConvSpec {
+                    c_in: 2,
+                    c_out: 3,
+                    in_hw: [4, 4],
+                    kernel: [3, 3],
+                    stride: [1, 1],
+                    padding: [1, 1],
+                    dilation: [1, 1],
+                    groups: 1,
+                    bias: false,
+                },
+                norm: Some(NormRef {
+                    path: "bn".into(),
+                    switchable: true,
+                    epsilon: 1e-5,
+                }),
+                residual: None,
+                relu: true,
+            },
+            Op::GlobalAvgPool {
+                input: 1,
+                output: 2,
+                channels: 3,
+            },
+            Op::Linear {
+                input: 2,
+                output: 3,
+                layer: "fc".into(),
+                masked: true,
+                d_in: 3,
+                d_out: 2,
+                bias: true,
+            },
+        ],
+    }
+}
+
+fn params() -> Params {
+    let mut p = Params::default();
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 17) as f32 / 8.0 - 1.0)
+            .collect()
+    };
+    p.floats.insert("conv.weight".into(), values(54, 1));
+    p.floats.insert("fc.weight".into(), values(6, 2));
+    p.floats.insert("fc.bias".into(), vec![0.25, -0.5]);
+    for k in 0..3 {
+        // Sub-net 0 keeps every other weight, 1 every third, 2 a single conv weight.
+        let conv: Vec<bool> = (0..54)
+            .map(|i| match k {
+                0 => i % 2 == 0,
+                1 => i % 3 == 0,
+                _ => i == 5,
+            })
+            .collect();
+        p.masks.insert(format!("conv.masks.{k}"), conv);
+        p.masks.insert(
+            format!("fc.masks.{k}"),
+            (0..6).map(|i| (i + k) % 2 == 0).collect(),
+        );
+        for (name, base) in [
+            ("gamma", 1.0),
+            ("beta", 0.1),
+            ("running_mean", -0.2),
+            ("running_var", 0.5),
+        ] {
+            let v = (0..3).map(|c| base + 0.1 * (c + k) as f32).collect();
+            p.floats.insert(format!("bn.norms.{k}.{name}"), v);
+        }
+    }
+    p
+}
+
+fn subnets(indices: &[usize]) -> Vec<SubnetInfo> {
+    indices
+        .iter()
+        .map(|&k| SubnetInfo {
+            trained_index: k,
+            target: "0.5".into(),
+            density: 0.0,
+            top1: Some(90.0 - k as f64),
+            top5: None,
+            evaluated_on: Some("test".into()),
+        })
+        .collect()
+}
+
+fn file(indices: &[usize]) -> Vec<u8> {
+    let graph = graph();
+    export(
+        "tiny",
+        &graph,
+        &params(),
+        subnets(indices),
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap()
+    .0
+}
+
+fn f32s(t: &TensorView<'_>) -> Vec<f32> {
+    assert_eq!(t.dtype(), Dtype::F32);
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Bit `p` of packed bits, least significant first (docs/model-format.md).
+fn bit(bytes: &[u8], p: usize) -> bool {
+    bytes[p / 8] >> (p % 8) & 1 == 1
+}
+
+#[test]
+fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
+    // Sub-nets 2 and 0 of the run, in that order: file index j = 0 is run sub-net 2.
+    let bytes = file(&[2, 0]);
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let header: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["ast"]).unwrap();
+    assert_eq!(header["format"], "ast-subnets");
+    assert_eq!(header["version"], 1);
+    assert_eq!(header["subnets"][0]["trained_index"], 2);
+    let p = params();
+    for (layer, len) in [("conv", 54), ("fc", 6)] {
+        let union = st.tensor(&format!("{layer}.union")).unwrap();
+        let positions: Vec<usize> = (0..len).filter(|&q| bit(union.data(), q)).collect();
+        let values = f32s(&st.tensor(&format!("{layer}.values")).unwrap());
+        assert_eq!(values.len(), positions.len());
+        for (j, k) in [2, 0].into_iter().enumerate() {
+            let keep: Vec<bool> = match st.tensor(&format!("{layer}.subnet.{j}.bits")) {
+                Ok(bits) => (0..positions.len()).map(|i| bit(bits.data(), i)).collect(),
+                Err(_) => {
+                    let index = st.tensor(&format!("{layer}.subnet.{j}.index")).unwrap();
+                    assert_eq!(index.dtype(), Dtype::U32);
+                    let mut keep = vec![false; positions.len()];
+                    for b in index.data().chunks_exact(4) {
+                        keep[u32::from_le_bytes(b.try_into().unwrap()) as usize] = true;
+                    }
+                    keep
+                }
+            };
+            let mut rebuilt = vec![0.0f32; len];
+            for ((&q, &v), &k) in positions.iter().zip(&values).zip(&keep) {
+                if k {
+                    rebuilt[q] = v;
+                }
+            }
+            let (w, m) = (
+                &p.floats[&format!("{layer}.weight")],
+                &p.masks[&format!("{layer}.masks.{k}")],
+            );
+            let expected: Vec<f32> = w
+                .iter()
+                .zip(m)
+                .map(|(&w, &m)| if m { w } else { 0.0 })
+                .collect();
+            assert_eq!(rebuilt, expected, "{layer}, sub-net {k}");
+        }
+    }
+    // The union of run sub-nets 2 (position 5) and 0 (even positions) holds 28 positions;
+    // sub-net 2's one position takes 4 bytes as an index, as many as bits: bits are kept.
+    let report = &header["report"][0];
+    assert_eq!(report["layer"], "conv");
+    assert_eq!(report["union"], 28);
+    assert_eq!(report["encoding"], serde_json::json!(["bits", "bits"]));
+    // The folded BatchNorm of run sub-net 2: scale = γ/√(σ² + ε), shift = β − μ·scale.
+    let scale = f32s(&st.tensor("bn.subnet.0.scale").unwrap());
+    let shift = f32s(&st.tensor("bn.subnet.0.shift").unwrap());
+    for c in 0..3 {
+        let g = p.floats["bn.norms.2.gamma"][c];
+        let (b, m, v) = (
+            p.floats["bn.norms.2.beta"][c],
+            p.floats["bn.norms.2.running_mean"][c],
+            p.floats["bn.norms.2.running_var"][c],
+        );
+        let s = g / (v + 1e-5).sqrt();
+        assert!((scale[c] - s).abs() < 1e-6 && (shift[c] - (b - m * s)).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn a_sparse_enough_sub_net_is_stored_as_indices() {
+    let mut p = params();
+    // Sub-net 1 keeps one weight of a union of 54: 4 bytes of index against 7 of bits.
+    p.masks.insert("conv.masks.0".into(), vec![true; 54]);
+    p.masks
+        .insert("conv.masks.1".into(), (0..54).map(|i| i == 40).collect());
+    let (bytes, header) = export(
+        "tiny",
+        &graph(),
+        &p,
+        subnets(&[0, 1]),
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap();
+    assert_eq!(header.report[0].encoding, vec!["bits", "index"]);
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("conv.subnet.1.index").unwrap().data(),
+        40u32.to_le_bytes()
+    );
+    let model = InferenceModel::from_bytes(&bytes).unwrap();
+    assert_eq!(model.subnets(), 2);
+}
+
+fn error_of(bytes: &[u8]) -> InferError {
+    InferenceModel::from_bytes(bytes).unwrap_err()
+}
+
+#[test]
+fn bad_files_are_refused_each_with_its_own_error() {
+    let bytes = file(&[0, 1, 2]);
+    // Truncated.
+    assert!(matches!(
+        error_of(&bytes[..bytes.len() / 2]),
+        InferError::NotSafetensors(_)
+    ));
+    assert!(matches!(
+        error_of(b"not a model"),
+        InferError::NotSafetensors(_)
+    ));
+    // A value changed.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    assert_eq!(error_of(&flipped), InferError::Checksum);
+    // Another program's safetensors file.
+    let data = [0u8; 4];
+    let view = TensorView::new(Dtype::F32, vec![1], &data).unwrap();
+    let foreign = safetensors::serialize([("w", view)], None).unwrap();
+    assert_eq!(error_of(&foreign), InferError::Foreign);
+    // Another format version: the same tensors under a header saying version 2.
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let json = meta.metadata().as_ref().unwrap()["ast"].replace("\"version\":1", "\"version\":2");
+    let tensors: Vec<(String, TensorView<'_>)> = st.tensors();
+    let newer =
+        safetensors::serialize(tensors, Some(HashMap::from([("ast".to_string(), json)]))).unwrap();
+    assert_eq!(
+        error_of(&newer),
+        InferError::Version {
+            found: 2,
+            supported: 1
+        }
+    );
+    for e in [
+        InferError::Checksum,
+        InferError::Foreign,
+        InferError::Version {
+            found: 2,
+            supported: 1,
+        },
+    ] {
+        let text = e.to_string();
+        assert!(!text.contains('\n') && text.contains("export"), "{text}");
+    }
+}
+
+#[test]
+fn bad_calls_are_refused() {
+    let mut model = InferenceModel::from_bytes(&file(&[0, 1, 2])).unwrap();
+    assert_eq!(
+        model.set_subnet(3),
+        Err(InferError::NoSubnet { index: 3, count: 3 })
+    );
+    assert_eq!(model.subnet(), 0);
+    model.set_subnet(2).unwrap();
+    let err = model.forward(&[0.0; 31], 1).unwrap_err();
+    assert_eq!(
+        err,
+        InferError::Input {
+            values: 31,
+            batch: 1,
+            shape: [2, 4, 4]
+        }
+    );
+    assert!(err
+        .to_string()
+        .contains("31 input values are not a batch of 1 images of 2×4×4"));
+    assert!(model.forward(&[], 0).is_err());
+    assert_eq!(model.forward(&[0.5; 64], 2).unwrap().len(), 4);
+}
+
+#[test]
+fn an_export_missing_a_parameter_names_it() {
+    let mut p = params();
+    p.floats.remove("bn.norms.1.running_var");
+    let err = export(
+        "tiny",
+        &graph(),
+        &p,
+        subnets(&[0, 1]),
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        InferError::Export("the model has no `bn.norms.1.running_var`".into())
+    );
+    let err = export(
+        "tiny",
+        &graph(),
+        &params(),
+        subnets(&[3]),
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        InferError::Export("the model has no `bn.norms.3.gamma`".into())
+    );
+}
+
+#[test]
+fn the_same_export_gives_the_same_bytes() {
+    assert_eq!(file(&[0, 2]), file(&[0, 2]));
+}
