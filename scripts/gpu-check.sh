@@ -156,7 +156,7 @@ say "## 2c. The test suite's CUDA tests (tests/cuda_backend.rs)"
 if [ -f "$bins/cuda-tests.gz" ]; then
   gzip -dc "$bins/cuda-tests.gz" > /tmp/ast-gpu/cuda-tests && chmod +x /tmp/ast-gpu/cuda-tests
   cli[tests]=/tmp/ast-gpu/cuda-tests
-  AST_KERNEL_CACHE=/tmp/ast-gpu/cache-tests step cuda-tests 120 tests --test-threads 1 --nocapture
+  AST_REQUIRE_GPU=1 AST_KERNEL_CACHE=/tmp/ast-gpu/cache-tests step cuda-tests 120 tests --test-threads 1 --nocapture
 else
   say "- cuda-tests: skipped (no $bins/cuda-tests.gz: build it with scripts/gpu-build.sh)"
 fi

@@ -12,6 +12,7 @@ use ast_train::{Augment, DatasetKind, LrSchedule, LrScheduleKind, RunOptions, Tr
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod backend;
+mod commands;
 mod report;
 
 /// Tensors are allocated and freed at a high rate, many of them megabytes large: glibc maps
@@ -46,7 +47,7 @@ const RECIPES: [(&str, &str, &str); 4] = [
     name = "ast-cli",
     version,
     about = "Alternating Sparse Training: K sparse sub-nets sharing one set of weights",
-    after_help = "Examples:\n  ast-cli run --recipe quickstart\n  ast-cli run --recipe cifar-unstructured --data-path ~/cifar-10-batches-bin --out runs/wrn\n  ast-cli run --resume --out runs/wrn\n  ast-cli eval --run runs/wrn\n  ast-cli stats --run runs/wrn"
+    after_help = "Examples:\n  ast-cli run --recipe quickstart\n  ast-cli run --recipe cifar-unstructured --data-path ~/cifar-10-batches-bin --out runs/wrn\n  ast-cli run --resume --out runs/wrn\n  ast-cli eval --run runs/wrn\n  ast-cli stats --run runs/wrn\n  ast-cli export --run runs/wrn --out wrn.safetensors\n  ast-cli bench-infer --model wrn.safetensors"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -71,6 +72,15 @@ enum Command {
     /// Runs the same 20 AST steps (a small ResNet, three sub-nets, ramp and regrow events) on
     /// Flex and on the chosen backend from the same weights; compares losses and masks.
     CheckBackend(CheckBackendArgs),
+    /// Writes sub-nets of a run's last checkpoint into one compact file (safetensors) that
+    /// `infer`, `bench-infer` and the ast-infer library load.
+    Export(Box<commands::deploy::ExportArgs>),
+    /// Top-1/top-5 of an exported file's sub-nets on a labelled test set; `--subnet auto
+    /// --budget-ms X` picks the most accurate sub-net within a latency budget on this machine.
+    Infer(commands::deploy::InferArgs),
+    /// Latency and images/s of each sub-net of an exported file, and of the same model dense,
+    /// through the inference runtime.
+    BenchInfer(commands::deploy::BenchInferArgs),
 }
 
 #[derive(Args, Debug)]
@@ -116,7 +126,7 @@ pub enum BackendKind {
 }
 
 #[derive(Args, Debug, Clone)]
-struct BackendArgs {
+pub(crate) struct BackendArgs {
     /// Backend.
     #[arg(long, value_enum, default_value_t = BackendKind::Flex)]
     backend: BackendKind,
@@ -215,13 +225,15 @@ fn nodes(
         }
         if mpi::environment::threading_support() < mpi::Threading::Serialized {
             bail!(
-                "--nodes: this MPI library gives no thread support (MPI_THREAD_SERIALIZED is                  needed); use an MPI built with threads (Debian's Open MPI is)"
+                "--nodes: this MPI library gives no thread support (MPI_THREAD_SERIALIZED is \
+                 needed); use an MPI built with threads (Debian's Open MPI is)"
             );
         }
         let world = ast_train::mpi::MpiNodes::world();
         if world.size() != n {
             bail!(
-                "--nodes {n}, but mpirun started {} process(es): launch with `mpirun -np {n}                  ast-cli run --nodes {n} …` (one process per machine)",
+                "--nodes {n}, but mpirun started {} process(es): launch with `mpirun -np {n} \
+                 ast-cli run --nodes {n} …` (one process per machine)",
                 world.size()
             );
         }
@@ -229,7 +241,8 @@ fn nodes(
     }
     #[cfg(not(feature = "mpi"))]
     bail!(
-        "--nodes needs a binary built with MPI: `cargo build --release -p ast-cli --features mpi`          (Debian: apt install libopenmpi-dev libclang-dev), launched by `mpirun -np {n}`"
+        "--nodes needs a binary built with MPI: `cargo build --release -p ast-cli --features mpi` \
+         (Debian: apt install libopenmpi-dev libclang-dev), launched by `mpirun -np {n}`"
     )
 }
 
@@ -400,7 +413,7 @@ struct EvalArgs {
     latency_batch: u64,
 }
 
-fn parse_budget(text: &str) -> std::result::Result<f64, String> {
+pub(crate) fn parse_budget(text: &str) -> std::result::Result<f64, String> {
     match text.parse::<f64>() {
         Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
         _ => Err(format!(
@@ -967,6 +980,9 @@ fn command(cli: Cli) -> Result<()> {
         Command::Schedule(args) => schedule(*args),
         Command::CheckBackend(args) => check_backend(args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
+        Command::Export(args) => backend::dispatch(&args.backend, commands::deploy::Export(&args)),
+        Command::Infer(args) => commands::deploy::infer(&args),
+        Command::BenchInfer(args) => commands::deploy::bench_infer(&args),
         Command::Recipes => {
             for (name, json, launch) in RECIPES {
                 let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");

@@ -68,10 +68,13 @@ pub const MODEL_FILE: &str = "model.safetensors";
 /// The optimizer state and correction references of a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
-/// Test hook: `AST_KILL_AT=<point>:<n>` ends the process (exit status 137, no cleanup, as a
-/// SIGKILL would) the `n`-th time the run reaches `<point>` (`n` defaults to 1). The points sit
-/// between the writes of a checkpoint and of an epoch's metrics; the kill tests use them to
-/// prove that a run killed anywhere resumes to the same bytes as an uninterrupted one.
+/// Test hook, compiled only with the `fault-injection` feature (the test suite's build; a
+/// release build of `ast-cli` has none): `AST_KILL_AT=<point>:<n>` ends the process (exit
+/// status 137, no cleanup, as a SIGKILL would) the `n`-th time the run reaches `<point>` (`n`
+/// defaults to 1). The points sit between the writes of a checkpoint and of an epoch's
+/// metrics; the kill tests use them to prove that a run killed anywhere resumes to the same
+/// bytes as an uninterrupted one.
+#[cfg(feature = "fault-injection")]
 pub fn kill_point(point: &str) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static REACHED: AtomicUsize = AtomicUsize::new(0);
@@ -83,6 +86,11 @@ pub fn kill_point(point: &str) {
         std::process::exit(137);
     }
 }
+
+/// Without the `fault-injection` feature the kill points do nothing.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn kill_point(_point: &str) {}
 
 fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")

@@ -655,14 +655,16 @@ fn check_same_setup(nodes: &dyn CrossNode, config: &TrainConfig, local: usize) -
     for (p, theirs) in all.chunks(mine.len()).enumerate() {
         if theirs[8] != mine[8] {
             return Err(TrainError::Workers(format!(
-                "process {p} has {} workers (--devices) and process {} has {local}: give every                  process as many devices",
+                "process {p} has {} workers (--devices) and process {} has {local}: give every \
+                 process as many devices",
                 theirs[8],
                 nodes.rank()
             )));
         }
         if theirs[..8] != mine[..8] {
             return Err(TrainError::Workers(format!(
-                "process {p}'s configuration differs from process {}'s: give every process the                  same recipe and flags (only --data-path and --out may differ)",
+                "process {p}'s configuration differs from process {}'s: give every process the \
+                 same recipe and flags (only --data-path and --out may differ)",
                 nodes.rank()
             )));
         }

@@ -8,10 +8,12 @@ use std::process::{Command, Output};
 ///
 /// Cargo builds a package's binaries only for that package's own integration tests; the
 /// `ast-cli/tests/binary.rs` test is what makes `cargo test --workspace` build this one.
+/// `cargo test -p ast-tests` alone does not rebuild it, so a binary older than any source it is
+/// built from is refused rather than tested.
 ///
 /// # Panics
-/// If the binary is missing (run the tests through `cargo test --workspace`, not `-p ast-tests`
-/// alone on a clean checkout).
+/// If the binary is missing or older than a source file of the workspace (run the tests
+/// through `cargo test --workspace`).
 pub fn cli_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -24,7 +26,48 @@ pub fn cli_path() -> PathBuf {
         "{} is missing: run `cargo test --workspace`",
         bin.display()
     );
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .expect("binary mtime");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    if let Some(newer) = newer_source(workspace, built) {
+        panic!(
+            "{} is older than {}: it was not rebuilt; run `cargo test --workspace`",
+            bin.display(),
+            newer.display()
+        );
+    }
     bin
+}
+
+/// A source file (`.rs`, `.toml`, `.json` under the crates and `recipes/`) modified after
+/// `time`, if any.
+fn newer_source(workspace: &Path, time: std::time::SystemTime) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["ast-core", "ast-models", "ast-train", "ast-cli", "recipes"]
+        .iter()
+        .map(|d| workspace.join(d))
+        .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !path.ends_with("target") {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            let source = path
+                .extension()
+                .is_some_and(|e| e == "rs" || e == "toml" || e == "json");
+            let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
+            if source && modified > time {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// Runs `ast-cli` with `args` and returns its output.
@@ -43,11 +86,36 @@ pub fn stderr(output: &Output) -> String {
 /// Where Debian's `dataset-fashion-mnist` package installs the IDX files.
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
-/// Whether the real Fashion-MNIST files are installed (CI installs them).
-pub fn fashion_mnist_available() -> bool {
-    Path::new(FASHION_MNIST)
+/// Whether what a test needs is there; when it is not, the test fails where the environment
+/// requires it (`CI` or `AST_REQUIRE_<what>` set: `.ci/run` sets `AST_REQUIRE_DATA`), and
+/// otherwise says SKIPPED on stderr so that a pass is not mistaken for a run.
+///
+/// # Panics
+/// If `present` is false and the environment requires it.
+pub fn require(present: bool, what: &str, test: &str, fix: &str) -> bool {
+    if present {
+        return true;
+    }
+    let variable = format!("AST_REQUIRE_{what}");
+    let required = std::env::var_os(&variable).is_some() || std::env::var_os("CI").is_some();
+    assert!(
+        !required,
+        "{test}: {fix} (required here: CI or {variable} is set)"
+    );
+    eprintln!("\n*** SKIPPED {test}: {fix} ***\n");
+    false
+}
+
+/// Whether the real Fashion-MNIST files are installed (CI installs them; see [`require`]).
+///
+/// # Panics
+/// If they are not and the environment requires them.
+pub fn fashion_mnist_available(test: &str) -> bool {
+    let present = Path::new(FASHION_MNIST)
         .join("train-images-idx3-ubyte.gz")
-        .exists()
+        .exists();
+    let fix = format!("{FASHION_MNIST} is not installed (`apt-get install dataset-fashion-mnist`)");
+    require(present, "DATA", test, &fix)
 }
 
 /// A tiny deterministic pixel pattern: `n` images of `c×h×w` whose class is visible.

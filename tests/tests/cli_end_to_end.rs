@@ -1,14 +1,11 @@
 //! `ast-cli` end to end on real Fashion-MNIST (Debian's `dataset-fashion-mnist`, installed by
 //! `.ci/run`): a short AST run with three sub-nets, then `eval` and `stats` on its run directory.
 
-use ast_tests::{cli, fashion_mnist_available, stderr, FASHION_MNIST};
+use ast_tests::{cli, fashion_mnist_available, stderr};
 
 #[test]
 fn run_eval_and_stats_on_real_fashion_mnist() {
-    if !fashion_mnist_available() {
-        eprintln!(
-            "skipping: {FASHION_MNIST} is not installed (`apt-get install dataset-fashion-mnist`)"
-        );
+    if !fashion_mnist_available("run_eval_and_stats_on_real_fashion_mnist") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -162,6 +159,136 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "{}",
         stderr(&output)
     );
+
+    // The sub-nets leave the run: one file, the same predictions through the runtime.
+    let file = dir.path().join("subnets.safetensors");
+    let file_s = file.to_str().unwrap();
+    let output = cli(&["export", "--run", out_s, "--out", file_s]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let checkpoint = std::fs::metadata(out.join("checkpoints/epoch-0002/model.safetensors"))
+        .unwrap()
+        .len();
+    let exported = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        2 * exported < checkpoint,
+        "{exported} B against a {checkpoint} B checkpoint"
+    );
+    let before = std::fs::read(&file).unwrap();
+    let output = cli(&["export", "--run", out_s, "--out", file_s, "--subnets", "0"]);
+    let err = stderr(&output);
+    assert!(
+        !output.status.success() && err.contains("exists: pass --overwrite"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+
+    let results = dir.path().join("infer.json");
+    let output = cli(&[
+        "infer",
+        "--model",
+        file_s,
+        "--json",
+        results.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let infer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+    assert_eq!(infer["images"], 500);
+    let eval_top1: Vec<f64> = (eval["subnets"].as_array().unwrap().iter())
+        .map(|s| 100.0 * s["top1"].as_f64().unwrap())
+        .collect();
+    for (k, r) in infer["subnets"].as_array().unwrap().iter().enumerate() {
+        let top1 = r["top1"].as_f64().unwrap();
+        // One image of 500 is 0.2 points: the runtime classifies every image as eval did.
+        assert!(
+            (top1 - eval_top1[k]).abs() < 0.05,
+            "sub-net {k}: {top1} against {eval_top1:?}"
+        );
+        assert_eq!(r["exported_top1"].as_f64().unwrap(), eval_top1[k]);
+    }
+    let output = cli(&[
+        "infer",
+        "--model",
+        file_s,
+        "--subnet",
+        "auto",
+        "--budget-ms",
+        "100000",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let best = (0..3).max_by(|&a, &b| eval_top1[a].total_cmp(&eval_top1[b]).then(b.cmp(&a)));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains(&format!(": sub-net {}", best.unwrap())),
+        "{printed}"
+    );
+
+    let timings = dir.path().join("bench.json");
+    let output = cli(&[
+        "bench-infer",
+        "--model",
+        file_s,
+        "--batch",
+        "1,3",
+        "--runs",
+        "2",
+        "--json",
+        timings.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bench: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+    let rows = bench["timings"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        2 * 4,
+        "dense and 3 sub-nets at 2 batch sizes: {bench}"
+    );
+    assert!(
+        rows.iter().all(|r| r["median_ms"].as_f64().unwrap() > 0.0),
+        "{bench}"
+    );
+
+    // Not a sub-net file, or no such sub-net: one line each.
+    for (args, expected) in [
+        (
+            vec![
+                "infer",
+                "--model",
+                out.join("config.json").to_str().unwrap(),
+            ],
+            "not a readable safetensors file",
+        ),
+        (
+            vec!["infer", "--model", file_s, "--subnet", "7"],
+            "sub-net 7 does not exist: the file holds 3",
+        ),
+        (
+            vec!["infer", "--model", file_s, "--subnet", "auto"],
+            "--subnet auto needs --budget-ms",
+        ),
+        (
+            vec![
+                "infer",
+                "--model",
+                file_s,
+                "--subnet",
+                "auto",
+                "--budget-ms",
+                "0.000001",
+            ],
+            "no sub-net runs within",
+        ),
+    ] {
+        let output = cli(&args);
+        let err = stderr(&output);
+        assert!(
+            !output.status.success() && err.contains(expected),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 
     let output = cli(&["stats", "--run", out_s]);
     assert!(output.status.success(), "{}", stderr(&output));

@@ -3,8 +3,9 @@
 //! same masks but for near-ties, with kernel fusion on and off.
 //!
 //! Built with `--features cuda` only. Without a usable GPU (no NVIDIA driver, or libnvrtc not on
-//! `LD_LIBRARY_PATH`) each test prints that it was SKIPPED and passes: CI has no GPU, and
-//! `scripts/gpu-check.sh` runs this binary on a GPU machine.
+//! `LD_LIBRARY_PATH`) each test prints that it was SKIPPED and passes, unless `AST_REQUIRE_GPU`
+//! (or `CI`) is set: then it fails. CI has no GPU and builds this binary only with `clippy`;
+//! `scripts/gpu-check.sh` runs it on a GPU machine.
 #![cfg(feature = "cuda")]
 
 use ast_core::backend::cuda::{CudaDevice, CudaFused, CudaUnfused};
@@ -28,10 +29,9 @@ fn gpu<B: Backend<Device = CudaDevice>>(test: &str) -> Option<CudaDevice> {
     match probe {
         Ok(Ok(v)) if v == [3.0] => Some(device),
         _ => {
-            eprintln!(
-                "SKIPPED {test}: no usable CUDA device (needs an NVIDIA GPU, its driver and \
-                 libnvrtc on LD_LIBRARY_PATH)"
-            );
+            let fix = "no usable CUDA device (needs an NVIDIA GPU, its driver and libnvrtc on \
+                       LD_LIBRARY_PATH)";
+            ast_tests::require(false, "GPU", test, fix);
             None
         }
     }

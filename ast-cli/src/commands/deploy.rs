@@ -1,0 +1,490 @@
+//! The sub-nets of a run outside the run: `export` writes them into one file, `infer` runs a
+//! file on a labelled test set (every sub-net, one, or the most accurate within a latency
+//! budget), `bench-infer` times each sub-net and the same model dense through the runtime.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ast_core::SubnetTarget;
+use ast_infer::{InferenceModel, Latency, SubnetInfo, Values};
+use ast_train::metrics::{top_k_correct, EpochRecord, METRICS_FILE};
+use ast_train::train::load_run_model;
+use ast_train::TrainConfig;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, ValueEnum};
+
+use crate::backend::BackendJob;
+use crate::BackendArgs;
+
+/// How `export` stores the weight values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueKind {
+    /// 32-bit floats (exact).
+    F32,
+    /// IEEE half precision (half the bytes).
+    F16,
+    /// bfloat16 (half the bytes, f32's range).
+    Bf16,
+}
+
+impl From<ValueKind> for Values {
+    fn from(v: ValueKind) -> Self {
+        match v {
+            ValueKind::F32 => Values::F32,
+            ValueKind::F16 => Values::F16,
+            ValueKind::Bf16 => Values::Bf16,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Run directory (its last checkpoint is exported).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Sub-nets to export: `all`, or indices such as `0,2`.
+    #[arg(long, default_value = "all")]
+    pub subnets: String,
+    /// How the weight values are stored.
+    #[arg(long, value_enum, default_value_t = ValueKind::F32)]
+    pub values: ValueKind,
+    /// The file to write (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace --out when it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// The chosen sub-net indices of `spec` (`all` or `0,2`) among `count`.
+fn parse_subnets(spec: &str, count: usize) -> Result<Vec<usize>> {
+    if spec == "all" {
+        return Ok((0..count).collect());
+    }
+    let mut chosen = Vec::new();
+    for part in spec.split(',') {
+        let k: usize = part.trim().parse().map_err(|_| {
+            anyhow!("--subnets `{spec}`: give `all` or sub-net indices such as 0,2")
+        })?;
+        if k >= count {
+            bail!(
+                "--subnets: the run has {count} sub-nets (0 to {}), not {k}",
+                count - 1
+            );
+        }
+        if chosen.contains(&k) {
+            bail!("--subnets: sub-net {k} is listed twice");
+        }
+        chosen.push(k);
+    }
+    Ok(chosen)
+}
+
+fn target_name(target: &SubnetTarget) -> String {
+    match target {
+        SubnetTarget::Density(d) => format!("{d}"),
+        SubnetTarget::Nm { n, m } => format!("{n}:{m}"),
+    }
+}
+
+/// The evaluation of the epoch a checkpoint closes (`epochs` done), from `metrics.jsonl`.
+fn last_evaluation(run: &Path, epochs: usize) -> Result<Option<EpochRecord>> {
+    let path = run.join(METRICS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<EpochRecord>(l).ok())
+        .find(|r| r.epoch + 1 == epochs))
+}
+
+/// Refuses an existing `out` without `--overwrite`.
+fn check_out(out: &Path, overwrite: bool) -> Result<()> {
+    if out.is_dir() {
+        bail!("--out {} is a directory: give a file name", out.display());
+    }
+    if out.exists() && !overwrite {
+        bail!(
+            "{} exists: pass --overwrite to replace it, or another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Exports sub-nets of a run's last checkpoint.
+pub struct Export<'a>(pub &'a ExportArgs);
+
+impl BackendJob for Export<'_> {
+    type Output = ();
+
+    fn run<B>(self, device: &B::Device) -> Result<()>
+    where
+        B: AutodiffBackend,
+    {
+        let args = self.0;
+        check_out(&args.out, args.overwrite)?;
+        let (config, model, epochs) = load_run_model::<B>(&args.run, device)?;
+        if let Some(first) = ast_core::subnet::non_finite_params(&model).first() {
+            bail!(
+                "{}: the last checkpoint's weights are not finite (e.g. `{first}`): the run \
+                 diverged; nothing to export",
+                args.run.display()
+            );
+        }
+        let model = model.valid();
+        ast_core::subnet::sync_running_stats(&model);
+        let chosen = parse_subnets(&args.subnets, config.ast.subnets.len())?;
+        let side = config.model.image_size();
+        let graph = model
+            .inference_graph([side, side])
+            .map_err(|e| anyhow!("{e}"))?;
+        let evaluation = last_evaluation(&args.run, epochs)?;
+        let data = match config.data.test_subset {
+            Some(n) => format!("the first {n} test images of {}", config.data.kind.name()),
+            None => format!("the {} test set", config.data.kind.name()),
+        };
+        let subnets = chosen
+            .iter()
+            .map(|&k| {
+                let metrics = evaluation.as_ref().and_then(|r| r.subnets.get(k));
+                SubnetInfo {
+                    trained_index: k,
+                    target: target_name(&config.ast.subnets[k]),
+                    density: 0.0,
+                    top1: metrics.map(|m| 100.0 * m.top1),
+                    top5: metrics.map(|m| 100.0 * m.top5),
+                    evaluated_on: metrics.map(|_| format!("{data}, after epoch {epochs}")),
+                }
+            })
+            .collect();
+        let (bytes, header) = ast_infer::export(
+            config.model.name(),
+            &graph,
+            &model.export_params(),
+            subnets,
+            args.values.into(),
+            serde_json::to_value(&config)?,
+        )?;
+        ast_train::metrics::write_atomic(&args.out, &bytes)?;
+        print_export_report(&header, bytes.len());
+        println!("written to {}", args.out.display());
+        Ok(())
+    }
+}
+
+fn print_export_report(header: &ast_infer::Header, file_bytes: usize) {
+    let dense: usize = header.report.iter().map(|l| l.dense_f32_bytes).sum();
+    println!(
+        "{}: {} sub-nets, values {}; masked layers {:.1} KiB against {:.1} KiB dense f32; file {:.1} KiB",
+        header.model,
+        header.subnets.len(),
+        header.values.name(),
+        header.report.iter().map(|l| l.bytes).sum::<usize>() as f64 / 1024.0,
+        dense as f64 / 1024.0,
+        file_bytes as f64 / 1024.0
+    );
+    for (j, s) in header.subnets.iter().enumerate() {
+        let accuracy = match (s.top1, s.top5) {
+            (Some(t1), Some(t5)) => format!("top-1 {t1:.2} %, top-5 {t5:.2} %"),
+            _ => "not evaluated".into(),
+        };
+        println!(
+            "  sub-net {j} (run sub-net {}, target {}): density {:.4}, {accuracy}",
+            s.trained_index, s.target, s.density
+        );
+    }
+    println!("  layer                              weights   union  density / form per sub-net");
+    for l in &header.report {
+        let per: Vec<String> = l
+            .density
+            .iter()
+            .zip(&l.form)
+            .map(|(d, f)| format!("{d:.3} {f}"))
+            .collect();
+        println!(
+            "  {:<32} {:>8} {:>7}  {}",
+            l.layer,
+            l.weights,
+            l.union,
+            per.join(", ")
+        );
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InferArgs {
+    /// A file written by `ast-cli export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A sub-net index, or `auto`: the most accurate sub-net whose latency here is within
+    /// --budget-ms. Default: every sub-net.
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// The latency budget of `--subnet auto`, in milliseconds per batch of --batch images.
+    #[arg(long, value_name = "MS", value_parser = crate::parse_budget, allow_hyphen_values = true)]
+    pub budget_ms: Option<f64>,
+    /// The dataset directory (default: the training run's).
+    #[arg(long)]
+    pub data_path: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub batch: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Which sub-nets `infer` runs.
+fn infer_subnets(args: &InferArgs, model: &InferenceModel) -> Result<Vec<usize>> {
+    match args.subnet.as_deref() {
+        None => {
+            if args.budget_ms.is_some() {
+                bail!("--budget-ms chooses a sub-net with --subnet auto: add --subnet auto");
+            }
+            Ok((0..model.subnets()).collect())
+        }
+        Some("auto") => {
+            let budget = args.budget_ms.ok_or_else(|| {
+                anyhow!("--subnet auto needs --budget-ms: the latency to stay within")
+            })?;
+            let batch = args.batch as usize;
+            let (k, latencies) = model.pick_within_budget(budget, batch, 20)?;
+            print_latencies(model, batch, &latencies);
+            println!("within {budget} ms per batch of {batch}: sub-net {k}");
+            Ok(vec![k])
+        }
+        Some(text) => {
+            let k: usize = text
+                .parse()
+                .map_err(|_| anyhow!("--subnet `{text}`: give a sub-net index or `auto`"))?;
+            if args.budget_ms.is_some() {
+                bail!("--budget-ms applies to --subnet auto, not to a chosen sub-net");
+            }
+            if k >= model.subnets() {
+                let count = model.subnets();
+                return Err(ast_infer::InferError::NoSubnet { index: k, count }.into());
+            }
+            Ok(vec![k])
+        }
+    }
+}
+
+fn print_latencies(model: &InferenceModel, batch: usize, latencies: &[Latency]) {
+    println!("latency here, batch {batch} (median / p90 of 20 passes):");
+    for (k, (s, l)) in model.header().subnets.iter().zip(latencies).enumerate() {
+        let top1 = s.top1.map_or("—".into(), |t| format!("{t:.2} %"));
+        println!(
+            "  sub-net {k}  density {:.4}  top-1 {top1:>8}  {:8.3} / {:8.3} ms",
+            s.density, l.median_ms, l.p90_ms
+        );
+    }
+}
+
+/// Top-1 and top-5 of the chosen sub-nets of a model file on the test set of the run it came
+/// from (or another directory of the same dataset).
+pub fn infer(args: &InferArgs) -> Result<()> {
+    let model = InferenceModel::load(&args.model)?;
+    let subnets = infer_subnets(args, &model)?;
+    let mut config: TrainConfig =
+        serde_json::from_value(model.header().training.clone()).map_err(|_| {
+            anyhow!(
+                "{} does not say how its training data was read (no run configuration): \
+                 export it again with this build",
+                args.model.display()
+            )
+        })?;
+    if let Some(p) = &args.data_path {
+        config.data.path = p.clone();
+    }
+    let sources = ast_train::load_data(&config)?;
+    let loader =
+        ast_train::data::Loader::new(sources.test, args.batch as usize, config.seed, false);
+    let [c, h, w] = model.input_shape();
+    let classes = model.classes();
+    let (mut top1, mut top5, mut seen) =
+        (vec![0usize; subnets.len()], vec![0usize; subnets.len()], 0);
+    let start = Instant::now();
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        if batch.shape[1..] != [c, h, w] {
+            bail!(
+                "the data's images are {:?}, the model takes {c}×{h}×{w}: give the dataset it was \
+                 trained on",
+                &batch.shape[1..]
+            );
+        }
+        let n = batch.labels.len();
+        for (i, &k) in subnets.iter().enumerate() {
+            let logits = model.forward_subnet(k, &batch.images, n)?;
+            top1[i] += top_k_correct(&logits, classes, &batch.labels, 1);
+            top5[i] += top_k_correct(&logits, classes, &batch.labels, 5.min(classes));
+        }
+        seen += n;
+    }
+    if seen == 0 {
+        bail!("the test set is empty: nothing to evaluate (check --data-path)");
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}: {seen} test images, {:.1} images/s per sub-net",
+        args.model.display(),
+        (seen * subnets.len()) as f64 / seconds
+    );
+    let mut results = Vec::new();
+    for (i, &k) in subnets.iter().enumerate() {
+        let s = &model.header().subnets[k];
+        let (t1, t5) = (
+            100.0 * top1[i] as f64 / seen as f64,
+            100.0 * top5[i] as f64 / seen as f64,
+        );
+        println!(
+            "  sub-net {k} (target {}, density {:.4}): top-1 {t1:.2} %, top-5 {t5:.2} %",
+            s.target, s.density
+        );
+        results.push(serde_json::json!({
+            "subnet": k, "target": s.target, "density": s.density,
+            "top1": t1, "top5": t5, "exported_top1": s.top1,
+        }));
+    }
+    if let Some(out) = &args.json {
+        let json = serde_json::json!({
+            "model": args.model, "data": config.data.path, "images": seen, "subnets": results,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("results written to {}", out.display());
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct BenchInferArgs {
+    /// A file written by `ast-cli export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub batch: Vec<usize>,
+    /// Timed passes per sub-net and batch size (after one warm-up pass).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub runs: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or `unknown CPU`.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Peak resident memory of this process in MiB (`VmHWM`), where the system says.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times every sub-net of a model file and the same model dense, per batch size.
+pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
+    if args.batch.contains(&0) {
+        bail!("--batch: batch sizes must be at least 1");
+    }
+    let bytes = std::fs::read(&args.model)
+        .with_context(|| format!("cannot read {}", args.model.display()))?;
+    let start = Instant::now();
+    let mut model = InferenceModel::from_bytes(&bytes)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let dense = InferenceModel::dense_reference(&bytes)?;
+    let switches = 100_000;
+    let start = Instant::now();
+    for i in 0..switches {
+        model.set_subnet(i % model.subnets())?;
+    }
+    let switch_ns = start.elapsed().as_secs_f64() * 1e9 / switches as f64;
+    println!(
+        "{} ({}, {} sub-nets), {} with {}, {} threads",
+        args.model.display(),
+        model.header().model,
+        model.subnets(),
+        cpu_model(),
+        ast_kernels::simd_level(),
+        rayon::current_num_threads()
+    );
+    println!("load {load_ms:.1} ms, switch {switch_ns:.0} ns");
+    let runs = args.runs as usize;
+    let mut rows = Vec::new();
+    for &batch in &args.batch {
+        let dense_latency = dense.latencies(batch, runs)?[0];
+        let latencies = model.latencies(batch, runs)?;
+        println!("batch {batch}: median / p90 ms, images/s, speed-up over dense");
+        let line = |name: String, l: &Latency| {
+            println!(
+                "  {name:<28} {:9.3} / {:9.3}  {:9.1}  {:5.2}×",
+                l.median_ms,
+                l.p90_ms,
+                batch as f64 * 1000.0 / l.median_ms,
+                dense_latency.median_ms / l.median_ms
+            );
+        };
+        line("dense (all-ones masks)".into(), &dense_latency);
+        rows.push(serde_json::json!({
+            "batch": batch, "subnet": "dense", "density": 1.0,
+            "median_ms": dense_latency.median_ms, "p90_ms": dense_latency.p90_ms,
+        }));
+        for (k, (s, l)) in model.header().subnets.iter().zip(&latencies).enumerate() {
+            line(format!("sub-net {k} (density {:.4})", s.density), l);
+            rows.push(serde_json::json!({
+                "batch": batch, "subnet": k, "density": s.density,
+                "median_ms": l.median_ms, "p90_ms": l.p90_ms,
+            }));
+        }
+    }
+    let peak = peak_rss_mib();
+    if let Some(mib) = peak {
+        println!("peak resident memory {mib:.0} MiB");
+    }
+    if let Some(out) = &args.json {
+        let json = serde_json::json!({
+            "model": args.model, "cpu": cpu_model(), "simd": ast_kernels::simd_level(),
+            "threads": rayon::current_num_threads(), "load_ms": load_ms,
+            "switch_ns": switch_ns, "peak_rss_mib": peak, "timings": rows,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("results written to {}", out.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_net_lists() {
+        assert_eq!(parse_subnets("all", 3).unwrap(), vec![0, 1, 2]);
+        assert_eq!(parse_subnets("2,0", 3).unwrap(), vec![2, 0]);
+        let err = |s: &str| parse_subnets(s, 3).unwrap_err().to_string();
+        assert!(err("3").contains("the run has 3 sub-nets (0 to 2), not 3"));
+        assert!(err("0,0").contains("listed twice"));
+        assert!(err("one").contains("give `all` or sub-net indices"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Commands that live in a file of their own.
+
+pub mod deploy;
