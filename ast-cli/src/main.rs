@@ -125,6 +125,23 @@ pub enum BackendKind {
     Cuda,
 }
 
+impl BackendArgs {
+    /// The CPU backend of this build with its defaults (Flex where built, else NdArray).
+    pub(crate) fn cpu() -> Self {
+        Self {
+            backend: if cfg!(feature = "flex") {
+                BackendKind::Flex
+            } else {
+                BackendKind::Ndarray
+            },
+            device: 0,
+            precision: Precision::F32,
+            fusion: Switch::On,
+            kernel_cache: None,
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub(crate) struct BackendArgs {
     /// Backend.

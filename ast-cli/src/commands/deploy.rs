@@ -6,12 +6,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ast_core::density::{erk_densities, random_masks};
+use ast_core::rng::MaskRng;
+use ast_core::subnet::{masked_layers, replace_masks};
 use ast_core::SubnetTarget;
 use ast_infer::{InferenceModel, Latency, SubnetInfo, Values};
+use ast_models::{AstModel, ModelKind};
 use ast_train::metrics::{top_k_correct, EpochRecord, METRICS_FILE};
 use ast_train::train::load_run_model;
 use ast_train::TrainConfig;
 use burn::module::AutodiffModule;
+use burn::prelude::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 
@@ -368,8 +373,22 @@ pub fn infer(args: &InferArgs) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct BenchInferArgs {
     /// A file written by `ast-cli export`.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    pub model: Option<PathBuf>,
+    /// Instead of a file: this model with random weights and one sub-net per --densities,
+    /// each with seeded ERK-allocated masks (as training and `ast-cli bench` draw them).
+    #[arg(long, value_name = "MODEL", requires = "densities")]
+    pub synthetic: Option<ModelKind>,
+    /// The sub-nets' densities of --synthetic.
+    #[arg(long, value_delimiter = ',', value_parser = parse_density)]
+    pub densities: Option<Vec<f64>>,
+    /// Seed of --synthetic's weights and masks.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     pub batch: Vec<usize>,
@@ -402,13 +421,93 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+fn parse_density(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(d) if d > 0.0 && d <= 1.0 => Ok(d),
+        _ => Err(format!(
+            "`{text}` is not a density: give a number in (0, 1], e.g. 0.05"
+        )),
+    }
+}
+
+/// A model with random weights and one sub-net per density, each with seeded ERK masks.
+struct Synthetic<'a> {
+    kind: ModelKind,
+    densities: &'a [f64],
+    seed: u64,
+}
+
+impl BackendJob for Synthetic<'_> {
+    type Output = Vec<u8>;
+
+    fn run<B>(self, device: &B::Device) -> Result<Vec<u8>>
+    where
+        B: AutodiffBackend,
+    {
+        B::seed(device, self.seed);
+        let model = AstModel::<B::InnerBackend>::new(self.kind, 10, self.densities.len(), device);
+        let layers = masked_layers(&model);
+        let shapes: Vec<Vec<usize>> = layers.iter().map(|l| l.shape.clone()).collect();
+        let sizes: Vec<usize> = layers.iter().map(|l| l.numel()).collect();
+        let mut model = model;
+        for (k, &d) in self.densities.iter().enumerate() {
+            let densities = erk_densities(&shapes, d, 1.0);
+            let masks = random_masks(&sizes, &densities, &mut MaskRng::new(self.seed, k as u64));
+            let data = masks
+                .into_iter()
+                .zip(&shapes)
+                .map(|(m, shape)| TensorData::new(m, shape.clone()))
+                .collect();
+            model = replace_masks(model, k, data)?;
+        }
+        let side = self.kind.image_size();
+        let graph = model
+            .inference_graph([side, side])
+            .map_err(|e| anyhow!("{e}"))?;
+        let subnets = (0..self.densities.len())
+            .map(|k| SubnetInfo {
+                trained_index: k,
+                target: format!("{}", self.densities[k]),
+                density: 0.0,
+                top1: None,
+                top5: None,
+                evaluated_on: None,
+            })
+            .collect();
+        let (bytes, _) = ast_infer::export(
+            self.kind.name(),
+            &graph,
+            &model.export_params(),
+            subnets,
+            Values::F32,
+            serde_json::Value::Null,
+        )?;
+        Ok(bytes)
+    }
+}
+
 /// Times every sub-net of a model file and the same model dense, per batch size.
 pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
     if args.batch.contains(&0) {
         bail!("--batch: batch sizes must be at least 1");
     }
-    let bytes = std::fs::read(&args.model)
-        .with_context(|| format!("cannot read {}", args.model.display()))?;
+    let (bytes, name) = match (&args.model, args.synthetic) {
+        (Some(path), _) => (
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        (None, Some(kind)) => {
+            let densities = args.densities.as_deref().unwrap_or_default();
+            let job = Synthetic {
+                kind,
+                densities,
+                seed: args.seed,
+            };
+            let bytes = crate::backend::dispatch(&crate::BackendArgs::cpu(), job)?;
+            (bytes, format!("random {} (ERK masks)", kind.name()))
+        }
+        (None, None) => bail!("give --model FILE or --synthetic MODEL --densities …"),
+    };
     let start = Instant::now();
     let mut model = InferenceModel::from_bytes(&bytes)?;
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -420,8 +519,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
     }
     let switch_ns = start.elapsed().as_secs_f64() * 1e9 / switches as f64;
     println!(
-        "{} ({}, {} sub-nets), {} with {}, {} threads",
-        args.model.display(),
+        "{name} ({}, {} sub-nets), {} with {}, {} threads",
         model.header().model,
         model.subnets(),
         cpu_model(),
@@ -463,7 +561,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
     }
     if let Some(out) = &args.json {
         let json = serde_json::json!({
-            "model": args.model, "cpu": cpu_model(), "simd": ast_kernels::simd_level(),
+            "model": name, "cpu": cpu_model(), "simd": ast_kernels::simd_level(),
             "threads": rayon::current_num_threads(), "load_ms": load_ms,
             "switch_ns": switch_ns, "peak_rss_mib": peak, "timings": rows,
         });

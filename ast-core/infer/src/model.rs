@@ -10,7 +10,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ast_kernels::conv::MaskedConvPlan;
+use std::sync::Mutex;
+
+use ast_kernels::conv::{ForwardPlan, ForwardScratch};
 use rayon::prelude::*;
 
 use crate::error::{corrupt, InferError, Result};
@@ -25,7 +27,7 @@ enum Step {
     Conv {
         input: usize,
         output: usize,
-        plan: MaskedConvPlan,
+        plan: ForwardPlan,
         /// Per output channel: the folded BatchNorm's shift plus the scaled bias.
         bias: Vec<f32>,
         residual: Option<usize>,
@@ -45,14 +47,39 @@ enum Step {
     },
 }
 
+/// What one image's pass through a sub-net writes: every graph buffer, and each
+/// convolution's kernel buffers.
+#[derive(Debug)]
+struct Scratch {
+    buffers: Vec<Vec<f32>>,
+    convs: Vec<Option<ForwardScratch>>,
+}
+
 /// A loaded model file: every sub-net ready to run.
 #[derive(Debug)]
 pub struct InferenceModel {
     header: Header,
     lens: Vec<usize>,
     subnets: Vec<Vec<Step>>,
+    /// Per sub-net, the scratch of passes that ended, for the next ones: a call allocates and
+    /// clears nothing once the pool holds one per thread.
+    scratch: Vec<Mutex<Vec<Scratch>>>,
     active: usize,
     load_seconds: f64,
+}
+
+/// A [`Scratch`] taken from its sub-net's pool, handed back when dropped.
+struct Lease<'a> {
+    pool: &'a Mutex<Vec<Scratch>>,
+    scratch: Option<Scratch>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.scratch.take() {
+            self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+        }
+    }
 }
 
 impl InferenceModel {
@@ -88,6 +115,7 @@ impl InferenceModel {
         Ok(Self {
             header: file.header,
             lens,
+            scratch: subnets.iter().map(|_| Mutex::default()).collect(),
             subnets,
             active: 0,
             load_seconds: start.elapsed().as_secs_f64(),
@@ -164,14 +192,22 @@ impl InferenceModel {
         let classes = self.classes();
         let mut logits = vec![0.0; batch * classes];
         if batch == 1 {
-            run(steps, images, &mut self.scratch(), &mut logits);
+            let mut lease = self.lease(k);
+            run(
+                steps,
+                images,
+                lease.scratch.as_mut().expect("leased"),
+                &mut logits,
+            );
         } else {
             images
                 .par_chunks(sample)
                 .zip(logits.par_chunks_mut(classes))
                 .for_each_init(
-                    || self.scratch(),
-                    |buffers, (image, out)| run(steps, image, buffers, out),
+                    || self.lease(k),
+                    |lease, (image, out)| {
+                        run(steps, image, lease.scratch.as_mut().expect("leased"), out)
+                    },
                 );
         }
         Ok(logits)
@@ -183,8 +219,24 @@ impl InferenceModel {
         Ok(logits.chunks_exact(self.classes()).map(argmax).collect())
     }
 
-    fn scratch(&self) -> Vec<Vec<f32>> {
-        self.lens.iter().map(|&n| vec![0.0; n]).collect()
+    /// A scratch for sub-net `k` from its pool, or a new one.
+    fn lease(&self, k: usize) -> Lease<'_> {
+        let pool = &self.scratch[k];
+        let kept = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let scratch = kept.unwrap_or_else(|| Scratch {
+            buffers: self.lens.iter().map(|&n| vec![0.0; n]).collect(),
+            convs: self.subnets[k]
+                .iter()
+                .map(|step| match step {
+                    Step::Conv { plan, .. } => Some(plan.scratch()),
+                    _ => None,
+                })
+                .collect(),
+        });
+        Lease {
+            pool,
+            scratch: Some(scratch),
+        }
     }
 }
 
@@ -245,7 +297,7 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                 Step::Conv {
                     input: *input,
                     output: *output,
-                    plan: MaskedConvPlan::new(g, &weight, &mask),
+                    plan: ForwardPlan::new(g, &weight, &mask),
                     bias,
                     residual: *residual,
                     relu: *relu,
@@ -312,10 +364,11 @@ fn layer_weight(
 }
 
 /// One image through `steps`; the logits into `logits`.
-fn run(steps: &[Step], image: &[f32], buffers: &mut [Vec<f32>], logits: &mut [f32]) {
+fn run(steps: &[Step], image: &[f32], scratch: &mut Scratch, logits: &mut [f32]) {
+    let Scratch { buffers, convs } = scratch;
     buffers[0].copy_from_slice(image);
     let mut last = 0;
-    for step in steps {
+    for (step, conv) in steps.iter().zip(convs.iter_mut()) {
         match step {
             Step::Conv {
                 input,
@@ -326,7 +379,8 @@ fn run(steps: &[Step], image: &[f32], buffers: &mut [Vec<f32>], logits: &mut [f3
                 relu,
             } => {
                 let mut out = std::mem::take(&mut buffers[*output]);
-                plan.forward_into(&buffers[*input], &mut out);
+                let conv = conv.as_mut().expect("a convolution's scratch");
+                plan.forward(&buffers[*input], &mut out, conv);
                 let residual = residual.map(|r| buffers[r].as_slice());
                 epilogue(&mut out, bias, residual, *relu);
                 buffers[*output] = out;

@@ -93,16 +93,50 @@ fn lanes(g: &ConvGeometry) -> usize {
     ((ho - 1) * g.padded_hw()[1] + wo).next_multiple_of(LANES)
 }
 
+/// The lengths of [`forward_direct`]'s two buffers per sample: the padded input and the
+/// block's wide planes.
+pub(crate) fn forward_buffers(g: &ConvGeometry, w: &DirectWeight) -> (usize, usize) {
+    (padded_len(g, &w.offsets), CO * lanes(g))
+}
+
+/// One sample of [`forward_direct`] (`x` and `y` one sample long) on the calling thread, with
+/// buffers of [`forward_buffers`]' lengths whose padding border is zero (the kernel writes
+/// only the interior, so buffers kept for the same geometry stay so).
+pub(crate) fn forward_direct_sample(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &DirectWeight,
+    y: &mut [f32],
+    padded: &mut [f32],
+    wide: &mut [f32],
+) {
+    assert_eq!(
+        (&w.geometry.kernel, w.geometry.c_in, w.geometry.c_out),
+        (&g.kernel, g.c_in, g.c_out),
+        "DirectWeight built for another geometry"
+    );
+    assert_eq!(x.len(), g.in_len(), "direct conv: input length");
+    assert_eq!(y.len(), g.out_len(), "direct conv: output length");
+    pulp::Arch::new().dispatch(DirectSample {
+        g,
+        w,
+        x,
+        y,
+        padded,
+        wide,
+    })
+}
+
 /// `y = conv(x, w)` for a geometry [`DirectWeight::handles`].
 pub fn forward_direct(g: &ConvGeometry, x: &[f32], w: &DirectWeight, y: &mut [f32]) {
     assert_eq!(&w.geometry, g, "DirectWeight built for another geometry");
     assert_eq!(x.len(), g.batch * g.in_len(), "direct conv: input length");
     assert_eq!(y.len(), g.batch * g.out_len(), "direct conv: output length");
-    let (len, padded_len) = (lanes(g), padded_len(g, &w.offsets));
+    let (padded_len, wide_len) = forward_buffers(g, w);
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
         .for_each_init(
-            || (vec![0.0; padded_len], vec![0.0; CO * len]),
+            || (vec![0.0; padded_len], vec![0.0; wide_len]),
             |(padded, wide), (y, x)| {
                 pulp::Arch::new().dispatch(DirectSample {
                     g,

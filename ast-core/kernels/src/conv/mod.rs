@@ -11,16 +11,19 @@
 //! - `im2col`: columns of a tile of output rows, and their adjoint;
 //! - [`dense`]: the dense form (im2col + GEMM, or the [`direct`] kernels where they are faster);
 //! - [`sparse`]: the sparse form on row-compressed active weights ([`SparseWeight`]);
-//! - [`plan`]: the cost model that picks a form per layer, and [`MaskedConvPlan`], which runs it.
+//! - [`plan`]: the cost model that picks a form per layer, and [`MaskedConvPlan`], which runs it;
+//! - [`forward`]: [`ForwardPlan`], one layer laid out once for inference, one sample per call.
 
 pub mod dense;
 pub mod direct;
+pub mod forward;
 pub mod geometry;
 mod im2col;
 mod layout;
 pub mod plan;
 pub mod sparse;
 
+pub use forward::{ForwardPlan, ForwardScratch};
 pub use geometry::ConvGeometry;
 pub use plan::{sparse_is_faster, MaskedConvPlan, PlanWeights};
 pub use sparse::{GradBuffers, SparseWeight};
