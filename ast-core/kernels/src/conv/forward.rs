@@ -6,7 +6,7 @@ use super::dense::{direct_is_faster, forward_im2col};
 use super::direct::{forward_buffers, forward_direct_sample, DirectWeight};
 use super::geometry::ConvGeometry;
 use super::plan::MaskedConvPlan;
-use super::sparse::{SparseKernel, SparseSample, SparseWeight};
+use super::sparse::{by_positions_wide_len, SparseKernel, SparseSample, SparseWeight};
 
 /// The weights of a [`ForwardPlan`].
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,7 @@ impl ForwardPlan {
         let (padded, wide) = match &self.form {
             Form::Direct(w) => forward_buffers(g, w),
             Form::Im2col(_) => (0, 0),
-            Form::Sparse(_) => (g.sparse_buffer_len(), g.wide_buffer_len()),
+            Form::Sparse(_) => (g.sparse_buffer_len(), by_positions_wide_len(g)),
         };
         ForwardScratch {
             geometry: *g,
@@ -97,7 +97,7 @@ impl ForwardPlan {
             Form::Direct(w) => forward_direct_sample(g, x, w, y, padded, wide),
             Form::Im2col(w) => forward_im2col(g, x, w, y),
             Form::Sparse(w) => SparseSample {
-                kernel: SparseKernel::Forward,
+                kernel: SparseKernel::ForwardByPositions,
                 g,
                 w,
                 input: x,

@@ -10,6 +10,9 @@ use super::layout::{copy_row, pad_input, phases_of, sum_in_order, widen, GRAD_CH
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
 pub(crate) enum SparseKernel {
+    /// One sample's forward with blocks of positions outside and output channels inside
+    /// ([`forward_by_positions`]); `wide` holds every output channel's wide plane.
+    ForwardByPositions,
     Forward,
     InputGrad,
     InputGradByInput,
@@ -52,6 +55,9 @@ impl pulp::WithSimd for SparseSample<'_> {
         } = self;
         match kernel {
             SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
+            SparseKernel::ForwardByPositions => {
+                forward_by_positions(g, input, w, out, padded, wide)
+            }
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGradByInput => {
                 lay_out_dy(g, input, padded);
@@ -294,6 +300,53 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
                 .run()
             },
         );
+}
+
+/// The wide-plane buffer of [`forward_by_positions`]: one wide plane per output channel.
+pub(crate) fn by_positions_wide_len(g: &ConvGeometry) -> usize {
+    g.c_out * g.lanes_len()
+}
+
+/// [`forward_sparse_sample`] with the loops the other way round: for each block of 64 output
+/// positions, every output channel's entries, so that the input rows a block reads (all input
+/// channels, a few rows each) stay in L1 across the output channels; the other order streams
+/// the whole padded input from L2 once per output channel. `wide` holds every channel's wide
+/// plane ([`by_positions_wide_len`]). Training keeps the other order: there the larger buffer
+/// competed with the step's other data for the cache (measured, DEVELOPERS.md); a forward pass
+/// of one image has the cache to itself. The same sums in the same order, so the same bits.
+#[inline(always)]
+fn forward_by_positions(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &SparseWeight,
+    y: &mut [f32],
+    padded: &mut [f32],
+    wide: &mut [f32],
+) {
+    let [_, wo] = g.out_hw().expect("supported geometry");
+    let (wp, len) = (g.padded_hw()[1], g.lanes_len());
+    pad_input(g, x, padded);
+    let src = phases_of(g, padded);
+    let mut base = 0;
+    while base < len {
+        let block = if base + 64 <= len { 64 } else { 16 };
+        for co in 0..g.c_out {
+            let entries = w.row_start[co]..w.row_start[co + 1];
+            let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
+            let plane = &mut wide[co * len..][..len];
+            match block {
+                64 => gather_block::<64>(plane, src, starts, values, base),
+                _ => gather_block::<16>(plane, src, starts, values, base),
+            }
+        }
+        base += block;
+    }
+    for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
+        let plane = &wide[co * len..][..len];
+        for (dst, src) in out.chunks_exact_mut(wo).zip(plane.chunks(wp)) {
+            copy_row(dst, &src[..wo]);
+        }
+    }
 }
 
 #[inline(always)]
