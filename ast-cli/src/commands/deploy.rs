@@ -389,6 +389,9 @@ pub struct BenchInferArgs {
     /// Seed of --synthetic's weights and masks.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How --synthetic stores its weight values.
+    #[arg(long, value_enum, default_value_t = ValueKind::F32)]
+    pub values: ValueKind,
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     pub batch: Vec<usize>,
@@ -435,6 +438,7 @@ struct Synthetic<'a> {
     kind: ModelKind,
     densities: &'a [f64],
     seed: u64,
+    values: Values,
 }
 
 impl BackendJob for Synthetic<'_> {
@@ -479,7 +483,7 @@ impl BackendJob for Synthetic<'_> {
             &graph,
             &model.export_params(),
             subnets,
-            Values::F32,
+            self.values,
             serde_json::Value::Null,
         )?;
         Ok(bytes)
@@ -502,6 +506,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
                 kind,
                 densities,
                 seed: args.seed,
+                values: args.values.into(),
             };
             let bytes = crate::backend::dispatch(&crate::BackendArgs::cpu(), job)?;
             (bytes, format!("random {} (ERK masks)", kind.name()))
@@ -526,7 +531,18 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
         ast_kernels::simd_level(),
         rayon::current_num_threads()
     );
-    println!("load {load_ms:.1} ms, switch {switch_ns:.0} ns");
+    let dense_bytes: usize = model
+        .header()
+        .report
+        .iter()
+        .map(|l| l.dense_f32_bytes)
+        .sum();
+    println!(
+        "file {:.1} KiB (masked layers dense in f32: {:.1} KiB); load {load_ms:.1} ms, switch \
+         {switch_ns:.0} ns",
+        bytes.len() as f64 / 1024.0,
+        dense_bytes as f64 / 1024.0
+    );
     let runs = args.runs as usize;
     let mut rows = Vec::new();
     for &batch in &args.batch {
@@ -563,6 +579,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
         let json = serde_json::json!({
             "model": name, "cpu": cpu_model(), "simd": ast_kernels::simd_level(),
             "threads": rayon::current_num_threads(), "load_ms": load_ms,
+            "file_bytes": bytes.len(), "masked_dense_f32_bytes": dense_bytes,
             "switch_ns": switch_ns, "peak_rss_mib": peak, "timings": rows,
         });
         std::fs::write(out, serde_json::to_string_pretty(&json)?)

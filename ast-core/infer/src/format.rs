@@ -3,7 +3,9 @@
 //!
 //! - a masked layer `L`: `L.values` (the weights at the union of the sub-nets' masks, in
 //!   weight order; f32, f16 or bf16), `L.union` (u8: the union as packed bits over the dense
-//!   weight, position `p` at bit `p mod 8` of byte `p / 8`), and per sub-net `j` either
+//!   weight, position `p` at bit `p mod 8` of byte `p / 8`) or, where smaller, `L.union_gaps`
+//!   (u8: per kept position the count of positions skipped before it, 255 skipping 255 and
+//!   keeping none), and per sub-net `j` either
 //!   `L.subnet.j.bits` (u8: packed bits over the union's positions) or `L.subnet.j.index`
 //!   (u32: the union positions it keeps), whichever is smaller; `L.bias` (f32) if any;
 //! - a plain layer (dense for every sub-net): `L.weight`, and `L.bias` if any;
@@ -25,7 +27,7 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::bits::{pack, unpack};
+use crate::bits::{gaps, pack, ungap, unpack};
 use crate::error::{corrupt, InferError, Result};
 use crate::graph::{ConvSpec, Graph, NormRef, Op};
 
@@ -360,9 +362,15 @@ pub fn export(
         };
         bytes += stored.data.len();
         tensors.insert(format!("{layer}.values"), stored);
-        let union_bits = u8_tensor(pack(union.iter().copied()));
-        bytes += union_bits.data.len();
-        tensors.insert(format!("{layer}.union"), union_bits);
+        let (union_key, union_bytes) = {
+            let (bits, gaps) = (pack(union.iter().copied()), gaps(&positions));
+            match gaps.len() < bits.len() {
+                true => ("union_gaps", gaps),
+                false => ("union", bits),
+            }
+        };
+        bytes += union_bytes.len();
+        tensors.insert(format!("{layer}.{union_key}"), u8_tensor(union_bytes));
         total += len;
         let (mut density, mut encoding, mut form) = (Vec::new(), Vec::new(), Vec::new());
         for (j, mask) in masks.iter().enumerate() {
@@ -603,8 +611,7 @@ impl<'a> ModelFile<'a> {
         len: usize,
         j: usize,
     ) -> Result<(Vec<f32>, Vec<bool>)> {
-        let union = self.bits(&format!("{layer}.union"), len)?;
-        let positions: Vec<usize> = (0..len).filter(|&p| union[p]).collect();
+        let positions = self.union(layer, len)?;
         let values = self.weights(&format!("{layer}.values"), positions.len())?;
         let bits_key = format!("{layer}.subnet.{j}.bits");
         let keep: Vec<bool> = if self.has(&bits_key) {
@@ -626,6 +633,24 @@ impl<'a> ModelFile<'a> {
             }
         }
         Ok((weight, mask))
+    }
+
+    /// The union positions of masked layer `layer` (`len` weights), ascending: from
+    /// `layer.union` (bits) or `layer.union_gaps` (gap bytes).
+    pub fn union(&self, layer: &str, len: usize) -> Result<Vec<usize>> {
+        let key = format!("{layer}.union_gaps");
+        if !self.has(&key) {
+            let union = self.bits(&format!("{layer}.union"), len)?;
+            return Ok((0..len).filter(|&p| union[p]).collect());
+        }
+        let t = self
+            .tensors
+            .tensor(&key)
+            .map_err(|_| corrupt(format!("no tensor `{key}`")))?;
+        if t.dtype() != Dtype::U8 || t.shape().len() != 1 {
+            return Err(corrupt(format!("`{key}` is not a u8 vector")));
+        }
+        ungap(t.data(), len).ok_or_else(|| corrupt(format!("`{key}` reaches past {len}")))
     }
 
     /// The folded BatchNorm `(scale, shift)` of sub-net `j`.

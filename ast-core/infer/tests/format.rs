@@ -148,8 +148,22 @@ fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
     assert_eq!(header["subnets"][0]["trained_index"], 2);
     let p = params();
     for (layer, len) in [("conv", 54), ("fc", 6)] {
-        let union = st.tensor(&format!("{layer}.union")).unwrap();
-        let positions: Vec<usize> = (0..len).filter(|&q| bit(union.data(), q)).collect();
+        let positions: Vec<usize> = match st.tensor(&format!("{layer}.union")) {
+            Ok(union) => (0..len).filter(|&q| bit(union.data(), q)).collect(),
+            Err(_) => {
+                // Gap bytes: skip that many positions, keep the next; 255 skips 255.
+                let (mut next, mut kept) = (0, Vec::new());
+                for &b in st.tensor(&format!("{layer}.union_gaps")).unwrap().data() {
+                    if b == 255 {
+                        next += 255;
+                    } else {
+                        kept.push(next + b as usize);
+                        next += b as usize + 1;
+                    }
+                }
+                kept
+            }
+        };
         let values = f32s(&st.tensor(&format!("{layer}.values")).unwrap());
         assert_eq!(values.len(), positions.len());
         for (j, k) in [2, 0].into_iter().enumerate() {
@@ -202,6 +216,30 @@ fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
         let s = g / (v + 1e-5).sqrt();
         assert!((scale[c] - s).abs() < 1e-6 && (shift[c] - (b - m * s)).abs() < 1e-6);
     }
+}
+
+#[test]
+fn a_sparse_union_is_stored_as_gaps_and_rebuilds() {
+    let mut p = params();
+    // One sub-net keeping conv positions 1 and 50 of 54: 2 gap bytes against 7 of bits.
+    p.masks.insert(
+        "conv.masks.0".into(),
+        (0..54).map(|i| i == 1 || i == 50).collect(),
+    );
+    let (bytes, _) = export(
+        "tiny",
+        &graph(),
+        &p,
+        subnets(&[0]),
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("conv.union_gaps").unwrap().data(), [1, 48]);
+    assert!(st.tensor("conv.union").is_err());
+    let model = InferenceModel::from_bytes(&bytes).unwrap();
+    assert_eq!(model.forward(&[1.0; 32], 1).unwrap().len(), 2);
 }
 
 #[test]
