@@ -187,10 +187,11 @@ impl BackendJob for Export<'_> {
 
 fn print_export_report(header: &ast_infer::Header, file_bytes: usize) {
     let dense: usize = header.report.iter().map(|l| l.dense_f32_bytes).sum();
+    let count = header.subnets.len();
     println!(
-        "{}: {} sub-nets, values {}; masked layers {:.1} KiB against {:.1} KiB dense f32; file {:.1} KiB",
+        "{}: {count} sub-net{}, values {}; masked layers {:.1} KiB against {:.1} KiB dense f32; file {:.1} KiB",
         header.model,
-        header.subnets.len(),
+        if count == 1 { "" } else { "s" },
         header.values.name(),
         header.report.iter().map(|l| l.bytes).sum::<usize>() as f64 / 1024.0,
         dense as f64 / 1024.0,
