@@ -10,7 +10,7 @@ use ast_core::subnet::density;
 use ast_core::testing::{synthetic_batch, CLASSES};
 use ast_core::{
     AstConfig, AstStep, MaskScheduleConfig, MaskedConv2d, MaskedConv2dConfig, MaskedLinear,
-    MaskedLinearConfig, SubnetSwitch, SubnetTarget, SwitchableBatchNorm, SwitchableBatchNormConfig,
+    MaskedLinearConfig, SubnetSwitch, SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
 use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
@@ -58,13 +58,13 @@ fn main() {
     let switch = SubnetSwitch::new();
     let model = MyNet::<B>::new(2, &switch, &device);
 
-    let mut config = AstConfig::new(vec![SubnetTarget::Density(0.5), SubnetTarget::Density(0.1)]);
-    config.schedule = MaskScheduleConfig {
-        update_frequency: 5,
-        final_prune_epoch: 5,
-        subnet_offset: 2,
-        ..Default::default()
-    };
+    // Two sub-nets, 50 % and 10 % dense; a short schedule (the defaults are the original's).
+    let config = AstConfig::densities(&[0.5, 0.1]).with_schedule(
+        MaskScheduleConfig::default()
+            .with_update_frequency(5)
+            .with_final_prune_epoch(5)
+            .with_subnet_offset(2),
+    );
     let (steps_per_epoch, epochs) = (20, 10);
     let total = steps_per_epoch * epochs;
     let mut ast =

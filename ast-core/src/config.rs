@@ -114,6 +114,34 @@ impl Default for MaskScheduleConfig {
     }
 }
 
+/// Builder-style setters `with_<field>(value)` (burn's `Config` convention), one per listed
+/// field, each returning the configuration with that field set.
+macro_rules! with_setters {
+    ($ty:ty { $($with:ident => $field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("This configuration with `", stringify!($field), "` set.")]
+                #[must_use]
+                pub fn $with(mut self, $field: $t) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+with_setters!(MaskScheduleConfig {
+    with_init_density => init_density: f64,
+    with_erk_power_scale => erk_power_scale: f64,
+    with_update_frequency => update_frequency: usize,
+    with_init_prune_epoch => init_prune_epoch: usize,
+    with_final_prune_epoch => final_prune_epoch: usize,
+    with_subnet_offset => subnet_offset: usize,
+    with_prune_rate => prune_rate: f64,
+    with_final_prune_rate => final_prune_rate: f64,
+});
+
 /// SGD hyper-parameters with PyTorch's semantics (`torch.optim.SGD`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -242,6 +270,17 @@ impl AstConfig {
         }
     }
 
+    /// Unstructured sub-nets of the given final densities (`[0.1, 0.05, 0.02]`), every other
+    /// setting at the original's default (the cifar-unstructured schedule, SGD, dense scope).
+    pub fn densities(densities: &[f64]) -> Self {
+        Self::new(
+            densities
+                .iter()
+                .map(|&d| SubnetTarget::Density(d))
+                .collect(),
+        )
+    }
+
     /// Checks every field; the error names the first one out of range.
     pub fn validate(&self) -> Result<()> {
         if self.subnets.is_empty() {
@@ -367,8 +406,45 @@ fn unit_interval(field: &'static str, v: f64) -> Result<()> {
     }
 }
 
+with_setters!(AstConfig {
+    with_schedule => schedule: MaskScheduleConfig,
+    with_correction => correction: CorrectionMode,
+    with_optimizer => optimizer: OptimizerKind,
+    with_sgd => sgd: SgdSettings,
+    with_adam => adam: AdamSettings,
+    with_update_scope => update_scope: UpdateScope,
+    with_reset_momentum_on_regrow => reset_momentum_on_regrow: bool,
+    with_seed => seed: u64,
+});
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn builders_set_exactly_their_field() {
+        let built = AstConfig::densities(&[0.1, 0.05])
+            .with_schedule(
+                MaskScheduleConfig::default()
+                    .with_update_frequency(5)
+                    .with_final_prune_epoch(3)
+                    .with_subnet_offset(2),
+            )
+            .with_update_scope(UpdateScope::Active)
+            .with_seed(7);
+        let mut literal = AstConfig::new(vec![
+            SubnetTarget::Density(0.1),
+            SubnetTarget::Density(0.05),
+        ]);
+        literal.schedule = MaskScheduleConfig {
+            update_frequency: 5,
+            final_prune_epoch: 3,
+            subnet_offset: 2,
+            ..MaskScheduleConfig::default()
+        };
+        literal.update_scope = UpdateScope::Active;
+        literal.seed = 7;
+        assert_eq!(built, literal);
+    }
     use super::*;
     use crate::AstError;
 

@@ -16,6 +16,8 @@
 //! - [`correction`]: gradient correction between sub-nets;
 //! - [`optimizer`]: SGD, Adam or AdamW on the dense shared weights or the active positions;
 //! - [`step`]: the AST step tying these together;
+//! - [`testing`]: a tiny model and a learnable synthetic task, for tests, examples and
+//!   benchmarks;
 //! - [`backend`]: the backend-extension seam where fast sparse kernels plug in; on Flex they are
 //!   the [`kernels`] (the `ast-kernels` crate, re-exported with the `flex` feature).
 #![warn(missing_docs)]
@@ -37,7 +39,6 @@ pub mod rng;
 pub mod schedule;
 pub mod step;
 pub mod subnet;
-#[doc(hidden)]
 pub mod testing;
 
 #[cfg(feature = "flex")]
