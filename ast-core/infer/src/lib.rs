@@ -4,7 +4,7 @@
 //! at run time for the latency it can afford ("dynamic inference"). This crate is that
 //! application's side, with no burn and no training stack:
 //!
-//! - [`format`]: the file, one safetensors file holding every exported sub-net with each
+//! - [`format`](mod@format): the file, one safetensors file holding every exported sub-net with each
 //!   layer's weights stored once (the values at the union of the masks, packed-bit or index
 //!   masks per sub-net, BatchNorms folded), a JSON header with the [`graph`] of the forward
 //!   pass, the sub-nets' densities and accuracies, and a checksum; [`format::export`] writes
