@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use std::sync::Mutex;
 
-use ast_kernels::conv::{ForwardPlan, ForwardScratch};
+use ast_kernels::conv::{Epilogue, ForwardPlan, ForwardScratch};
 use rayon::prelude::*;
 
 use crate::error::{corrupt, InferError, Result};
@@ -380,9 +380,12 @@ fn run(steps: &[Step], image: &[f32], scratch: &mut Scratch, logits: &mut [f32])
             } => {
                 let mut out = std::mem::take(&mut buffers[*output]);
                 let conv = conv.as_mut().expect("a convolution's scratch");
-                plan.forward(&buffers[*input], &mut out, conv);
-                let residual = residual.map(|r| buffers[r].as_slice());
-                epilogue(&mut out, bias, residual, *relu);
+                let epilogue = Epilogue {
+                    bias,
+                    residual: residual.map(|r| buffers[r].as_slice()),
+                    relu: *relu,
+                };
+                plan.forward(&buffers[*input], &mut out, conv, Some(epilogue));
                 buffers[*output] = out;
                 last = *output;
             }
@@ -420,20 +423,4 @@ fn run(steps: &[Step], image: &[f32], scratch: &mut Scratch, logits: &mut [f32])
         }
     }
     logits.copy_from_slice(&buffers[last]);
-}
-
-/// `y = act(y + b[c] + r)` per channel plane.
-fn epilogue(y: &mut [f32], bias: &[f32], residual: Option<&[f32]>, relu: bool) {
-    let plane = y.len() / bias.len();
-    let act = |v: f32| if relu { v.max(0.0) } else { v };
-    for (c, (values, &b)) in y.chunks_exact_mut(plane).zip(bias).enumerate() {
-        match residual {
-            Some(r) => {
-                for (v, &r) in values.iter_mut().zip(&r[c * plane..][..plane]) {
-                    *v = act(*v + b + r);
-                }
-            }
-            None => values.iter_mut().for_each(|v| *v = act(*v + b)),
-        }
-    }
 }

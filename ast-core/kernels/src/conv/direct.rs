@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::geometry::ConvGeometry;
-use super::layout::{copy_row, pad_input, sum_in_order, GRAD_CHUNK};
+use super::layout::{pad_input, sum_in_order, write_out, Epilogue, GRAD_CHUNK};
 
 /// Output channels per block.
 pub(crate) const CO: usize = 8;
@@ -107,8 +107,8 @@ pub(crate) fn forward_direct_sample(
     x: &[f32],
     w: &DirectWeight,
     y: &mut [f32],
-    padded: &mut [f32],
-    wide: &mut [f32],
+    [padded, wide]: [&mut [f32]; 2],
+    epilogue: Option<Epilogue<'_>>,
 ) {
     assert_eq!(
         (&w.geometry.kernel, w.geometry.c_in, w.geometry.c_out),
@@ -124,6 +124,7 @@ pub(crate) fn forward_direct_sample(
         y,
         padded,
         wide,
+        epilogue,
     })
 }
 
@@ -145,6 +146,7 @@ pub fn forward_direct(g: &ConvGeometry, x: &[f32], w: &DirectWeight, y: &mut [f3
                     y,
                     padded,
                     wide,
+                    epilogue: None,
                 })
             },
         );
@@ -158,6 +160,7 @@ struct DirectSample<'a> {
     y: &'a mut [f32],
     padded: &'a mut [f32],
     wide: &'a mut [f32],
+    epilogue: Option<Epilogue<'a>>,
 }
 
 impl pulp::WithSimd for DirectSample<'_> {
@@ -172,6 +175,7 @@ impl pulp::WithSimd for DirectSample<'_> {
             y,
             padded,
             wide,
+            epilogue,
         } = self;
         let [_, wo] = g.out_hw().expect("supported geometry");
         let (wp, plane, row, len) = (g.padded_hw()[1], g.out_plane(), g.row_len(), lanes(g));
@@ -181,12 +185,9 @@ impl pulp::WithSimd for DirectSample<'_> {
                 direct_block(simd, padded, weights, &w.offsets, base, wide, len);
             }
             let first = block * CO;
-            for c in 0..CO.min(g.c_out - first) {
-                let out = &mut y[(first + c) * plane..][..plane];
-                for (dst, src) in out.chunks_exact_mut(wo).zip(wide[c * len..].chunks(wp)) {
-                    copy_row(dst, &src[..wo]);
-                }
-            }
+            let channels = first..first + CO.min(g.c_out - first);
+            let out = &mut y[first * plane..channels.end * plane];
+            write_out(out, wide, [len, wp, wo], channels, epilogue.as_ref());
         }
     }
 }

@@ -5,6 +5,7 @@
 use super::dense::{direct_is_faster, forward_im2col};
 use super::direct::{forward_buffers, forward_direct_sample, DirectWeight};
 use super::geometry::ConvGeometry;
+use super::layout::{apply_epilogue, Epilogue};
 use super::plan::MaskedConvPlan;
 use super::sparse::{by_positions_wide_len, SparseKernel, SparseSample, SparseWeight};
 
@@ -82,20 +83,40 @@ impl ForwardPlan {
     }
 
     /// `y = conv(x, W ⊙ M)` for one sample (`x` `[C_in, H, W]`, `y` `[C_out, H_out, W_out]`,
-    /// every value of `y` overwritten), on the calling thread but for the GEMM form's rayon
-    /// region of one task.
+    /// every value of `y` overwritten), then the `epilogue` (bias, residual, ReLU) while the
+    /// output is written; on the calling thread but for the GEMM form's rayon region of one
+    /// task.
     ///
     /// # Panics
-    /// If a length does not match the geometry or `scratch` was made for another plan.
-    pub fn forward(&self, x: &[f32], y: &mut [f32], scratch: &mut ForwardScratch) {
+    /// If a length does not match the geometry (the epilogue's bias `C_out`, its residual
+    /// `y`'s) or `scratch` was made for another plan.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        scratch: &mut ForwardScratch,
+        epilogue: Option<Epilogue<'_>>,
+    ) {
         let g = &self.geometry;
         assert_eq!(&scratch.geometry, g, "ForwardScratch made for another plan");
         assert_eq!(x.len(), g.in_len(), "conv kernels: input length");
         assert_eq!(y.len(), g.out_len(), "conv kernels: output length");
+        if let Some(e) = &epilogue {
+            assert_eq!(e.bias.len(), g.c_out, "conv kernels: epilogue bias length");
+            assert!(
+                e.residual.is_none_or(|r| r.len() == y.len()),
+                "conv kernels: epilogue residual length"
+            );
+        }
         let ForwardScratch { padded, wide, .. } = scratch;
         match &self.form {
-            Form::Direct(w) => forward_direct_sample(g, x, w, y, padded, wide),
-            Form::Im2col(w) => forward_im2col(g, x, w, y),
+            Form::Direct(w) => forward_direct_sample(g, x, w, y, [padded, wide], epilogue),
+            Form::Im2col(w) => {
+                forward_im2col(g, x, w, y);
+                if let Some(e) = &epilogue {
+                    apply_epilogue(y, e);
+                }
+            }
             Form::Sparse(w) => SparseSample {
                 kernel: SparseKernel::ForwardByPositions,
                 g,
@@ -105,6 +126,7 @@ impl ForwardPlan {
                 out: y,
                 padded,
                 wide,
+                epilogue,
             }
             .run(),
         }
@@ -135,9 +157,35 @@ mod tests {
             let mut y = vec![f32::NAN; g.out_len()];
             for _ in 0..3 {
                 let x = rng.values(g.in_len());
-                plan.forward(&x, &mut y, &mut scratch);
+                plan.forward(&x, &mut y, &mut scratch, None);
                 let expected = reference.forward(&x);
                 assert!(rel_err(&y, &expected) <= 1e-5, "{g:?} at {density}");
+                // With the epilogue: act(y + b[c] + r) per channel.
+                let bias = rng.values(g.c_out);
+                let residual = rng.values(y.len());
+                for relu in [false, true] {
+                    let epilogue = Epilogue {
+                        bias: &bias,
+                        residual: Some(&residual),
+                        relu,
+                    };
+                    plan.forward(&x, &mut y, &mut scratch, Some(epilogue));
+                    let plane = g.out_plane();
+                    let expected: Vec<f32> = (0..y.len())
+                        .map(|i| {
+                            let v = expected[i] + bias[i / plane] + residual[i];
+                            if relu {
+                                v.max(0.0)
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    assert!(
+                        rel_err(&y, &expected) <= 1e-5,
+                        "{g:?} at {density}, relu {relu}"
+                    );
+                }
             }
         }
     }
@@ -157,6 +205,7 @@ mod tests {
             &vec![0.0; a.in_len()],
             &mut vec![0.0; a.out_len()],
             &mut other,
+            None,
         );
     }
 }

@@ -90,3 +90,84 @@ pub(crate) fn phases_of<'a>(g: &ConvGeometry, buffer: &'a mut [f32]) -> &'a [f32
     }
     phases
 }
+
+/// What follows a convolution in inference, applied while its output is written:
+/// `y = act(y + bias[c] + residual)` per output channel `c`, `act` a ReLU when `relu`.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// One value per output channel.
+    pub bias: &'a [f32],
+    /// A tensor of the output's shape (one sample) added after the bias.
+    pub residual: Option<&'a [f32]>,
+    /// Whether a ReLU follows.
+    pub relu: bool,
+}
+
+/// `dst = act(src + bias + residual)` over one row (the [`Epilogue`] of a row of channel
+/// plane values; `residual` the same row of the residual).
+#[inline(always)]
+pub(crate) fn finish_row(
+    dst: &mut [f32],
+    src: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+) {
+    let src = &src[..dst.len()];
+    let act = |v: f32| if relu { v.max(0.0) } else { v };
+    match residual {
+        Some(r) => {
+            for ((d, &s), &r) in dst.iter_mut().zip(src).zip(&r[..src.len()]) {
+                *d = act(s + bias + r);
+            }
+        }
+        None => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = act(s + bias);
+            }
+        }
+    }
+}
+
+/// Writes `out`, one output sample `[C, H_out·W_out]`, from `wide` planes (`pitch` apart, rows
+/// `wp` apart, `wo` values each), applying `epilogue` where there is one.
+#[inline(always)]
+pub(crate) fn write_out(
+    out: &mut [f32],
+    wide: &[f32],
+    [pitch, wp, wo]: [usize; 3],
+    channels: core::ops::Range<usize>,
+    epilogue: Option<&Epilogue<'_>>,
+) {
+    let plane = out.len() / channels.len().max(1);
+    for (i, c) in channels.enumerate() {
+        let dst = &mut out[i * plane..][..plane];
+        let src = &wide[i * pitch..];
+        for (r, (d, s)) in dst.chunks_exact_mut(wo).zip(src.chunks(wp)).enumerate() {
+            match epilogue {
+                None => copy_row(d, &s[..wo]),
+                Some(e) => {
+                    let residual = e.residual.map(|res| &res[c * plane + r * wo..][..wo]);
+                    finish_row(d, s, e.bias[c], residual, e.relu)
+                }
+            }
+        }
+    }
+}
+
+/// Applies `epilogue` in place to one output sample `y` (`[C, plane]`).
+pub(crate) fn apply_epilogue(y: &mut [f32], epilogue: &Epilogue<'_>) {
+    let plane = y.len() / epilogue.bias.len().max(1);
+    let act = |v: f32| if epilogue.relu { v.max(0.0) } else { v };
+    for (c, values) in y.chunks_exact_mut(plane).enumerate() {
+        let b = epilogue.bias[c];
+        match epilogue.residual {
+            Some(r) => {
+                for (v, &r) in values.iter_mut().zip(&r[c * plane..][..plane]) {
+                    *v = act(*v + b + r);
+                }
+            }
+            None => values.iter_mut().for_each(|v| *v = act(*v + b)),
+        }
+    }
+}

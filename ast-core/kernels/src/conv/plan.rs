@@ -164,6 +164,7 @@ impl MaskedConvPlan {
                     out: sample,
                     padded: buffer,
                     wide: plane,
+                    epilogue: None,
                 }
                 .run()
             },

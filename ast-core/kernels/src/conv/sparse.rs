@@ -5,7 +5,9 @@
 use rayon::prelude::*;
 
 use super::geometry::{check, ConvGeometry};
-use super::layout::{copy_row, pad_input, phases_of, sum_in_order, widen, GRAD_CHUNK};
+use super::layout::{
+    copy_row, pad_input, phases_of, sum_in_order, widen, write_out, Epilogue, GRAD_CHUNK,
+};
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
@@ -36,6 +38,8 @@ pub(crate) struct SparseSample<'a> {
     pub(crate) out: &'a mut [f32],
     pub(crate) padded: &'a mut [f32],
     pub(crate) wide: &'a mut [f32],
+    /// What follows the forward (inference only).
+    pub(crate) epilogue: Option<Epilogue<'a>>,
 }
 
 impl pulp::WithSimd for SparseSample<'_> {
@@ -52,11 +56,12 @@ impl pulp::WithSimd for SparseSample<'_> {
             out,
             padded,
             wide,
+            epilogue,
         } = self;
         match kernel {
             SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::ForwardByPositions => {
-                forward_by_positions(g, input, w, out, padded, wide)
+                forward_by_positions(g, input, w, out, padded, wide, epilogue.as_ref())
             }
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGradByInput => {
@@ -296,6 +301,7 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
                     out: y,
                     padded,
                     wide,
+                    epilogue: None,
                 }
                 .run()
             },
@@ -322,6 +328,7 @@ fn forward_by_positions(
     y: &mut [f32],
     padded: &mut [f32],
     wide: &mut [f32],
+    epilogue: Option<&Epilogue<'_>>,
 ) {
     let [_, wo] = g.out_hw().expect("supported geometry");
     let (wp, len) = (g.padded_hw()[1], g.lanes_len());
@@ -341,12 +348,7 @@ fn forward_by_positions(
         }
         base += block;
     }
-    for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
-        let plane = &wide[co * len..][..len];
-        for (dst, src) in out.chunks_exact_mut(wo).zip(plane.chunks(wp)) {
-            copy_row(dst, &src[..wo]);
-        }
-    }
+    write_out(y, wide, [len, wp, wo], 0..g.c_out, epilogue);
 }
 
 #[inline(always)]
@@ -412,6 +414,7 @@ pub fn input_grad_sparse(g: &ConvGeometry, dy: &[f32], w: &SparseWeight, dx: &mu
                     out: dx,
                     padded,
                     wide,
+                    epilogue: None,
                 }
                 .run()
             },
@@ -543,6 +546,7 @@ pub fn weight_grad_sparse(g: &ConvGeometry, x: &[f32], dy: &[f32], w: &SparseWei
                     out: &mut acc,
                     padded: &mut padded,
                     wide: &mut wide,
+                    epilogue: None,
                 }
                 .run();
             }
