@@ -250,6 +250,29 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "{bench}"
     );
 
+    // The PyTorch-named export covers the original's CIFAR ResNets, one sub-net at a time.
+    let torch_file = dir.path().join("torch.safetensors");
+    let torch_s = torch_file.to_str().unwrap();
+    for (extra, expected) in [
+        (
+            vec![],
+            "--format pytorch writes one sub-net: give --subnets K",
+        ),
+        (
+            vec!["--subnets", "1"],
+            "--format pytorch covers the CIFAR ResNets",
+        ),
+    ] {
+        let mut args = vec![
+            "export", "--run", out_s, "--format", "pytorch", "--out", torch_s,
+        ];
+        args.extend(extra);
+        let output = cli(&args);
+        let err = stderr(&output);
+        assert!(!output.status.success() && err.contains(expected), "{err}");
+        assert!(!torch_file.exists());
+    }
+
     // Not a sub-net file, or no such sub-net: one line each.
     for (args, expected) in [
         (

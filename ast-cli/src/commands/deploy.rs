@@ -16,7 +16,7 @@ use ast_train::metrics::{top_k_correct, EpochRecord, METRICS_FILE};
 use ast_train::train::load_run_model;
 use ast_train::TrainConfig;
 use burn::module::AutodiffModule;
-use burn::prelude::TensorData;
+use burn::prelude::{Backend, TensorData};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 
@@ -44,6 +44,17 @@ impl From<ValueKind> for Values {
     }
 }
 
+/// What `export` writes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Every chosen sub-net, each layer's weights once (docs/model-format.md): for `infer`,
+    /// `bench-infer` and the ast-infer library.
+    Ast,
+    /// One sub-net as a dense state dict in the original code's key names (its CIFAR
+    /// ResNet-20/32/56), plus a check input and our logits for it under `__check__.*`.
+    Pytorch,
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
     #[command(flatten)]
@@ -60,6 +71,9 @@ pub struct ExportArgs {
     /// The file to write (safetensors).
     #[arg(long)]
     pub out: PathBuf,
+    /// The file's layout.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Ast)]
+    pub format: ExportFormat,
     /// Replace --out when it exists.
     #[arg(long)]
     pub overwrite: bool,
@@ -147,6 +161,12 @@ impl BackendJob for Export<'_> {
         let model = model.valid();
         ast_core::subnet::sync_running_stats(&model);
         let chosen = parse_subnets(&args.subnets, config.ast.subnets.len())?;
+        if args.format == ExportFormat::Pytorch {
+            let [k] = chosen[..] else {
+                bail!("--format pytorch writes one sub-net: give --subnets K");
+            };
+            return export_pytorch(&model, k, config.model.image_size(), &args.out);
+        }
         let side = config.model.image_size();
         let graph = model
             .inference_graph([side, side])
@@ -183,6 +203,70 @@ impl BackendJob for Export<'_> {
         println!("written to {}", args.out.display());
         Ok(())
     }
+}
+
+/// Sub-net `k` of a CIFAR ResNet as the original code's state dict, with a check input (two
+/// seeded images) and our logits for it, into `out`.
+fn export_pytorch<B: Backend>(
+    model: &AstModel<B>,
+    k: usize,
+    side: usize,
+    out: &Path,
+) -> Result<()> {
+    use ast_models::export::StateTensor;
+    use safetensors::tensor::{Dtype, TensorView};
+    let AstModel::CifarResNet(resnet) = model else {
+        bail!("--format pytorch covers the CIFAR ResNets (ResNet-20/32/56): export this model with --format ast");
+    };
+    let mut tensors = resnet.original_state_dict(k).map_err(|e| anyhow!("{e}"))?;
+    let device = Default::default();
+    B::seed(&device, 7);
+    let x = burn::tensor::Tensor::<B, 4>::random(
+        [2, 3, side, side],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    model.switch().set(k);
+    let logits = model.forward(x.clone());
+    let host = |t: TensorData| t.convert::<f32>().to_vec::<f32>().expect("f32");
+    let check = |shape: Vec<usize>, values| StateTensor::F32 { shape, values };
+    let classes = logits.dims()[1];
+    tensors.push((
+        "__check__.input".into(),
+        check(vec![2, 3, side, side], host(x.into_data())),
+    ));
+    tensors.push((
+        "__check__.logits".into(),
+        check(vec![2, classes], host(logits.into_data())),
+    ));
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, t)| match t {
+            StateTensor::F32 { shape, values } => {
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (name, Dtype::F32, shape, bytes)
+            }
+            StateTensor::I64 { shape, values } => {
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (name, Dtype::I64, shape, bytes)
+            }
+        })
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.as_str(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(views, None)?;
+    ast_train::metrics::write_atomic(out, &bytes)?;
+    println!(
+        "sub-net {k} as a state dict of the original code's CIFAR ResNet (nspars=1): {} tensors, \
+         written to {}",
+        encoded.len() - 2,
+        out.display()
+    );
+    Ok(())
 }
 
 fn print_export_report(header: &ast_infer::Header, file_bytes: usize) {

@@ -1,0 +1,40 @@
+"""Loads a sub-net exported with `ast-cli export --format pytorch` into the original code's
+model definition (github.com/mengjian0502/AST, models/uspars_cifar_resnet.py, nspars=1) with
+`load_state_dict(strict=True)`, runs the check input stored in the file and compares the logits
+with ours (stored beside it). Exit status 1 when they differ by more than the tolerance.
+
+    python3 -m venv .venv && .venv/bin/pip install torch safetensors numpy
+    git clone https://github.com/mengjian0502/AST /tmp/AST
+    ast-cli export --run runs/r20 --format pytorch --subnets 2 --out r20-k2.safetensors
+    .venv/bin/python repro/check_pytorch_export.py r20-k2.safetensors /tmp/AST --depth 20
+"""
+import argparse
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+p = argparse.ArgumentParser()
+p.add_argument("file")
+p.add_argument("original", help="a checkout of the original code")
+p.add_argument("--depth", type=int, default=20, choices=[20, 32, 56])
+p.add_argument("--tolerance", type=float, default=1e-4)
+a = p.parse_args()
+
+# The original allocates its masks with `.cuda()`: on a CPU-only machine that is the identity.
+torch.Tensor.cuda = lambda self, *args, **kwargs: self
+sys.path.insert(0, a.original)
+from models.uspars_cifar_resnet import CifarResNet  # noqa: E402
+
+state = load_file(a.file)
+x = state.pop("__check__.input")
+ours = state.pop("__check__.logits")
+model = CifarResNet(a.depth, ours.shape[1], nspars=1, uspars=True)
+model.load_state_dict(state, strict=True)
+model.eval()
+with torch.no_grad():
+    theirs = model(x)
+diff = (theirs - ours).abs().max().item()
+print(f"{len(state)} tensors loaded (strict); max |logit difference| = {diff:.3e} "
+      f"(logits up to {ours.abs().max().item():.3f})")
+sys.exit(0 if diff <= a.tolerance else 1)
