@@ -15,7 +15,7 @@
 //! - [`criteria`]: drop/grow scores and prune-and-regrow;
 //! - [`correction`]: gradient correction between sub-nets;
 //! - [`optimizer`]: SGD, Adam or AdamW on the dense shared weights or the active positions;
-//! - [`step`]: the AST step tying these together;
+//! - [`step`]: the AST step tying these together; [`record`]: its state as a burn `Record`;
 //! - [`testing`]: a tiny model and a learnable synthetic task, for tests, examples and
 //!   benchmarks;
 //! - [`backend`]: the backend-extension seam where fast sparse kernels plug in; on Flex they are
@@ -35,6 +35,7 @@ pub mod error;
 pub mod layers;
 pub mod mask;
 pub mod optimizer;
+pub mod record;
 pub mod rng;
 pub mod schedule;
 pub mod step;
@@ -53,7 +54,8 @@ pub use layers::{
     MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
     SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
-pub use step::{AstStep, StepReport};
+pub use record::AstStepRecord;
+pub use step::{AstStep, Iteration, StepReport};
 
 #[cfg(test)]
 pub(crate) mod tests {
