@@ -11,6 +11,9 @@ use crate::error::{AstError, Result};
 use crate::optimizer::ParamState;
 use crate::step::AstStep;
 
+/// Adam's step count and its first and second moments, flat.
+pub type AdamMoments<B> = (usize, Tensor<B, 1>, Tensor<B, 1>);
+
 /// [`AstStep`]'s state: the schedule position, the shared optimizer's per-parameter state and
 /// the gradient-correction references. Save it with any burn recorder
 /// (`recorder.record(ast.record(), path)`), load it with [`AstStep::load_record`].
@@ -23,7 +26,7 @@ pub struct AstStepRecord<B: Backend> {
     /// (`ParamId::serialize`), in key order.
     pub velocity: Vec<(String, Tensor<B, 1>)>,
     /// Adam's or AdamW's step count and moments per parameter, keyed likewise.
-    pub moments: Vec<(String, (usize, Tensor<B, 1>, Tensor<B, 1>))>,
+    pub moments: Vec<(String, AdamMoments<B>)>,
     /// Projection: the previous iteration's masked gradient per masked layer.
     pub previous: Vec<Option<Tensor<B, 1>>>,
     /// EMA correction: per sub-net and masked layer, the EMA of its masked gradients.
