@@ -81,17 +81,10 @@ impl Builder {
         residual: Option<usize>,
         relu: bool,
     ) -> Activation {
-        let [c_out, cin_g, kh, kw] = conv.weight.shape().dims();
         let spec = ConvSpec {
-            c_in: cin_g * conv.groups,
-            c_out,
-            in_hw: [x.1[1], x.1[2]],
-            kernel: [kh, kw],
-            stride: conv.stride,
             padding: conv.padding,
-            dilation: conv.dilation,
-            groups: conv.groups,
             bias: conv.bias.is_some(),
+            ..spec(&conv.weight, x, conv.stride, conv.dilation, conv.groups)
         };
         self.conv(path.into(), true, spec, x, norm, residual, relu)
     }
@@ -110,17 +103,10 @@ impl Builder {
         if top != bottom || left != right {
             return Err(format!("`{path}`: only symmetric padding is exported"));
         }
-        let [c_out, cin_g, kh, kw] = conv.weight.shape().dims();
         let spec = ConvSpec {
-            c_in: cin_g * conv.groups,
-            c_out,
-            in_hw: [x.1[1], x.1[2]],
-            kernel: [kh, kw],
-            stride: conv.stride,
             padding: [top, left],
-            dilation: conv.dilation,
-            groups: conv.groups,
             bias: conv.bias.is_some(),
+            ..spec(&conv.weight, x, conv.stride, conv.dilation, conv.groups)
         };
         Ok(self.conv(path.into(), false, spec, x, norm, None, relu))
     }
@@ -157,6 +143,29 @@ impl Builder {
             classes: d_out,
             ops: self.ops,
         }
+    }
+}
+
+/// The convolution of `weight` (`[C_out, C_in/groups, kh, kw]`) on activation `x`, unpadded and
+/// without bias (the callers set those).
+fn spec<B: Backend>(
+    weight: &Param<Tensor<B, 4>>,
+    x: Activation,
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> ConvSpec {
+    let [c_out, cin_g, kh, kw] = weight.shape().dims();
+    ConvSpec {
+        c_in: cin_g * groups,
+        c_out,
+        in_hw: [x.1[1], x.1[2]],
+        kernel: [kh, kw],
+        stride,
+        padding: [0, 0],
+        dilation,
+        groups,
+        bias: false,
     }
 }
 

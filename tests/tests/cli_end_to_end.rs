@@ -3,6 +3,17 @@
 
 use ast_tests::{cli, fashion_mnist_available, stderr};
 
+/// Runs `ast-cli args`, which must fail with one error line containing `expected`.
+fn fails_with(args: &[&str], expected: &str) {
+    let output = cli(args);
+    let err = stderr(&output);
+    assert!(
+        !output.status.success() && err.contains(expected),
+        "{args:?}: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn run_eval_and_stats_on_real_fashion_mnist() {
     if !fashion_mnist_available("run_eval_and_stats_on_real_fashion_mnist") {
@@ -146,11 +157,8 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     );
     // None fits a budget below the fastest: one error line, eval.json left as it was.
     let before = std::fs::read(out.join("eval.json")).unwrap();
-    let output = cli(&["eval", "--run", out_s, "--latency-budget-ms", "0.000001"]);
-    assert!(!output.status.success());
-    let err = stderr(&output);
-    assert!(err.contains("no sub-net runs within"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let args = ["eval", "--run", out_s, "--latency-budget-ms", "0.000001"];
+    fails_with(&args, "no sub-net runs within");
     assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
     let output = cli(&["eval", "--run", out_s, "--latency-budget-ms", "-3"]);
     assert!(!output.status.success());
@@ -174,13 +182,8 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "{exported} B against a {checkpoint} B checkpoint"
     );
     let before = std::fs::read(&file).unwrap();
-    let output = cli(&["export", "--run", out_s, "--out", file_s, "--subnets", "0"]);
-    let err = stderr(&output);
-    assert!(
-        !output.status.success() && err.contains("exists: pass --overwrite"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let args = ["export", "--run", out_s, "--out", file_s, "--subnets", "0"];
+    fails_with(&args, "exists: pass --overwrite");
     assert_eq!(std::fs::read(&file).unwrap(), before);
 
     let results = dir.path().join("infer.json");
@@ -267,9 +270,7 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
             "export", "--run", out_s, "--format", "pytorch", "--out", torch_s,
         ];
         args.extend(extra);
-        let output = cli(&args);
-        let err = stderr(&output);
-        assert!(!output.status.success() && err.contains(expected), "{err}");
+        fails_with(&args, expected);
         assert!(!torch_file.exists());
     }
 
@@ -304,13 +305,7 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
             "no sub-net runs within",
         ),
     ] {
-        let output = cli(&args);
-        let err = stderr(&output);
-        assert!(
-            !output.status.success() && err.contains(expected),
-            "{args:?}: {err}"
-        );
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        fails_with(&args, expected);
     }
 
     let output = cli(&["stats", "--run", out_s]);

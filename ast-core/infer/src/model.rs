@@ -55,6 +55,17 @@ struct Scratch {
     convs: Vec<Option<ForwardScratch>>,
 }
 
+impl Step {
+    /// The buffers it reads and writes.
+    fn io(&self) -> (usize, usize) {
+        match self {
+            Step::Conv { input, output, .. }
+            | Step::Pool { input, output, .. }
+            | Step::Linear { input, output, .. } => (*input, *output),
+        }
+    }
+}
+
 /// A loaded model file: every sub-net ready to run.
 #[derive(Debug)]
 pub struct InferenceModel {
@@ -369,58 +380,43 @@ fn run(steps: &[Step], image: &[f32], scratch: &mut Scratch, logits: &mut [f32])
     buffers[0].copy_from_slice(image);
     let mut last = 0;
     for (step, conv) in steps.iter().zip(convs.iter_mut()) {
+        let (input, output) = step.io();
+        let mut out = std::mem::take(&mut buffers[output]);
+        let x = &buffers[input];
         match step {
             Step::Conv {
-                input,
-                output,
                 plan,
                 bias,
                 residual,
                 relu,
+                ..
             } => {
-                let mut out = std::mem::take(&mut buffers[*output]);
-                let conv = conv.as_mut().expect("a convolution's scratch");
                 let epilogue = Epilogue {
                     bias,
                     residual: residual.map(|r| buffers[r].as_slice()),
                     relu: *relu,
                 };
-                plan.forward(&buffers[*input], &mut out, conv, Some(epilogue));
-                buffers[*output] = out;
-                last = *output;
+                let conv = conv.as_mut().expect("a convolution's scratch");
+                plan.forward(x, &mut out, conv, Some(epilogue));
             }
-            Step::Pool {
-                input,
-                output,
-                channels,
-            } => {
-                let mut out = std::mem::take(&mut buffers[*output]);
-                let x = &buffers[*input];
+            Step::Pool { channels, .. } => {
                 let plane = x.len() / channels;
                 for (o, values) in out.iter_mut().zip(x.chunks_exact(plane)) {
                     *o = values.iter().sum::<f32>() / plane as f32;
                 }
-                buffers[*output] = out;
-                last = *output;
             }
-            Step::Linear {
-                input,
-                output,
-                weight,
-                bias,
-            } => {
-                let mut out = std::mem::take(&mut buffers[*output]);
+            Step::Linear { weight, bias, .. } => {
                 out.copy_from_slice(bias);
                 let d_out = out.len();
-                for (&x, row) in buffers[*input].iter().zip(weight.chunks_exact(d_out)) {
+                for (&v, row) in x.iter().zip(weight.chunks_exact(d_out)) {
                     for (o, &w) in out.iter_mut().zip(row) {
-                        *o += x * w;
+                        *o += v * w;
                     }
                 }
-                buffers[*output] = out;
-                last = *output;
             }
         }
+        buffers[output] = out;
+        last = output;
     }
     logits.copy_from_slice(&buffers[last]);
 }
