@@ -81,6 +81,9 @@ enum Command {
     /// Latency and images/s of each sub-net of an exported file, and of the same model dense,
     /// through the inference runtime.
     BenchInfer(commands::deploy::BenchInferArgs),
+    /// Times each sub-net of an exported file on this machine and stores the latencies in the
+    /// file, for `infer --subnet auto` and the library's pick to read instead of measuring.
+    Calibrate(commands::deploy::CalibrateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1000,6 +1003,7 @@ fn command(cli: Cli) -> Result<()> {
         Command::Export(args) => backend::dispatch(&args.backend, commands::deploy::Export(&args)),
         Command::Infer(args) => commands::deploy::infer(&args),
         Command::BenchInfer(args) => commands::deploy::bench_infer(&args),
+        Command::Calibrate(args) => commands::deploy::calibrate(&args),
         Command::Recipes => {
             for (name, json, launch) in RECIPES {
                 let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");

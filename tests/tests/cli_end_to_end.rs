@@ -253,6 +253,31 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "{bench}"
     );
 
+    // Calibrated on this machine, the pick reads the stored latencies instead of measuring.
+    let output = cli(&[
+        "calibrate",
+        "--model",
+        file_s,
+        "--batch",
+        "1",
+        "--runs",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let args = [
+        "infer",
+        "--model",
+        file_s,
+        "--subnet",
+        "auto",
+        "--budget-ms",
+        "100000",
+    ];
+    let output = cli(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("from the file's calibration"), "{printed}");
+
     // The PyTorch-named export covers the original's CIFAR ResNets, one sub-net at a time.
     let torch_file = dir.path().join("torch.safetensors");
     let torch_s = torch_file.to_str().unwrap();

@@ -347,6 +347,9 @@ fn infer_subnets(args: &InferArgs, model: &InferenceModel) -> Result<Vec<usize>>
             })?;
             let batch = args.batch as usize;
             let (k, latencies) = model.pick_within_budget(budget, batch, 20)?;
+            if model.calibrated(batch).is_some() {
+                println!("latencies of this machine from the file's calibration");
+            }
             print_latencies(model, batch, &latencies);
             println!("within {budget} ms per batch of {batch}: sub-net {k}");
             Ok(vec![k])
@@ -456,6 +459,56 @@ pub fn infer(args: &InferArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// A file written by `ast-cli export`; its calibration for this machine is replaced.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
+    /// Timed passes per sub-net and batch size (after one warm-up pass).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub runs: u64,
+}
+
+/// Times each sub-net of a file on this machine and stores the medians in the file's header
+/// (the tensors, and so the checksum, stay as they were), replacing an earlier calibration of
+/// this machine, thread count and batch size.
+pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
+    if args.batch.is_empty() || args.batch.contains(&0) {
+        bail!("--batch: batch sizes must be at least 1");
+    }
+    let bytes = std::fs::read(&args.model)
+        .with_context(|| format!("cannot read {}", args.model.display()))?;
+    let model = InferenceModel::from_bytes(&bytes)?;
+    let (cpu, simd, threads) = ast_infer::pick::this_machine();
+    let mut header = model.header().clone();
+    for &batch in &args.batch {
+        let latencies = model.latencies(batch, args.runs as usize)?;
+        let median_ms: Vec<f64> = latencies.iter().map(|l| l.median_ms).collect();
+        println!("batch {batch}: {median_ms:.3?} ms per sub-net");
+        header.calibration.retain(|c| {
+            (c.cpu.as_str(), c.simd.as_str(), c.threads, c.batch)
+                != (cpu.as_str(), simd.as_str(), threads, batch)
+        });
+        header.calibration.push(ast_infer::Calibration {
+            cpu: cpu.clone(),
+            simd: simd.clone(),
+            threads,
+            batch,
+            median_ms,
+        });
+    }
+    let calibrated = ast_infer::with_header(&bytes, &header)?;
+    ast_train::metrics::write_atomic(&args.model, &calibrated)?;
+    println!(
+        "calibrated for {cpu} ({simd}, {threads} threads): {}",
+        args.model.display()
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 pub struct BenchInferArgs {
     /// A file written by `ast-cli export`.
     #[arg(
@@ -486,19 +539,6 @@ pub struct BenchInferArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-/// The CPU's model name (`/proc/cpuinfo`), or `unknown CPU`.
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Peak resident memory of this process in MiB (`VmHWM`), where the system says.
@@ -612,7 +652,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
         "{name} ({}, {} sub-nets), {} with {}, {} threads",
         model.header().model,
         model.subnets(),
-        cpu_model(),
+        ast_infer::pick::this_machine().0,
         ast_kernels::simd_level(),
         rayon::current_num_threads()
     );
@@ -662,7 +702,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
     }
     if let Some(out) = &args.json {
         let json = serde_json::json!({
-            "model": name, "cpu": cpu_model(), "simd": ast_kernels::simd_level(),
+            "model": name, "cpu": ast_infer::pick::this_machine().0, "simd": ast_kernels::simd_level(),
             "threads": rayon::current_num_threads(), "load_ms": load_ms,
             "file_bytes": bytes.len(), "masked_dense_f32_bytes": dense_bytes,
             "switch_ns": switch_ns, "peak_rss_mib": peak, "timings": rows,

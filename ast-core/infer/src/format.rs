@@ -159,6 +159,37 @@ pub struct Header {
     /// preprocess data the way training did; `null` when unknown.
     #[serde(default)]
     pub training: serde_json::Value,
+    /// Latencies measured on a machine (`ast-cli calibrate`), which
+    /// [`crate::InferenceModel::pick_within_budget`] reads instead of measuring when the
+    /// machine, thread count and batch size match.
+    #[serde(default)]
+    pub calibration: Vec<Calibration>,
+}
+
+/// Each sub-net's latency on one machine at one batch size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The CPU's model name.
+    pub cpu: String,
+    /// The SIMD level the kernels dispatched to.
+    pub simd: String,
+    /// Threads of the rayon pool.
+    pub threads: usize,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Median milliseconds per forward pass, per sub-net.
+    pub median_ms: Vec<f64>,
+}
+
+/// `bytes`, a model file, with `header` as its header and the same tensors (so the same
+/// checksum): how a calibration is stored.
+pub fn with_header(bytes: &[u8], header: &Header) -> Result<Vec<u8>> {
+    let file = ModelFile::parse(bytes)?;
+    let json = serde_json::to_string(header).map_err(|e| corrupt(e.to_string()))?;
+    let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
+    let mut tensors = file.tensors.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    safetensors::serialize(tensors, Some(metadata)).map_err(|e| corrupt(e.to_string()))
 }
 
 /// A model's parameters by module path, as the export reads them: float tensors flat
@@ -437,6 +468,7 @@ pub fn export(
                 .map(|(k, t)| (k.as_str(), t.dtype, t.shape.as_slice(), t.data.as_slice())),
         ),
         training,
+        calibration: Vec::new(),
     };
     let json = serde_json::to_string(&header).map_err(|e| InferError::Export(e.to_string()))?;
     let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);

@@ -32,7 +32,7 @@ mod model;
 pub mod pick;
 
 pub use error::InferError;
-pub use format::{export, Header, Params, SubnetInfo, Values};
+pub use format::{export, with_header, Calibration, Header, Params, SubnetInfo, Values};
 pub use graph::{ConvSpec, Graph, NormRef, Op};
 pub use model::{argmax, InferenceModel};
 pub use pick::{best_within_budget, Latency};
