@@ -272,6 +272,8 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "auto",
         "--budget-ms",
         "100000",
+        "--batch",
+        "1",
     ];
     let output = cli(&args);
     assert!(output.status.success(), "{}", stderr(&output));
