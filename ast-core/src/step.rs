@@ -11,17 +11,14 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::config::{AstConfig, SubnetTarget};
 use crate::correction::CorrectionState;
-use crate::criteria::{gradient_magnitude, magnitude, prune_and_regrow};
 use crate::density::{erk_densities, random_masks};
 use crate::error::{AstError, Result};
 use crate::layers::SubnetSwitch;
-use crate::mask::nm::{nm_mask, nm_prune_regrow, ramp_dense_groups, GroupLayout};
-use crate::mask::topk::global_magnitude_masks;
+use crate::mask::nm::GroupLayout;
+use crate::mask::update::{mask_change, updated_masks, MaskChange, MaskInputs};
 use crate::optimizer::{ApplyUpdates, AstOptimizer};
 use crate::rng::MaskRng;
-use crate::schedule::{
-    cosine_prune_rate, cubic_density, mask_event, nm_sparse_fraction, MaskEvent,
-};
+use crate::schedule::{cosine_prune_rate, mask_event, MaskEvent};
 use crate::subnet::{
     inner_masks, mask_vec, masked_layers, read_params, subnet_count, weight_vec, write_masks,
     MaskedLayerInfo,
@@ -420,62 +417,33 @@ impl<B: AutodiffBackend> AstStep<B> {
             schedule.prune_rate,
             schedule.final_prune_rate,
         );
-        let new: Vec<Vec<bool>> = match self.config.subnets[k] {
-            SubnetTarget::Density(d) => {
-                let base = match event {
-                    MaskEvent::Ramp { progress } => global_magnitude_masks(
-                        &weights,
-                        cubic_density(progress, schedule.init_density, d),
-                    ),
-                    MaskEvent::Regrow => old.clone(),
-                };
-                base.iter()
-                    .zip(weights.iter().zip(&grads))
-                    .map(|(m, (w, g))| {
-                        prune_and_regrow(m, &magnitude(w), &gradient_magnitude(g), rate).mask
-                    })
-                    .collect()
-            }
-            SubnetTarget::Nm { n, .. } => {
-                let mut rng = MaskRng::new(self.config.seed, ((t as u64) << 8) | k as u64);
-                self.layouts[k]
-                    .iter()
-                    .zip(old.iter().zip(weights.iter().zip(&grads)))
-                    .map(|(layout, (m, (w, g)))| {
-                        let layout = layout.as_ref().expect("N:M layouts are built in new");
-                        let base = match event {
-                            MaskEvent::Ramp { progress } => {
-                                let dense = ramp_dense_groups(
-                                    layout.group_count(),
-                                    nm_sparse_fraction(progress),
-                                    &mut rng,
-                                );
-                                nm_mask(w, layout, n, &dense)
-                            }
-                            MaskEvent::Regrow => m.clone(),
-                        };
-                        nm_prune_regrow(&base, w, g, layout, n, rate)
-                    })
-                    .collect()
-            }
+        let mut rng = MaskRng::new(self.config.seed, ((t as u64) << 8) | k as u64);
+        let inputs = MaskInputs {
+            weights: &weights,
+            masks: &old,
+            grads: &grads,
         };
-        let grown: Vec<Vec<usize>> = old
-            .iter()
-            .zip(&new)
-            .map(|(o, n)| (0..o.len()).filter(|&i| n[i] && !o[i]).collect())
-            .collect();
-        let changed = old
-            .iter()
-            .zip(&new)
-            .map(|(o, n)| o.iter().zip(n).filter(|(a, b)| a != b).count())
-            .sum();
-        let active: usize = new.iter().map(|m| m.iter().filter(|&&b| b).count()).sum();
-        let total: usize = new.iter().map(Vec::len).sum();
+        let target = self.config.subnets[k];
+        let layouts = &self.layouts[k];
+        let new = updated_masks(
+            target,
+            event,
+            schedule.init_density,
+            rate,
+            inputs,
+            layouts,
+            &mut rng,
+        );
+        let MaskChange {
+            grown,
+            changed,
+            density,
+        } = mask_change(&old, &new);
         let model = self.write_subnet_masks(model, k, new);
         let report = MaskUpdate {
             event,
             prune_rate: rate,
-            density: active as f64 / total as f64,
+            density,
             changed,
         };
         (model, report, grown)

@@ -5,3 +5,4 @@
 
 pub mod nm;
 pub mod topk;
+pub mod update;
