@@ -11,7 +11,8 @@
 //!   (list masked layers, read/replace masks, densities, overlaps);
 //! - [`schedule`]: *when* and *how much* (cubic ramp, offsets, cosine prune rate);
 //! - [`density`]: *how much per layer* (ERK);
-//! - [`mask`]: mask calculation (deterministic top-k, N:M groups);
+//! - [`mask`]: mask calculation (deterministic top-k, N:M groups) and one mask event of a
+//!   sub-net as a pure function ([`mask::update`]);
 //! - [`criteria`]: drop/grow scores and prune-and-regrow;
 //! - [`correction`]: gradient correction between sub-nets;
 //! - [`optimizer`]: SGD, Adam or AdamW on the dense shared weights or the active positions;
