@@ -8,9 +8,8 @@
 //! while its activations stay in the cache. One image runs on the calling thread.
 
 use std::path::Path;
-use std::time::Instant;
-
 use std::sync::Mutex;
+use std::time::Instant;
 
 use ast_kernels::conv::{Epilogue, ForwardPlan, ForwardScratch};
 use rayon::prelude::*;
