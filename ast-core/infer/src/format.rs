@@ -187,9 +187,9 @@ pub fn with_header(bytes: &[u8], header: &Header) -> Result<Vec<u8>> {
     let file = ModelFile::parse(bytes)?;
     let json = serde_json::to_string(header).map_err(|e| corrupt(e.to_string()))?;
     let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
-    let mut tensors = file.tensors.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    safetensors::serialize(tensors, Some(metadata)).map_err(|e| corrupt(e.to_string()))
+    // `serialize` orders the tensors itself (by dtype, then name): the same bytes every time.
+    safetensors::serialize(file.tensors.tensors(), Some(metadata))
+        .map_err(|e| corrupt(e.to_string()))
 }
 
 /// A model's parameters by module path, as the export reads them: float tensors flat

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use ast_infer::{
-    export, ConvSpec, Graph, InferError, InferenceModel, NormRef, Op, Params, SubnetInfo, Values,
+    export, ConvSpec, Graph, Header, InferError, InferenceModel, NormRef, Op, Params, SubnetInfo,
+    Values,
 };
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -108,18 +109,20 @@ fn subnets(indices: &[usize]) -> Vec<SubnetInfo> {
         .collect()
 }
 
-fn file(indices: &[usize]) -> Vec<u8> {
-    let graph = graph();
+/// The tiny model with parameters `p`, sub-nets `indices` of the run, f32 values.
+fn export_tiny(p: &Params, indices: &[usize]) -> Result<(Vec<u8>, Header), InferError> {
     export(
         "tiny",
-        &graph,
-        &params(),
+        &graph(),
+        p,
         subnets(indices),
         Values::F32,
         serde_json::Value::Null,
     )
-    .unwrap()
-    .0
+}
+
+fn file(indices: &[usize]) -> Vec<u8> {
+    export_tiny(&params(), indices).unwrap().0
 }
 
 fn f32s(t: &TensorView<'_>) -> Vec<f32> {
@@ -226,15 +229,7 @@ fn a_sparse_union_is_stored_as_gaps_and_rebuilds() {
         "conv.masks.0".into(),
         (0..54).map(|i| i == 1 || i == 50).collect(),
     );
-    let (bytes, _) = export(
-        "tiny",
-        &graph(),
-        &p,
-        subnets(&[0]),
-        Values::F32,
-        serde_json::Value::Null,
-    )
-    .unwrap();
+    let (bytes, _) = export_tiny(&p, &[0]).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("conv.union_gaps").unwrap().data(), [1, 48]);
     assert!(st.tensor("conv.union").is_err());
@@ -249,15 +244,7 @@ fn a_sparse_enough_sub_net_is_stored_as_indices() {
     p.masks.insert("conv.masks.0".into(), vec![true; 54]);
     p.masks
         .insert("conv.masks.1".into(), (0..54).map(|i| i == 40).collect());
-    let (bytes, header) = export(
-        "tiny",
-        &graph(),
-        &p,
-        subnets(&[0, 1]),
-        Values::F32,
-        serde_json::Value::Null,
-    )
-    .unwrap();
+    let (bytes, header) = export_tiny(&p, &[0, 1]).unwrap();
     assert_eq!(header.report[0].encoding, vec!["bits", "index"]);
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(
@@ -350,28 +337,12 @@ fn bad_calls_are_refused() {
 fn an_export_missing_a_parameter_names_it() {
     let mut p = params();
     p.floats.remove("bn.norms.1.running_var");
-    let err = export(
-        "tiny",
-        &graph(),
-        &p,
-        subnets(&[0, 1]),
-        Values::F32,
-        serde_json::Value::Null,
-    )
-    .unwrap_err();
+    let err = export_tiny(&p, &[0, 1]).unwrap_err();
     assert_eq!(
         err,
         InferError::Export("the model has no `bn.norms.1.running_var`".into())
     );
-    let err = export(
-        "tiny",
-        &graph(),
-        &params(),
-        subnets(&[3]),
-        Values::F32,
-        serde_json::Value::Null,
-    )
-    .unwrap_err();
+    let err = export_tiny(&params(), &[3]).unwrap_err();
     assert_eq!(
         err,
         InferError::Export("the model has no `bn.norms.3.gamma`".into())
