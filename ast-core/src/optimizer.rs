@@ -6,7 +6,8 @@
 //! [`SimpleOptimizer`] step); their per-parameter state is public, so the active scope can keep
 //! it untouched outside the mask and checkpoints can store it. SGD is ours: burn's `Sgd` keeps
 //! its velocity private, so neither could reach it; the update is tested equal to burn's `Sgd`
-//! (momentum, dampening 0, weight decay) in `step.rs`.
+//! (momentum, dampening 0, weight decay) in `step.rs`. Any other burn optimizer trains in the
+//! dense scope through [`AstStep::step_with`](crate::AstStep::step_with).
 
 use std::collections::HashMap;
 

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::{AutodiffModule, ParamId};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::{AstConfig, SubnetTarget};
+use crate::config::{AstConfig, SubnetTarget, UpdateScope};
 use crate::correction::CorrectionState;
 use crate::density::{erk_densities, random_masks};
 use crate::error::{AstError, Result};
@@ -95,7 +95,7 @@ static NEXT_STEP_ID: AtomicU64 = AtomicU64::new(0);
 /// and their weight decay are untouched (they belong to other sub-nets; no momentum from other
 /// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's
 /// BatchNorm) gets the plain update; parameters without a gradient (inactive BatchNorms) are
-/// skipped.
+/// skipped. [`AstStep::step_with`] hands the same gradients to any burn optimizer instead.
 #[derive(Debug)]
 pub struct AstStep<B: AutodiffBackend> {
     config: AstConfig,
@@ -304,12 +304,91 @@ impl<B: AutodiffBackend> AstStep<B> {
         iteration: Iteration,
         lr: f64,
     ) -> (M, StepReport) {
-        self.check_begun(&iteration);
+        let Prepared {
+            model,
+            masked,
+            masks,
+            report,
+        } = self.prepare(model, &mut grads, &iteration);
+        // The optimizer restricts the update to the active mask in the `Active` scope only; the
+        // gradient itself is masked in both.
+        let mut apply = ApplyUpdates::<B> {
+            optimizer: &mut self.optimizer,
+            grads: &mut grads,
+            prepared: masked,
+            masks: self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
+            lr,
+        };
+        let model = model.map(&mut apply);
+        self.iteration += 1;
+        (model, report)
+    }
+
+    /// [`AstStep::step_params`] with any burn optimizer in place of the configured one: the
+    /// masked weights' gradients are replaced by their masked, corrected form, and `optimizer`
+    /// updates the whole model with them, as the original does with its dense SGD.
+    ///
+    /// The optimizer's state is the caller's to save (`Optimizer::to_record`); the
+    /// [`AstStepRecord`](crate::AstStepRecord) then holds masks, schedule position and
+    /// correction state only.
+    ///
+    /// # Panics
+    /// As [`AstStep::step`]; and when the config asks for what only the built-in optimizers can
+    /// do: [`UpdateScope::Active`](crate::UpdateScope::Active) (it keeps the state outside the
+    /// mask) or `reset_momentum_on_regrow` (it zeroes state at regrown positions).
+    pub fn step_with<M, O>(
+        &mut self,
+        model: M,
+        mut grads: GradientsParams,
+        iteration: Iteration,
+        lr: f64,
+        optimizer: &mut O,
+    ) -> (M, StepReport)
+    where
+        M: AutodiffModule<B>,
+        O: Optimizer<M, B>,
+    {
+        assert!(
+            self.config.update_scope == UpdateScope::Dense,
+            "AstStep::step_with: the active update scope needs the optimizer state outside the \
+             mask, which only the built-in optimizers expose: use UpdateScope::Dense, or \
+             AstStep::step with AstConfig::optimizer"
+        );
+        assert!(
+            !self.config.reset_momentum_on_regrow,
+            "AstStep::step_with: reset_momentum_on_regrow zeroes optimizer state that only the \
+             built-in optimizers expose: turn it off, or use AstStep::step"
+        );
+        let Prepared {
+            model,
+            masked,
+            report,
+            ..
+        } = self.prepare(model, &mut grads, &iteration);
+        for layer in &self.layers {
+            if let Some(g) = masked.get(&layer.weight_id) {
+                put_shaped(&mut grads, layer.weight_id, g.clone(), &layer.shape);
+            }
+        }
+        let model = optimizer.step(lr, model, grads);
+        self.iteration += 1;
+        (model, report)
+    }
+
+    /// The part of an iteration before the optimizer: mask schedule, gradient masking and
+    /// correction. Takes the masked weights' gradients out of `grads`.
+    fn prepare<M: AutodiffModule<B>>(
+        &mut self,
+        model: M,
+        grads: &mut GradientsParams,
+        iteration: &Iteration,
+    ) -> Prepared<B, M> {
+        self.check_begun(iteration);
         let (t, k) = (iteration.t, iteration.subnet);
         let dense: Vec<Option<Tensor<B::InnerBackend, 1>>> = self
             .layers
             .iter()
-            .map(|l| take_flat::<B::InnerBackend>(&mut grads, l.weight_id, l.shape.len()))
+            .map(|l| take_flat::<B::InnerBackend>(grads, l.weight_id, l.shape.len()))
             .collect();
 
         let mut model = model;
@@ -345,25 +424,16 @@ impl<B: AutodiffBackend> AstStep<B> {
                 masked.insert(self.layers[l].weight_id, g);
             }
         }
-        // The optimizer restricts the update to the active mask in the `Active` scope only; the
-        // gradient itself is masked above in both.
-        let mut apply = ApplyUpdates::<B> {
-            optimizer: &mut self.optimizer,
-            grads: &mut grads,
-            prepared: masked,
-            masks: self.layers.iter().map(|l| l.weight_id).zip(masks).collect(),
-            lr,
-        };
-        let model = model.map(&mut apply);
-        self.iteration += 1;
-        (
+        Prepared {
             model,
-            StepReport {
+            masked,
+            masks,
+            report: StepReport {
                 iteration: t,
                 subnet: k,
                 mask_update,
             },
-        )
+        }
     }
 
     fn write_subnet_masks<M: AutodiffModule<B>>(
@@ -483,6 +553,30 @@ impl<B: AutodiffBackend> AstStep<B> {
     /// Mutable gradient-correction references (resuming a run).
     pub fn correction_state_mut(&mut self) -> &mut CorrectionState<B::InnerBackend> {
         &mut self.correction
+    }
+}
+
+/// An iteration up to the optimizer (see [`AstStep::prepare`]).
+struct Prepared<B: AutodiffBackend, M> {
+    model: M,
+    /// The masked, corrected gradients of the masked weights, flat.
+    masked: HashMap<ParamId, Tensor<B::InnerBackend, 1>>,
+    /// The active sub-net's masks, flat, one per masked layer.
+    masks: Vec<Tensor<B::InnerBackend, 1, Bool>>,
+    report: StepReport,
+}
+
+/// Puts the flat gradient `g` of a masked weight back into `grads` with its weight's shape.
+fn put_shaped<IB: Backend>(
+    grads: &mut GradientsParams,
+    id: ParamId,
+    g: Tensor<IB, 1>,
+    shape: &[usize],
+) {
+    match *shape {
+        [a, b] => grads.register::<IB, 2>(id, g.reshape([a, b])),
+        [a, b, c, d] => grads.register::<IB, 4>(id, g.reshape([a, b, c, d])),
+        _ => panic!("masked weights have rank 2 or 4, got shape {shape:?}"),
     }
 }
 
@@ -745,6 +839,29 @@ mod tests {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn step_with_refuses_what_only_the_built_in_optimizers_can_do() {
+        for (scope, reset, expected) in [
+            (UpdateScope::Active, false, "active update scope"),
+            (UpdateScope::Dense, true, "reset_momentum_on_regrow"),
+        ] {
+            let switch = SubnetSwitch::new();
+            let (model, _, x) = two_subnets(&switch);
+            let config = AstConfig::new(vec![SubnetTarget::Density(1.0); 2])
+                .with_schedule(no_events())
+                .with_update_scope(scope)
+                .with_reset_momentum_on_regrow(reset);
+            let mut ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
+            let mut sgd = SgdConfig::new().init::<AD, OneLinear<AD>>();
+            let iteration = ast.begin();
+            let grads = GradientsParams::from_grads(loss_of(&model, &x).backward(), &model);
+            let message = panic_message(|| {
+                let _ = ast.step_with(model, grads, iteration, 0.1, &mut sgd);
+            });
+            assert!(message.contains(expected), "{message}");
+        }
     }
 
     #[test]

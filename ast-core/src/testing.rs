@@ -6,6 +6,7 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::PaddingConfig2d;
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::AutodiffBackend;
@@ -17,7 +18,7 @@ use crate::layers::{
     SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
 use crate::rng::MaskRng;
-use crate::step::{AstStep, StepReport};
+use crate::step::{AstStep, Iteration, StepReport};
 
 /// Side of the synthetic images.
 pub const SIDE: usize = 8;
@@ -130,6 +131,46 @@ pub fn train_tiny<B: AutodiffBackend>(
     seed: u64,
     device: &B::Device,
 ) -> (TinyNet<B>, Vec<f32>, Vec<StepReport>) {
+    train_tiny_by(
+        config,
+        steps,
+        seed,
+        device,
+        |ast, model, grads, iteration, lr| ast.step_params(model, grads, iteration, lr),
+    )
+}
+
+/// [`train_tiny`] with a burn optimizer of the caller's in place of the configured one
+/// ([`AstStep::step_with`]).
+pub fn train_tiny_with<B: AutodiffBackend, O: Optimizer<TinyNet<B>, B>>(
+    config: AstConfig,
+    steps: usize,
+    seed: u64,
+    device: &B::Device,
+    optimizer: &mut O,
+) -> (TinyNet<B>, Vec<f32>, Vec<StepReport>) {
+    train_tiny_by(
+        config,
+        steps,
+        seed,
+        device,
+        |ast, model, grads, iteration, lr| ast.step_with(model, grads, iteration, lr, optimizer),
+    )
+}
+
+fn train_tiny_by<B: AutodiffBackend>(
+    config: AstConfig,
+    steps: usize,
+    seed: u64,
+    device: &B::Device,
+    mut step: impl FnMut(
+        &mut AstStep<B>,
+        TinyNet<B>,
+        GradientsParams,
+        Iteration,
+        f64,
+    ) -> (TinyNet<B>, StepReport),
+) -> (TinyNet<B>, Vec<f32>, Vec<StepReport>) {
     B::seed(device, seed);
     let switch = SubnetSwitch::new();
     let model = TinyNet::<B>::new(config.subnets.len(), &switch, device);
@@ -142,7 +183,8 @@ pub fn train_tiny<B: AutodiffBackend>(
         let (x, y) = synthetic_batch::<B>(16, t as u64, device);
         let loss = loss_fn.forward(model.forward(x), y);
         losses.push(loss.clone().into_scalar().elem::<f32>());
-        let (m, report) = ast.step(model, loss.backward(), iteration, 0.05);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (m, report) = step(&mut ast, model, grads, iteration, 0.05);
         model = m;
         reports.push(report);
     }
