@@ -89,8 +89,8 @@ static NEXT_STEP_ID: AtomicU64 = AtomicU64::new(0);
 ///
 /// **Update rule**: the configured optimizer ([`crate::optimizer`]; SGD with PyTorch's
 /// semantics by default) on the masked, corrected gradient `g ⊙ M`. In the default
-/// [`UpdateScope::Dense`](crate::UpdateScope::Dense) (the original's) it acts at every position, e.g. for SGD
-/// `d = (g ⊙ M) + λ·W`, `v ← μ·v + d`, `W ← W − lr·v`. In [`UpdateScope::Active`](crate::UpdateScope::Active) the same
+/// [`UpdateScope::Dense`] (the original's) it acts at every position, e.g. for SGD
+/// `d = (g ⊙ M) + λ·W`, `v ← μ·v + d`, `W ← W − lr·v`. In [`UpdateScope::Active`] the same
 /// happens *on active positions only*: weights outside the active mask, their optimizer state
 /// and their weight decay are untouched (they belong to other sub-nets; no momentum from other
 /// sub-nets leaks into a step). Every other parameter (stem, biases, the active sub-net's
@@ -334,7 +334,7 @@ impl<B: AutodiffBackend> AstStep<B> {
     ///
     /// # Panics
     /// As [`AstStep::step`]; and when the config asks for what only the built-in optimizers can
-    /// do: [`UpdateScope::Active`](crate::UpdateScope::Active) (it keeps the state outside the
+    /// do: [`UpdateScope::Active`] (it keeps the state outside the
     /// mask) or `reset_momentum_on_regrow` (it zeroes state at regrown positions).
     pub fn step_with<M, O>(
         &mut self,
