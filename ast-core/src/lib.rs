@@ -7,6 +7,8 @@
 //! The crate is split by concern:
 //! - [`layers`]: [`MaskedConv2d`], [`MaskedLinear`], [`SwitchableBatchNorm`] and the
 //!   [`SubnetSwitch`] handle that selects the active sub-net in all of them at once;
+//! - [`model`]: what a model offers to a training loop other than your own ([`AstModule`],
+//!   [`ModelSpec`]);
 //! - [`subnet`]: model-level operations on any burn `Module` holding these layers
 //!   (list masked layers, read/replace masks, densities, overlaps);
 //! - [`schedule`]: *when* and *how much* (cubic ramp, offsets, cosine prune rate);
@@ -35,6 +37,7 @@ pub mod density;
 pub mod error;
 pub mod layers;
 pub mod mask;
+pub mod model;
 pub mod optimizer;
 pub mod record;
 pub mod rng;
@@ -55,6 +58,7 @@ pub use layers::{
     MaskedConv2d, MaskedConv2dConfig, MaskedLinear, MaskedLinearConfig, SubnetSwitch,
     SwitchableBatchNorm, SwitchableBatchNormConfig,
 };
+pub use model::{AstModule, ModelSpec};
 pub use record::AstStepRecord;
 pub use step::{AstStep, Iteration, StepReport};
 

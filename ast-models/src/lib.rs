@@ -17,7 +17,8 @@
 //!
 //! Layers outside the table's counts are plain burn layers shared by all sub-nets (the ResNet
 //! stems, the shortcut BatchNorms of ResNet-20/32/56, the ImageNet classifier).
-//! [`ModelKind`] names the models on a command line, [`AstModel`] holds any of them, and
+//! [`ModelKind`] names the models on a command line and builds them ([`ModelSpec`](ast_core::ModelSpec)), [`AstModel`]
+//! holds any of them (each is an [`AstModule`]), and
 //! [`trainable_params`] counts parameters the way the paper does (no running statistics, no
 //! masks).
 #![warn(missing_docs)]
@@ -29,7 +30,7 @@ pub mod resnet;
 pub mod resnet_cifar;
 pub mod small_cnn;
 
-use ast_core::SubnetSwitch;
+use ast_core::{AstModule, SubnetSwitch};
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 
@@ -136,6 +137,43 @@ impl<B: Backend> AstModel<B> {
             Self::MobileNet(m) => m.forward(x),
             Self::SmallCnn(m) => m.forward(x),
         }
+    }
+}
+
+/// Each built-in model, and [`AstModel`], is an [`AstModule`] through its own `forward` and
+/// `switch`.
+macro_rules! ast_modules {
+    ($($model:ident),*) => {$(
+        impl<B: Backend> AstModule<B> for $model<B> {
+            fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+                $model::forward(self, images)
+            }
+
+            fn switch(&self) -> &SubnetSwitch {
+                $model::switch(self)
+            }
+        }
+    )*};
+}
+
+ast_modules!(CifarResNet, ResNet, MobileNetV1, SmallCnn, AstModel);
+
+/// A model kind builds its model ([`AstModel`]) for runs of `ast-train`.
+// Named in full: in scope, its `name(&self)` would shadow the inherent `name(self)` for the
+// `&ModelKind` receivers of `named_choices!`.
+impl ast_core::ModelSpec for ModelKind {
+    type Model<B: Backend> = AstModel<B>;
+
+    fn name(&self) -> &str {
+        ModelKind::name(*self)
+    }
+
+    fn image_size(&self) -> usize {
+        ModelKind::image_size(*self)
+    }
+
+    fn build<B: Backend>(&self, classes: usize, subnets: usize, device: &B::Device) -> AstModel<B> {
+        AstModel::new(*self, classes, subnets, device)
     }
 }
 
