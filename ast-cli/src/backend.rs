@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
-use ast_models::AstModel;
+use ast_models::{AstModel, ModelKind};
 use ast_train::bench::{step_throughput, StepBench, StepTiming};
 use ast_train::metrics::SubnetMetrics;
 use ast_train::train::{evaluate, load_run_model};
@@ -18,6 +18,28 @@ use crate::{BackendArgs, BackendKind, Precision, Switch};
 use clap::ValueEnum;
 
 #[cfg_attr(all(feature = "ndarray", feature = "cuda"), allow(dead_code))]
+/// The built-in model a run's configuration names.
+pub fn builtin_model(config: &TrainConfig) -> Result<ModelKind> {
+    config.model.parse::<ModelKind>().map_err(|_| {
+        anyhow::anyhow!(
+            "the run's model `{}` is not one of ast-cli's ({}): it was trained by a program of \
+             its own; evaluate, export or resume it with that program (ast-train's functions take \
+             its ModelSpec)",
+            config.model,
+            ModelKind::names()
+        )
+    })
+}
+
+/// [`load_run_model`] of a run of a built-in model.
+pub fn load_builtin<B: AutodiffBackend>(
+    run: &Path,
+    device: &B::Device,
+) -> Result<(TrainConfig, AstModel<B>, usize)> {
+    let kind = builtin_model(&ast_train::read_run_config(run)?)?;
+    Ok(load_run_model::<B, _>(&kind, run, device)?)
+}
+
 fn not_compiled(name: &str) -> anyhow::Error {
     anyhow::anyhow!(
         "backend `{name}` is not compiled into this binary; rebuild with `cargo build --release -p ast-cli --features {name}`"
@@ -206,19 +228,28 @@ impl BackendJob for Train<'_> {
     where
         B: AutodiffBackend,
     {
+        let kind = builtin_model(&self.config)?;
         let indices = match (self.devices, &self.nodes) {
             (Some(indices), _) => indices,
             (None, Some(_)) => vec![device.to_id().index_id as usize],
-            (None, None) => return Ok(ast_train::train::<B>(self.config, self.opts, device)?),
+            (None, None) => {
+                return Ok(ast_train::train::<B, _>(
+                    self.config,
+                    &kind,
+                    self.opts,
+                    device,
+                )?)
+            }
         };
         // Devices of the same kind as `device`, by index (the CPU backends have one device).
-        let kind = device.to_id().type_id;
+        let device_kind = device.to_id().type_id;
         let devices: Vec<B::Device> = indices
             .iter()
-            .map(|&i| B::Device::from_id(DeviceId::new(kind, i as u16)))
+            .map(|&i| B::Device::from_id(DeviceId::new(device_kind, i as u16)))
             .collect();
-        Ok(ast_train::train::train_data_parallel::<B>(
+        Ok(ast_train::train::train_data_parallel::<B, _>(
             self.config,
+            &kind,
             self.opts,
             &devices,
             self.nodes,
@@ -249,11 +280,11 @@ impl BackendJob for Eval<'_> {
     where
         B: AutodiffBackend,
     {
-        let (mut config, model, epochs) = load_run_model::<B>(self.run, device)?;
+        let (mut config, model, epochs) = load_builtin::<B>(self.run, device)?;
         if let Some(p) = self.data_path {
             config.data.path = p.to_path_buf();
         }
-        let sources = ast_train::load_data(&config)?;
+        let sources = ast_train::load_data(&config, &builtin_model(&config)?)?;
         let loader =
             ast_train::data::Loader::new(sources.test, config.eval_batch_size, config.seed, false);
         if let Some(first) = ast_core::subnet::non_finite_params(&model).first() {
@@ -451,7 +482,7 @@ type StatsBackend = ast_core::backend::cuda::CudaFused;
 /// Per-layer densities and overlaps of a run's last checkpoint (computed on the CPU when a CPU
 /// backend is compiled in).
 pub fn stats(run: &Path, csv: Option<&Path>) -> Result<()> {
-    let (config, model, _) = load_run_model::<Autodiff<StatsBackend>>(run, &Default::default())?;
+    let (config, model, _) = load_builtin::<Autodiff<StatsBackend>>(run, &Default::default())?;
     let k = config.ast.subnets.len();
     if k == 0 {
         bail!("the run has no sub-nets");

@@ -712,7 +712,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 }
 
 fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainConfig> {
-    set(&mut c.model, o.model);
+    set(&mut c.model, o.model.map(|m| m.to_string()));
     set(&mut c.data.kind, o.dataset);
     set(&mut c.data.path, o.data_path);
     set(&mut c.data.train_subset, o.train_subset.map(Some));

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use ast_core::AstConfig;
-use ast_models::ModelKind;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -137,8 +136,9 @@ fn default_every() -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// The architecture.
-    pub model: ModelKind,
+    /// The model's name: a built-in [`ast_models::ModelKind`], or the
+    /// [`ModelSpec::name`](ast_core::ModelSpec::name) of a model of your own.
+    pub model: String,
     /// The data.
     pub data: DataConfig,
     /// Epochs.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mpi;
 pub mod parallel;
 pub mod train;
+mod trainer;
 
 pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, TrainConfig};
 pub use error::{Result, TrainError};

@@ -1,23 +1,20 @@
 //! The alternating training loop, evaluation of every sub-net, and the run directory.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ast_core::schedule::{check_reaches_final_density, scheduled_event};
-use ast_core::subnet::{density, non_finite_params, sync_running_stats};
-use ast_core::{AstStep, SubnetTarget};
-use ast_models::AstModel;
+use ast_core::subnet::{density, sync_running_stats};
+use ast_core::{AstModule, AstStep, ModelSpec, SubnetTarget};
 use burn::collective;
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, PartialEpoch, TrainerState};
+use crate::checkpoint::{self};
 use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
@@ -25,11 +22,9 @@ use crate::data::{
 };
 use crate::error::{Result, TrainError};
 use crate::lock::{RunLock, LOCK_FILE};
-use crate::metrics::{
-    top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
-    SubnetMetrics, SubnetTraining, METRICS_FILE,
-};
+use crate::metrics::{top_k_correct, write_atomic, SubnetMetrics, METRICS_FILE};
 use crate::parallel::{CrossNode, Team};
+use crate::trainer::{run_worker, Worker};
 
 /// Training and evaluation sources of a run.
 pub struct DataSources {
@@ -60,10 +55,11 @@ fn subset(data: ImageDataset, n: Option<usize>) -> Arc<ImageDataset> {
     })
 }
 
-/// Reads the dataset of `config` and pairs it with the model's input pipeline.
-pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
+/// Reads the dataset of `config` and pairs it with the input pipeline of the model `spec`
+/// builds.
+pub fn load_data<S: ModelSpec>(config: &TrainConfig, spec: &S) -> Result<DataSources> {
     let d = &config.data;
-    let wants = config.model.image_size();
+    let wants = spec.image_size();
     let gives = if d.kind == DatasetKind::Imagenet {
         224
     } else {
@@ -74,7 +70,7 @@ pub fn load_data(config: &TrainConfig) -> Result<DataSources> {
             "model",
             format!(
                 "{} expects {wants}×{wants} inputs but {} gives {gives}×{gives}",
-                config.model.name(),
+                config.model,
                 d.kind.name()
             ),
         ));
@@ -165,7 +161,7 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-const CONFIG_FILE: &str = "config.json";
+pub(crate) const CONFIG_FILE: &str = "config.json";
 
 /// Reads and checks the configuration saved in run directory `dir`.
 pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
@@ -379,7 +375,7 @@ pub fn prepare_run_dir(
     Ok((config, lock))
 }
 
-fn to_tensors<B: Backend>(
+pub(crate) fn to_tensors<B: Backend>(
     batch: HostBatch,
     device: &B::Device,
 ) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
@@ -390,7 +386,7 @@ fn to_tensors<B: Backend>(
     )
 }
 
-fn data_threads(config: &TrainConfig) -> usize {
+pub(crate) fn data_threads(config: &TrainConfig) -> usize {
     config.data_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -399,8 +395,8 @@ fn data_threads(config: &TrainConfig) -> usize {
 }
 
 /// Evaluates every sub-net of `model` on `loader` (loss, top-1, top-5, density).
-pub fn evaluate<B: Backend>(
-    model: &AstModel<B>,
+pub fn evaluate<B: Backend, M: AstModule<B>>(
+    model: &M,
     loader: &Loader,
     device: &B::Device,
 ) -> Result<Vec<SubnetMetrics>> {
@@ -459,8 +455,8 @@ pub fn evaluate<B: Backend>(
 /// Refreshes every sub-net's BatchNorm running statistics with `batches` training-mode forward
 /// passes over batches of `epoch` (no weight changes); see
 /// [`TrainConfig::bn_recalibration_batches`].
-pub fn recalibrate_batch_norms<B: AutodiffBackend>(
-    model: &AstModel<B>,
+pub fn recalibrate_batch_norms<B: AutodiffBackend, M: AstModule<B>>(
+    model: &M,
     loader: &Loader,
     epoch: usize,
     batches: usize,
@@ -492,16 +488,27 @@ pub fn sparsest(targets: &[SubnetTarget]) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs (or resumes) a training run in `opts.dir` on backend `B`.
-pub fn train<B>(config: TrainConfig, opts: &RunOptions, device: &B::Device) -> Result<RunSummary>
+/// Runs (or resumes) a training run in `opts.dir` on backend `B`, of the model `spec` builds:
+/// a built-in [`ast_models::ModelKind`] or a model of your own ([`ModelSpec`]).
+pub fn train<B, S>(
+    config: TrainConfig,
+    spec: &S,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary>
 where
     B: AutodiffBackend,
+    S: ModelSpec,
+    S::Model<B>: AutodiffModule<B>,
+    <S::Model<B> as AutodiffModule<B>>::InnerModule: AstModule<B::InnerBackend>,
 {
     let started = Instant::now();
-    let sources = load_data(&config)?;
-    let initial = initial_weights::<B>(&config, sources.classes, device);
-    let worker = Worker::<B> {
+    check_spec(&config, spec)?;
+    let sources = load_data(&config, spec)?;
+    let initial = initial_weights::<B, S>(&config, spec, sources.classes, device);
+    let worker = Worker::<B, S> {
         config,
+        spec,
         opts,
         sources: &sources,
         device,
@@ -532,15 +539,20 @@ where
 /// cost can be measured; the results are [`train`]'s).
 ///
 /// One data-parallel run at a time per process (burn-collective keeps one server per backend).
-pub fn train_data_parallel<B>(
+pub fn train_data_parallel<B, S>(
     config: TrainConfig,
+    spec: &S,
     opts: &RunOptions,
     devices: &[B::Device],
     nodes: Option<Arc<dyn CrossNode>>,
 ) -> Result<RunSummary>
 where
     B: AutodiffBackend,
+    S: ModelSpec + Clone + 'static,
+    S::Model<B>: AutodiffModule<B>,
+    <S::Model<B> as AutodiffModule<B>>::InnerModule: AstModule<B::InnerBackend>,
 {
+    check_spec(&config, spec)?;
     if devices.is_empty() {
         return Err(TrainError::config(
             "devices",
@@ -564,7 +576,7 @@ where
     }
     let _session = crate::parallel::session();
     let started = Instant::now();
-    let sources = Arc::new(load_data(&config)?);
+    let sources = Arc::new(load_data(&config, spec)?);
     let last = sources.train.len() % config.batch_size;
     if last != 0 && last < workers {
         return Err(TrainError::config(
@@ -578,15 +590,22 @@ where
     // The initial weights are drawn here, once, from the process-wide generator; every worker
     // loads them into a model of its own (own sub-net switch, own BatchNorm statistics).
     let subnets = config.ast.subnets.len();
-    let drawn = AstModel::<B>::new(config.model, sources.classes, subnets, &devices[0])
-        .load_record(initial_weights::<B>(&config, sources.classes, &devices[0]));
+    let drawn = spec
+        .build::<B>(sources.classes, subnets, &devices[0])
+        .load_record(initial_weights::<B, S>(
+            &config,
+            spec,
+            sources.classes,
+            &devices[0],
+        ));
     let (tx, rx) = std::sync::mpsc::channel();
     // Each worker waits for the word to register: `register` waits for all of them, so a
     // worker whose thread could not start would leave the others waiting there for ever.
     let mut go = Vec::with_capacity(local);
     for (rank, device) in devices.iter().enumerate() {
-        let (config, opts, sources, device, tx, nodes) = (
+        let (config, spec, opts, sources, device, tx, nodes) = (
             config.clone(),
+            spec.clone(),
             opts.clone(),
             Arc::clone(&sources),
             device.clone(),
@@ -604,8 +623,9 @@ where
                 }
                 let run = std::panic::AssertUnwindSafe(|| {
                     let team = Team::<B::InnerBackend>::join_nodes(rank, local, &device, nodes)?;
-                    let summary = run_worker(Worker::<B> {
+                    let summary = run_worker(Worker::<B, S> {
                         config,
+                        spec: &spec,
                         opts: &opts,
                         sources: &sources,
                         device: &device,
@@ -674,16 +694,35 @@ fn check_same_setup(nodes: &dyn CrossNode, config: &TrainConfig, local: usize) -
 
 /// The seeded initial weights of a run's model. Drawn through a record, in the record's order,
 /// whatever touches the model first: one worker or several start from the same values.
-fn initial_weights<B>(
+fn initial_weights<B, S>(
     config: &TrainConfig,
+    spec: &S,
     classes: usize,
     device: &B::Device,
-) -> <AstModel<B> as Module<B>>::Record
+) -> <S::Model<B> as Module<B>>::Record
 where
     B: AutodiffBackend,
+    S: ModelSpec,
 {
     B::seed(device, config.seed);
-    AstModel::<B>::new(config.model, classes, config.ast.subnets.len(), device).into_record()
+    spec.build::<B>(classes, config.ast.subnets.len(), device)
+        .into_record()
+}
+
+/// Errors unless `spec` builds the model the run's configuration names.
+fn check_spec<S: ModelSpec>(config: &TrainConfig, spec: &S) -> Result<()> {
+    if config.model == spec.name() {
+        return Ok(());
+    }
+    Err(TrainError::config(
+        "model",
+        format!(
+            "the run's configuration names model `{}` but the model given builds `{}`: give \
+             the spec of the model the run was made with",
+            config.model,
+            spec.name()
+        ),
+    ))
 }
 
 /// Waits for the workers of [`train_data_parallel`]. The first failure resets the collective
@@ -738,554 +777,25 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
-/// What one worker of a run needs; see [`run_worker`].
-struct Worker<'a, B: AutodiffBackend> {
-    config: TrainConfig,
-    opts: &'a RunOptions,
-    sources: &'a DataSources,
-    device: &'a B::Device,
-    /// The other workers of a data-parallel run, `None` when training alone.
-    team: Option<&'a Team<B::InnerBackend>>,
-    /// The initial weights when they were drawn by another thread.
-    initial: Option<<AstModel<B> as Module<B>>::Record>,
-    started: Instant,
-}
-
-/// The training loop of one worker. The leader (the only worker, or worker 0) evaluates and
-/// writes the run's files and returns the summary; the others return `None`.
-fn run_worker<B>(worker: Worker<'_, B>) -> Result<Option<RunSummary>>
-where
-    B: AutodiffBackend,
-{
-    let Worker {
-        config,
-        opts,
-        sources,
-        device,
-        team,
-        initial,
-        started,
-    } = worker;
-    let leader = team.is_none_or(|t| t.is_leader());
-    let threads = data_threads(&config);
-    let whole_loader = Loader::new(sources.train.clone(), config.batch_size, config.seed, true)
-        .with_threads(threads);
-    let train_loader = match team {
-        Some(t) => whole_loader
-            .clone()
-            .with_shard(t.global_rank(), t.global_size()),
-        None => whole_loader.clone(),
-    };
-    let test_loader = Loader::new(
-        sources.test.clone(),
-        config.eval_batch_size,
-        config.seed,
-        false,
-    )
-    .with_threads(threads);
-    let steps_per_epoch = train_loader.batches_per_epoch();
-    let total_steps = steps_per_epoch * config.epochs;
-    let subnets = config.ast.subnets.len();
-
-    let model = AstModel::<B>::new(config.model, sources.classes, subnets, device);
-    let model = match initial {
-        // Fresh autodiff leaves: the workers' graphs must not meet.
-        Some(record) => model.load_record(record).fork(device),
-        None => model,
-    };
-    let switch = model.switch().clone();
-    let mut ast = AstStep::<B>::new(
-        config.ast.clone(),
-        &model,
-        &switch,
-        steps_per_epoch,
-        total_steps,
-    )?;
-    let schedule = &config.ast.schedule;
-    let pruned: Vec<usize> = (0..subnets)
-        .filter(|&k| match config.ast.subnets[k] {
-            SubnetTarget::Density(d) => d < schedule.init_density,
-            SubnetTarget::Nm { .. } => true,
-        })
-        .collect();
-    check_reaches_final_density(schedule, subnets, &pruned, steps_per_epoch, total_steps)?;
-    let mut model = ast.init_masks(model);
-    let mut state = TrainerState {
-        next_epoch: 0,
-        iteration: 0,
-        best_sparsest_top1: 0.0,
-        sha256: Default::default(),
-        partial: None,
-    };
-    if opts.resume {
-        let dir = checkpoint::latest(&opts.dir)?.ok_or_else(|| TrainError::Checkpoint {
-            path: opts.dir.clone(),
-            reason: "the run has no checkpoint yet".into(),
-        })?;
-        let (loaded, saved) = checkpoint::load(&dir, model, &mut ast)?;
-        let start = saved.next_epoch * steps_per_epoch;
-        let mid_epoch = saved.iteration != start;
-        if saved.iteration < start
-            || saved.iteration >= start + steps_per_epoch
-            || mid_epoch != saved.partial.is_some()
-        {
-            return Err(TrainError::Checkpoint {
-                path: dir,
-                reason: format!(
-                    "it was taken at iteration {} after {} epochs, but the configuration gives \
-                     {steps_per_epoch} iterations per epoch: batch_size, train_subset or the \
-                     data changed in config.json since",
-                    saved.iteration, saved.next_epoch
-                ),
-            });
-        }
-        model = loaded;
-        state = saved;
-        // Changes the resume was allowed to make (e.g. more epochs) become the run's own.
-        if leader && read_run_config(&opts.dir)? != config {
-            let json = serde_json::to_vec_pretty(&config).expect("config serialises");
-            write_atomic(&opts.dir.join(CONFIG_FILE), &json)?;
-        }
-    }
-    let (metrics, events) = if leader {
-        (
-            Some(MetricsWriter::open(&opts.dir, state.next_epoch)?),
-            Some(EventsWriter::open(&opts.dir, state.iteration)?),
-        )
-    } else {
-        (None, None)
-    };
-    let progress_on = opts.progress && leader;
-    let mut loss_fn = CrossEntropyLossConfig::new();
-    if config.label_smoothing > 0.0 {
-        loss_fn = loss_fn.with_smoothing(Some(config.label_smoothing as f32));
-    }
-    let loss_fn = loss_fn.init(device);
-    let sparsest = sparsest(&config.ast.subnets);
-    let mut last_eval = Vec::new();
-    let mut last_checkpoint = Instant::now();
-
-    let started_at = state.iteration;
-    for epoch in state.next_epoch..config.epochs {
-        let epoch_start = Instant::now();
-        let lr = config.lr_schedule.lr(config.lr, epoch, config.epochs);
-        let first = state.iteration - epoch * steps_per_epoch;
-        let progress = Progress::new(epoch, config.epochs, steps_per_epoch, first, progress_on);
-        let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::with_capacity(READBACK_EVERY);
-        // Per sub-net: summed loss, correct predictions, samples, iterations; a mid-epoch
-        // checkpoint carries the sums of its epoch so far.
-        let PartialEpoch {
-            mut loss_sum,
-            mut per_subnet,
-        } = state.partial.take().unwrap_or_else(|| PartialEpoch {
-            loss_sum: 0.0,
-            per_subnet: vec![(0.0, 0, 0, 0); config.ast.subnets.len()],
-        });
-        for (i, batch) in train_loader.epoch(epoch, first).enumerate() {
-            let t = ast.iteration();
-            let first_of_invocation = t == started_at;
-            let step_start = Instant::now();
-            if first_of_invocation && progress_on {
-                if let Some(note) = &opts.first_step_note {
-                    eprintln!("{note}");
-                }
-            }
-            if opts.stop_after == Some(t) {
-                return Ok(leader.then(|| RunSummary {
-                    epochs: epoch,
-                    targets: config.ast.subnets.clone(),
-                    subnets: last_eval,
-                    best_sparsest_top1: state.best_sparsest_top1,
-                    seconds: started.elapsed().as_secs_f64(),
-                    interrupted: true,
-                }));
-            }
-            let batch = batch?;
-            let labels = batch.labels.clone();
-            let shard = labels.len();
-            let (x, y) = to_tensors::<B>(batch, device);
-            let iteration = ast.begin();
-            let subnet = iteration.subnet();
-            let logits = model.forward(x);
-            let loss = loss_fn.forward(logits.clone(), y);
-            pending.push(PendingStep {
-                iteration: t,
-                subnet,
-                done: first + i + 1,
-                loss: loss.clone().inner(),
-                logits: logits.inner(),
-                labels,
-            });
-            let grads = match team {
-                None => GradientsParams::from_grads(loss.backward(), &model),
-                Some(team) => {
-                    // Shards of a partial batch may differ by one sample: weigh each worker's
-                    // mean loss by its share, so the mean over workers is the batch's mean.
-                    let whole = train_loader.global_batch_len(first + i);
-                    let loss = if shard * team.global_size() == whole {
-                        loss
-                    } else {
-                        loss.mul_scalar((shard * team.global_size()) as f32 / whole as f32)
-                    };
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
-                    team.mean_gradients(&model, grads)?
-                }
-            };
-            let (stepped, report) = ast.step_params(model, grads, iteration, lr);
-            model = match team {
-                // Every worker leaves the iteration with the same running statistics.
-                Some(team) => team.mean_buffers(stepped)?,
-                None => stepped,
-            };
-            if first_of_invocation && leader {
-                first_step_done::<B>(opts, device, step_start)?;
-            }
-            if let Some(update) = report.mask_update {
-                if let Some(team) = team {
-                    team.check_same(
-                        &format!("the masks after iteration {t}"),
-                        masks_checksum(&model),
-                    )?;
-                }
-                let event = scheduled_event(
-                    &config.ast.schedule,
-                    &config.ast.subnets,
-                    t,
-                    steps_per_epoch,
-                    total_steps,
-                )
-                .expect("the step reports the events the schedule gives");
-                if let Some(events) = &events {
-                    events.append(&EventRecord {
-                        event,
-                        density: update.density,
-                        changed: update.changed,
-                    })?;
-                }
-            }
-            let stop = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
-                || opts.stop_gracefully_after == Some(t + 1);
-            let due = leader
-                && config
-                    .checkpoint_every_minutes
-                    .is_some_and(|m| last_checkpoint.elapsed().as_secs() >= m * 60);
-            // The workers stop and checkpoint at the same iteration: any worker's stop request
-            // counts, and the leader's clock says when a checkpoint is due.
-            let (stop, due) = match team {
-                Some(team) => {
-                    let [stop, due] = team.any_of([stop, due])?;
-                    (stop, due)
-                }
-                None => (stop, due),
-            };
-            let last = first + i + 1 == steps_per_epoch;
-            if pending.len() >= READBACK_EVERY || stop || due || last {
-                let mut sums = EpochSums {
-                    loss_sum: &mut loss_sum,
-                    per_subnet: &mut per_subnet,
-                };
-                read_back(
-                    &mut pending,
-                    epoch,
-                    sources.classes,
-                    &mut sums,
-                    &progress,
-                    team,
-                )?;
-            }
-            if (stop || due) && !last {
-                check_finite(&model, epoch)?;
-                if !leader {
-                    if stop {
-                        return Ok(None);
-                    }
-                    continue;
-                }
-                let partial = PartialEpoch {
-                    loss_sum,
-                    per_subnet: per_subnet.clone(),
-                };
-                let mid = TrainerState {
-                    next_epoch: epoch,
-                    iteration: ast.iteration(),
-                    partial: Some(partial),
-                    ..state.clone()
-                };
-                let saved = checkpoint::save(&opts.dir, &model, &ast, &mid)?;
-                last_checkpoint = Instant::now();
-                if stop {
-                    return Err(TrainError::Stopped {
-                        iteration: ast.iteration(),
-                        checkpoint: saved,
-                        dir: opts.dir.clone(),
-                    });
-                }
-            }
-        }
-        state.iteration = ast.iteration();
-        if config.bn_recalibration_batches > 0 {
-            // Every worker recalibrates on the same whole batches: their statistics stay equal.
-            recalibrate_batch_norms(
-                &model,
-                &whole_loader,
-                epoch,
-                config.bn_recalibration_batches,
-                device,
-            )?;
-        }
-        // A checkpoint or a result of a diverged model is worth nothing: stop before writing.
-        check_finite(&model, epoch)?;
-        let signalled = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        let stop = match team {
-            Some(team) => team.any(signalled)?,
-            None => signalled,
-        };
-        // Only the leader holds the writers: the other workers go on to the next epoch.
-        let Some(metrics) = &metrics else {
-            state.next_epoch = epoch + 1;
-            if stop && state.next_epoch < config.epochs {
-                return Ok(None);
-            }
-            continue;
-        };
-        let eval_model = model.valid();
-        last_eval = evaluate(&eval_model, &test_loader, device)?;
-        if let Some(m) = last_eval.iter().find(|m| !m.loss.is_finite()) {
-            let what = format!("sub-net {}'s test loss ({}) is", m.subnet, m.loss);
-            return Err(TrainError::NonFiniteModel { epoch, what });
-        }
-        state.best_sparsest_top1 = state.best_sparsest_top1.max(last_eval[sparsest].top1);
-        state.next_epoch = epoch + 1;
-        metrics.append(&EpochRecord {
-            epoch,
-            lr,
-            train_loss: loss_sum / per_subnet.iter().map(|s| s.3).sum::<usize>().max(1) as f64,
-            seconds: epoch_start.elapsed().as_secs_f64(),
-            subnets: last_eval.clone(),
-            best_sparsest_top1: state.best_sparsest_top1,
-            train: per_subnet
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.3 > 0)
-                .map(
-                    |(subnet, &(loss, correct, samples, steps))| SubnetTraining {
-                        subnet,
-                        loss: loss / steps as f64,
-                        top1: correct as f64 / samples as f64,
-                    },
-                )
-                .collect(),
-        })?;
-        checkpoint::kill_point("epoch-metrics-written");
-        if progress_on {
-            for m in &last_eval {
-                eprintln!(
-                    "epoch {}/{} sub-net {} density {:.4} loss {:.4} top-1 {:.4} top-5 {:.4}",
-                    epoch + 1,
-                    config.epochs,
-                    m.subnet,
-                    m.density,
-                    m.loss,
-                    m.top1,
-                    m.top5
-                );
-            }
-        }
-        if state.next_epoch.is_multiple_of(config.checkpoint_every)
-            || state.next_epoch == config.epochs
-            || stop
-        {
-            let saved = checkpoint::save(&opts.dir, &model, &ast, &state)?;
-            last_checkpoint = Instant::now();
-            if stop && state.next_epoch < config.epochs {
-                return Err(TrainError::Stopped {
-                    iteration: ast.iteration(),
-                    checkpoint: saved,
-                    dir: opts.dir.clone(),
-                });
-            }
-        }
-    }
-
-    if !leader {
-        return Ok(None);
-    }
-    let summary = RunSummary {
-        epochs: config.epochs,
-        targets: config.ast.subnets.clone(),
-        subnets: last_eval,
-        best_sparsest_top1: state.best_sparsest_top1,
-        seconds: started.elapsed().as_secs_f64(),
-        interrupted: false,
-    };
-    let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
-    write_atomic(&opts.dir.join("summary.json"), &json)?;
-    Ok(Some(summary))
-}
-
-/// A checksum of every boolean tensor of `model` (the masks), in visiting order.
-fn masks_checksum<B: Backend, M: Module<B>>(model: &M) -> u64 {
-    struct Masks(sha2::Sha256);
-    impl<B: Backend> ModuleVisitor<B> for Masks {
-        fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
-            use sha2::Digest;
-            let data = param.val().into_data().convert::<bool>();
-            let bits: Vec<u8> = data.iter::<bool>().map(u8::from).collect();
-            self.0.update(&bits);
-        }
-    }
-    use sha2::Digest;
-    let mut masks = Masks(sha2::Sha256::new());
-    model.visit(&mut masks);
-    let digest = masks.0.finalize();
-    u64::from_le_bytes(
-        digest[..8]
-            .try_into()
-            .expect("a SHA-256 digest holds 8 bytes"),
-    )
-}
-
-/// Iterations whose loss and logits are read back to the host together. Reading them every
-/// iteration would wait for each step's device work before the next step is queued: on a GPU
-/// the host could not run ahead. On the CPU backends it changes nothing (the values, their
-/// order and every sum are the same).
-const READBACK_EVERY: usize = 10;
-
-/// An iteration whose figures are still on the device.
-struct PendingStep<B: Backend> {
-    iteration: usize,
-    subnet: usize,
-    /// Iterations of the epoch done once this one is (for the progress line).
-    done: usize,
-    loss: Tensor<B, 1>,
-    logits: Tensor<B, 2>,
-    labels: Vec<i64>,
-}
-
-/// The running training figures of an epoch.
-struct EpochSums<'a> {
-    loss_sum: &'a mut f64,
-    /// Per sub-net: summed loss, correct predictions, samples, iterations.
-    per_subnet: &'a mut [(f64, usize, usize, usize)],
-}
-
-/// Reads `pending`'s losses and logits back in one transfer each and adds them up in iteration
-/// order; the first non-finite loss is an error naming its iteration (no checkpoint has been
-/// written since: checkpoints are taken only after a read-back).
-fn read_back<B: Backend>(
-    pending: &mut Vec<PendingStep<B>>,
-    epoch: usize,
-    classes: usize,
-    sums: &mut EpochSums<'_>,
-    progress: &Progress,
-    team: Option<&Team<B>>,
-) -> Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let losses: Vec<f32> = Tensor::cat(pending.iter().map(|p| p.loss.clone()).collect(), 0)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 losses");
-    let scores: Vec<f32> = Tensor::cat(pending.iter().map(|p| p.logits.clone()).collect(), 0)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 logits");
-    // Per iteration: loss × samples, correct predictions, samples (this worker's shard).
-    let mut figures = Vec::with_capacity(3 * pending.len());
-    let mut offset = 0;
-    for (step, &value) in pending.iter().zip(&losses) {
-        let samples = step.labels.len();
-        let rows = &scores[offset * classes..(offset + samples) * classes];
-        offset += samples;
-        let correct = top_k_correct(rows, classes, &step.labels, 1);
-        figures.push([
-            value as f64 * samples as f64,
-            correct as f64,
-            samples as f64,
-        ]);
-    }
-    if let Some(team) = team {
-        // The batch's figures are the sums over the workers' shards (in rank order).
-        let flat: Vec<f32> = figures.iter().flatten().map(|&v| v as f32).collect();
-        let all = team.gather_host(&flat)?;
-        for (j, f) in figures.iter_mut().enumerate() {
-            *f = [0, 1, 2].map(|c| all.iter().map(|w| w[3 * j + c] as f64).sum());
-        }
-    }
-    for (step, [weighted, correct, samples]) in pending.drain(..).zip(figures) {
-        // Alone, `weighted / samples` gives back the f32 loss exactly.
-        let value = (weighted / samples) as f32;
-        if !value.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                value,
-                epoch,
-                iteration: step.iteration,
-                subnet: step.subnet,
-            });
-        }
-        let (correct, samples) = (correct as usize, samples as usize);
-        *sums.loss_sum += value as f64;
-        let s = &mut sums.per_subnet[step.subnet];
-        *s = (s.0 + value as f64, s.1 + correct, s.2 + samples, s.3 + 1);
-        progress.update(step.done, value);
-    }
-    Ok(())
-}
-
-/// Waits for the first iteration's device work, reports its time and leaves the marker.
-fn first_step_done<B: Backend>(
-    opts: &RunOptions,
-    device: &B::Device,
-    step_start: Instant,
-) -> Result<()> {
-    if opts.first_step_note.is_none() && opts.first_step_marker.is_none() {
-        return Ok(());
-    }
-    B::sync(device).map_err(|e| TrainError::Device(format!("{e:?}")))?;
-    let since = step_start.elapsed().as_secs_f64();
-    if opts.progress && opts.first_step_note.is_some() {
-        eprintln!("first iteration done in {since:.1} s");
-    }
-    if let Some(marker) = &opts.first_step_marker {
-        // Only a hint for later runs' messages: failing to leave it changes nothing else.
-        let _ = std::fs::write(marker, format!("{since:.3}\n"));
-    }
-    Ok(())
-}
-
-/// Errors when any parameter of `model` holds a NaN or an infinity.
-fn check_finite<M: Module<B>, B: Backend>(model: &M, epoch: usize) -> Result<()> {
-    let broken = non_finite_params(model);
-    match broken.first() {
-        None => Ok(()),
-        Some(first) => {
-            let what = match broken.len() {
-                1 => format!("weights of `{first}` are"),
-                n => format!("weights of {n} parameters (first `{first}`) are"),
-            };
-            Err(TrainError::NonFiniteModel { epoch, what })
-        }
-    }
-}
-
 /// Loads the model of a finished or interrupted run from its last checkpoint.
-pub fn load_run_model<B>(
+pub fn load_run_model<B, S>(
+    spec: &S,
     run_dir: &Path,
     device: &B::Device,
-) -> Result<(TrainConfig, AstModel<B>, usize)>
+) -> Result<(TrainConfig, S::Model<B>, usize)>
 where
     B: AutodiffBackend,
+    S: ModelSpec,
+    S::Model<B>: AutodiffModule<B>,
 {
     let config = read_run_config(run_dir)?;
+    check_spec(&config, spec)?;
     let dir = checkpoint::latest(run_dir)?.ok_or_else(|| TrainError::Checkpoint {
         path: run_dir.to_path_buf(),
         reason: "the run has no checkpoint".into(),
     })?;
     let classes = checkpoint_classes(&config)?;
-    let model = AstModel::<B>::new(config.model, classes, config.ast.subnets.len(), device);
+    let model = spec.build::<B>(classes, config.ast.subnets.len(), device);
     let switch = model.switch().clone();
     let mut ast = AstStep::<B>::new(config.ast.clone(), &model, &switch, 1, 1)?;
     let (model, state) = checkpoint::load(&dir, model, &mut ast)?;

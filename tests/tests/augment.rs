@@ -17,7 +17,8 @@ fn augment_none_trains_on_the_evaluation_pipeline() {
     config.data.test_subset = None;
     for (augment, varies) in [(Augment::Standard, true), (Augment::None, false)] {
         config.data.augment = augment;
-        let train = load_data(&config).unwrap().train;
+        let model = config.model.parse::<ast_models::ModelKind>().unwrap();
+        let train = load_data(&config, &model).unwrap().train;
         let n: usize = train.sample_shape().iter().product();
         let draw = |seed: u64, augmenting: bool| {
             let mut out = vec![0.0f32; n];

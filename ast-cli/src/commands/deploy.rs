@@ -13,7 +13,6 @@ use ast_core::SubnetTarget;
 use ast_infer::{InferenceModel, Latency, SubnetInfo, Values};
 use ast_models::{AstModel, ModelKind};
 use ast_train::metrics::{top_k_correct, EpochRecord, METRICS_FILE};
-use ast_train::train::load_run_model;
 use ast_train::TrainConfig;
 use burn::module::AutodiffModule;
 use burn::prelude::{Backend, TensorData};
@@ -150,7 +149,7 @@ impl BackendJob for Export<'_> {
     {
         let args = self.0;
         check_out(&args.out, args.overwrite)?;
-        let (config, model, epochs) = load_run_model::<B>(&args.run, device)?;
+        let (config, model, epochs) = crate::backend::load_builtin::<B>(&args.run, device)?;
         if let Some(first) = ast_core::subnet::non_finite_params(&model).first() {
             bail!(
                 "{}: the last checkpoint's weights are not finite (e.g. `{first}`): the run \
@@ -161,13 +160,13 @@ impl BackendJob for Export<'_> {
         let model = model.valid();
         ast_core::subnet::sync_running_stats(&model);
         let chosen = parse_subnets(&args.subnets, config.ast.subnets.len())?;
+        let side = crate::backend::builtin_model(&config)?.image_size();
         if args.format == ExportFormat::Pytorch {
             let [k] = chosen[..] else {
                 bail!("--format pytorch writes one sub-net: give --subnets K");
             };
-            return export_pytorch(&model, k, config.model.image_size(), &args.out);
+            return export_pytorch(&model, k, side, &args.out);
         }
-        let side = config.model.image_size();
         let graph = model
             .inference_graph([side, side])
             .map_err(|e| anyhow!("{e}"))?;
@@ -191,7 +190,7 @@ impl BackendJob for Export<'_> {
             })
             .collect();
         let (bytes, header) = ast_infer::export(
-            config.model.name(),
+            &config.model,
             &graph,
             &model.export_params(),
             subnets,
@@ -397,7 +396,7 @@ pub fn infer(args: &InferArgs) -> Result<()> {
     if let Some(p) = &args.data_path {
         config.data.path = p.clone();
     }
-    let sources = ast_train::load_data(&config)?;
+    let sources = ast_train::load_data(&config, &crate::backend::builtin_model(&config)?)?;
     let loader =
         ast_train::data::Loader::new(sources.test, args.batch as usize, config.seed, false);
     let [c, h, w] = model.input_shape();
