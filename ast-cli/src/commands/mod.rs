@@ -1,3 +1,7 @@
-//! Commands that live in a file of their own.
+//! One file per command (`eval` and `stats` run in `backend`).
 
+pub mod bench;
+pub mod check;
 pub mod deploy;
+pub mod run;
+pub mod schedule;
