@@ -1,6 +1,7 @@
 //! A model of your own through ast-train (`ast-train/examples/own_model.rs`, its spec and model
 //! used as they are): the loop, a killed run resumed bit for bit, evaluation of the run
-//! directory, a data-parallel run, and a spec of another model refused.
+//! directory, a data-parallel run, a spec of another model refused, and ast-cli's commands
+//! refusing a model they do not know.
 //!
 //! In its own test binary (one test, one process): model weights come from the backend's
 //! process-wide generator, which tests running in parallel threads would otherwise share.
@@ -12,7 +13,7 @@ mod own_model;
 use std::path::Path;
 
 use ast_models::ModelKind;
-use ast_tests::{fashion_mnist_available, FASHION_MNIST};
+use ast_tests::{cli, fashion_mnist_available, stderr, FASHION_MNIST};
 use ast_train::checkpoint::{latest, MODEL_FILE};
 use ast_train::data::Loader;
 use ast_train::train::{load_run_model, train_data_parallel};
@@ -98,7 +99,27 @@ fn a_model_of_your_own_trains_resumes_evaluates_and_runs_data_parallel() {
         .err()
         .expect("another model's spec is refused")
         .to_string();
-    assert!(err.contains("two-conv") && err.contains("small-cnn"), "{err}");
+    assert!(
+        err.contains("two-conv") && err.contains("small-cnn"),
+        "{err}"
+    );
+
+    // ast-cli knows only its built-in models: one line naming the model and what to do.
+    let (run_dir, out) = (
+        whole.to_str().unwrap(),
+        root.path().join("export.safetensors"),
+    );
+    let export = ["export", "--run", run_dir, "--out", out.to_str().unwrap()];
+    for args in [&["eval", "--run", run_dir][..], &export[..]] {
+        let output = cli(args);
+        let message = stderr(&output);
+        assert!(!output.status.success(), "{args:?}: {message}");
+        assert!(
+            message.contains("`two-conv` is not one of ast-cli's") && message.lines().count() == 1,
+            "{args:?}: {message}"
+        );
+    }
+    assert!(!out.exists());
 
     // Two data-parallel workers on the CPU device.
     let parallel = root.path().join("parallel");
