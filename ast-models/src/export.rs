@@ -2,8 +2,9 @@
 //! operations, BatchNorms named where they follow a convolution) and the parameters by module
 //! path, which `ast_infer::export` turns into a sub-net file.
 //!
-//! Graphs exist for the small CNN and the CIFAR ResNets (ResNet-20/32/56, wide ResNet-32);
-//! the others are refused with a message naming them.
+//! Graphs exist for every CIFAR model (the small CNN, ResNet-20/32/56, wide ResNet-32,
+//! ResNet-18/50, MobileNet-V1); the ImageNet ResNet-50 (its max-pooling stem is not in the
+//! runtime) is refused with a message naming it.
 
 use std::collections::HashMap;
 
@@ -15,7 +16,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::prelude::*;
 
-use crate::resnet::{BasicBlock, Norm};
+use crate::mobilenet::MobileNetV1;
+use crate::resnet::{BasicBlock, Block, Bottleneck, Classifier, Norm, ResNet, Shortcut, Stem};
 use crate::resnet_cifar::CifarResNet;
 use crate::small_cnn::SmallCnn;
 use crate::AstModel;
@@ -225,24 +227,7 @@ fn basic_block<B: Backend>(
     block: &BasicBlock<B>,
     x: Activation,
 ) -> Activation {
-    let shortcut = match &block.shortcut {
-        None => x.0,
-        Some(s) => {
-            let norm = match &s.norm {
-                Norm::Shared(bn) => shared(format!("{path}.shortcut.norm.Shared"), bn),
-                Norm::Switchable(bn) => switchable(format!("{path}.shortcut.norm.Switchable"), bn),
-            };
-            g.masked_conv(
-                &format!("{path}.shortcut.conv"),
-                &s.conv,
-                x,
-                Some(norm),
-                None,
-                false,
-            )
-            .0
-        }
-    };
+    let shortcut = shortcut_of(g, path, &block.shortcut, x);
     let bn1 = Some(switchable(format!("{path}.bn1"), &block.bn1));
     let out = g.masked_conv(&format!("{path}.conv1"), &block.conv1, x, bn1, None, true);
     let bn2 = Some(switchable(format!("{path}.bn2"), &block.bn2));
@@ -256,6 +241,131 @@ fn basic_block<B: Backend>(
     )
 }
 
+/// The shortcut of a residual block: the input itself, or its masked 1×1 convolution and
+/// BatchNorm.
+fn shortcut_of<B: Backend>(
+    g: &mut Builder,
+    path: &str,
+    shortcut: &Option<Shortcut<B>>,
+    x: Activation,
+) -> usize {
+    let Some(s) = shortcut else { return x.0 };
+    let norm = match &s.norm {
+        Norm::Shared(bn) => shared(format!("{path}.shortcut.norm.Shared"), bn),
+        Norm::Switchable(bn) => switchable(format!("{path}.shortcut.norm.Switchable"), bn),
+    };
+    let conv = format!("{path}.shortcut.conv");
+    g.masked_conv(&conv, &s.conv, x, Some(norm), None, false).0
+}
+
+fn bottleneck<B: Backend>(
+    g: &mut Builder,
+    path: &str,
+    block: &Bottleneck<B>,
+    x: Activation,
+) -> Activation {
+    let shortcut = shortcut_of(g, path, &block.shortcut, x);
+    let mut out = x;
+    for (i, (conv, bn)) in [(&block.conv1, &block.bn1), (&block.conv2, &block.bn2)]
+        .into_iter()
+        .enumerate()
+    {
+        let norm = Some(switchable(format!("{path}.bn{}", i + 1), bn));
+        out = g.masked_conv(
+            &format!("{path}.conv{}", i + 1),
+            conv,
+            out,
+            norm,
+            None,
+            true,
+        );
+    }
+    let bn3 = Some(switchable(format!("{path}.bn3"), &block.bn3));
+    g.masked_conv(
+        &format!("{path}.conv3"),
+        &block.conv3,
+        out,
+        bn3,
+        Some(shortcut),
+        true,
+    )
+}
+
+/// The global average pooling a model's fixed `pool`×`pool` average pooling is on the input
+/// size it was built for; an error naming the size otherwise.
+fn global_pool(
+    g: &mut Builder,
+    x: Activation,
+    pool: usize,
+    hw: [usize; 2],
+) -> Result<Activation, String> {
+    let [_, h, w] = x.1;
+    if [h, w] != [pool, pool] {
+        return Err(format!(
+            "on {}×{} images the last feature map is {h}×{w}, not the {pool}×{pool} the model \
+             pools: export it for the image size it was trained on",
+            hw[0], hw[1]
+        ));
+    }
+    Ok(g.pool(x))
+}
+
+impl<B: Backend> ResNet<B> {
+    /// The forward pass for `[3, H, W]` images as an inference graph (the CIFAR stem; the
+    /// ImageNet stem's max pooling is not in the runtime).
+    pub fn inference_graph(&self, hw: [usize; 2]) -> Result<Graph, String> {
+        if self.stem == Stem::ImageNet {
+            return Err(not_yet("the ImageNet ResNet-50 (its max-pooling stem)"));
+        }
+        let Classifier::Masked(fc) = &self.fc else {
+            return Err(not_yet("a ResNet with a plain classifier"));
+        };
+        let (mut g, x) = Builder::new([3, hw[0], hw[1]]);
+        let bn1 = Some(shared("bn1".into(), &self.bn1));
+        let mut x = g.plain_conv("conv1", &self.conv1, x, bn1, true)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = match block {
+                Block::Basic(b) => basic_block(&mut g, &format!("blocks.{i}.Basic"), b, x),
+                Block::Bottleneck(b) => bottleneck(&mut g, &format!("blocks.{i}.Bottleneck"), b, x),
+            };
+        }
+        let x = global_pool(&mut g, x, self.stem.pool_size(), hw)?;
+        Ok(g.masked_linear("fc.Masked", fc, x))
+    }
+}
+
+impl<B: Backend> MobileNetV1<B> {
+    /// The forward pass for `[3, H, W]` images as an inference graph.
+    pub fn inference_graph(&self, hw: [usize; 2]) -> Result<Graph, String> {
+        let (mut g, x) = Builder::new([3, hw[0], hw[1]]);
+        let bn1 = Some(switchable("bn1".into(), &self.bn1));
+        let mut x = g.masked_conv("conv1", &self.conv1, x, bn1, None, true);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let path = format!("blocks.{i}");
+            let bn1 = Some(switchable(format!("{path}.bn1"), &block.bn1));
+            x = g.masked_conv(
+                &format!("{path}.depthwise"),
+                &block.depthwise,
+                x,
+                bn1,
+                None,
+                true,
+            );
+            let bn2 = Some(switchable(format!("{path}.bn2"), &block.bn2));
+            x = g.masked_conv(
+                &format!("{path}.pointwise"),
+                &block.pointwise,
+                x,
+                bn2,
+                None,
+                true,
+            );
+        }
+        let x = global_pool(&mut g, x, 2, hw)?;
+        Ok(g.masked_linear("linear", &self.linear, x))
+    }
+}
+
 impl<B: Backend> AstModel<B> {
     /// The forward pass for `[3, H, W]` images as an inference graph, or why this model has
     /// none yet.
@@ -263,8 +373,8 @@ impl<B: Backend> AstModel<B> {
         match self {
             Self::CifarResNet(m) => m.inference_graph(hw),
             Self::SmallCnn(m) => m.inference_graph(hw),
-            Self::ResNet(_) => Err(not_yet("ResNet-18/50")),
-            Self::MobileNet(_) => Err(not_yet("MobileNet-V1")),
+            Self::ResNet(m) => m.inference_graph(hw),
+            Self::MobileNet(m) => m.inference_graph(hw),
         }
     }
 
@@ -282,8 +392,8 @@ impl<B: Backend> AstModel<B> {
 
 fn not_yet(model: &str) -> String {
     format!(
-        "exporting {model} is not built yet (small-cnn and the CIFAR ResNets are): train one of \
-         those, or use the checkpoint with ast-cli eval"
+        "exporting {model} is not built yet (every CIFAR model is): use the checkpoint with \
+         ast-cli eval"
     )
 }
 
@@ -474,6 +584,8 @@ impl<B: Backend> CifarResNet<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mobilenet::MobileNetV1Config;
+    use crate::resnet::ResNetConfig;
     use crate::resnet_cifar::CifarResNetConfig;
     use crate::small_cnn::SmallCnnConfig;
     use crate::tests::{device, images, TB};
@@ -616,6 +728,21 @@ mod tests {
     }
 
     #[test]
+    fn resnet18_50_and_mobilenet_through_the_runtime_equal_the_model() {
+        // Basic and bottleneck blocks with switchable shortcut BatchNorms, and the depthwise
+        // (grouped) convolutions of MobileNet-V1.
+        let device = device();
+        for model in [
+            AstModel::ResNet(ResNetConfig::resnet18_cifar(10, 2).init::<TB>(&device)),
+            AstModel::ResNet(ResNetConfig::resnet50_cifar(10, 2).init::<TB>(&device)),
+            AstModel::MobileNet(MobileNetV1Config::cifar(10, 2).init::<TB>(&device)),
+        ] {
+            let model = random_masks(model, 2).map(&mut Perturb(4));
+            assert_runtime_equals_model(model, 2, Values::F32, 1e-4);
+        }
+    }
+
+    #[test]
     fn half_precision_values_stay_close() {
         let model = SmallCnnConfig::new(10, 2).init::<TB>(&device());
         let model = random_masks(model, 2).map(&mut Perturb(3));
@@ -679,10 +806,17 @@ mod tests {
 
     #[test]
     fn models_without_a_graph_are_refused_by_name() {
-        let model = AstModel::<TB>::new(crate::ModelKind::Mobilenetv1, 10, 2, &device());
-        let err = model.inference_graph([32, 32]).unwrap_err();
+        let model = AstModel::<TB>::new(crate::ModelKind::Resnet50Imagenet, 10, 1, &device());
+        let err = model.inference_graph([224, 224]).unwrap_err();
         assert!(
-            err.contains("exporting MobileNet-V1 is not built yet"),
+            err.contains("exporting the ImageNet ResNet-50 (its max-pooling stem) is not built"),
+            "{err}"
+        );
+        // A CIFAR model on images of another size: its fixed pooling would not be global.
+        let model = AstModel::<TB>::new(crate::ModelKind::Mobilenetv1, 10, 1, &device());
+        let err = model.inference_graph([64, 64]).unwrap_err();
+        assert!(
+            err.contains("on 64×64 images the last feature map is 4×4, not the 2×2"),
             "{err}"
         );
         let _ = InferError::Foreign;
