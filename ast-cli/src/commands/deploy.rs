@@ -668,29 +668,43 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
         dense_bytes as f64 / 1024.0
     );
     let runs = args.runs as usize;
+    // The work of a pass, against the dense one: the speed-up that sparsity alone could give.
+    let dense_work = dense.multiply_adds(0)?;
+    let work: Vec<u64> = (0..model.subnets())
+        .map(|k| model.multiply_adds(k))
+        .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     for &batch in &args.batch {
         let dense_latency = dense.latencies(batch, runs)?[0];
         let latencies = model.latencies(batch, runs)?;
-        println!("batch {batch}: median / p90 ms, images/s, speed-up over dense");
-        let line = |name: String, l: &Latency| {
+        println!(
+            "batch {batch}: median / p90 ms, images/s, speed-up over dense, multiply-adds \
+             (share of dense)"
+        );
+        let line = |name: String, l: &Latency, work: u64| {
             println!(
-                "  {name:<28} {:9.3} / {:9.3}  {:9.1}  {:5.2}×",
+                "  {name:<28} {:9.3} / {:9.3}  {:9.1}  {:5.2}×  {:7.1} M ({:5.3})",
                 l.median_ms,
                 l.p90_ms,
                 batch as f64 * 1000.0 / l.median_ms,
-                dense_latency.median_ms / l.median_ms
+                dense_latency.median_ms / l.median_ms,
+                work as f64 / 1e6,
+                work as f64 / dense_work as f64
             );
         };
-        line("dense (all-ones masks)".into(), &dense_latency);
+        line("dense (all-ones masks)".into(), &dense_latency, dense_work);
         rows.push(serde_json::json!({
-            "batch": batch, "subnet": "dense", "density": 1.0,
+            "batch": batch, "subnet": "dense", "density": 1.0, "multiply_adds": dense_work,
             "median_ms": dense_latency.median_ms, "p90_ms": dense_latency.p90_ms,
         }));
         for (k, (s, l)) in model.header().subnets.iter().zip(&latencies).enumerate() {
-            line(format!("sub-net {k} (density {:.4})", s.density), l);
+            line(
+                format!("sub-net {k} (density {:.4})", s.density),
+                l,
+                work[k],
+            );
             rows.push(serde_json::json!({
-                "batch": batch, "subnet": k, "density": s.density,
+                "batch": batch, "subnet": k, "density": s.density, "multiply_adds": work[k],
                 "median_ms": l.median_ms, "p90_ms": l.p90_ms,
             }));
         }

@@ -31,6 +31,8 @@ enum Step {
         bias: Vec<f32>,
         residual: Option<usize>,
         relu: bool,
+        /// Multiply-adds per image: active weights × output positions.
+        multiply_adds: u64,
     },
     Pool {
         input: usize,
@@ -43,6 +45,8 @@ enum Step {
         /// `[d_in, d_out]`, zero outside the sub-net's mask.
         weight: Vec<f32>,
         bias: Vec<f32>,
+        /// Active weights (multiply-adds per image of a sparse product).
+        multiply_adds: u64,
     },
 }
 
@@ -55,6 +59,14 @@ struct Scratch {
 }
 
 impl Step {
+    /// Multiply-adds per image of its active weights (none for a pooling).
+    fn multiply_adds(&self) -> u64 {
+        match self {
+            Step::Conv { multiply_adds, .. } | Step::Linear { multiply_adds, .. } => *multiply_adds,
+            Step::Pool { .. } => 0,
+        }
+    }
+
     /// The buffers it reads and writes.
     fn io(&self) -> (usize, usize) {
         match self {
@@ -168,6 +180,15 @@ impl InferenceModel {
                 count: self.subnets.len(),
             })
         }
+    }
+
+    /// Multiply-adds of one image through sub-net `k`: its active weights times the output
+    /// positions they are applied at. Against the dense reference's
+    /// ([`InferenceModel::dense_reference`]) it bounds the speed-up sparsity can give: ERK
+    /// keeps the small high-resolution layers, which hold most of the work, the densest.
+    pub fn multiply_adds(&self, k: usize) -> Result<u64> {
+        self.check_subnet(k)?;
+        Ok(self.subnets[k].iter().map(Step::multiply_adds).sum())
     }
 
     /// `[C, H, W]` of an input image.
@@ -304,6 +325,7 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                         bias[co] = bias[co] * scale[co] + shift[co];
                     }
                 }
+                let positions = (g.out_len() / conv.c_out) as u64;
                 Step::Conv {
                     input: *input,
                     output: *output,
@@ -311,6 +333,7 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                     bias,
                     residual: *residual,
                     relu: *relu,
+                    multiply_adds: active(&mask) * positions,
                 }
             }
             Op::GlobalAvgPool {
@@ -332,6 +355,10 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                 bias,
             } => {
                 let (weight, mask) = layer_weight(file, layer, *masked, d_in * d_out, j)?;
+                let multiply_adds = match dense {
+                    true => (d_in * d_out) as u64,
+                    false => active(&mask),
+                };
                 let weight = match dense {
                     true => weight,
                     false => weight
@@ -348,11 +375,17 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                         true => file.f32s(&format!("{layer}.bias"), *d_out)?,
                         false => vec![0.0; *d_out],
                     },
+                    multiply_adds,
                 }
             }
         });
     }
     Ok(steps)
+}
+
+/// The number of set bits of `mask`.
+fn active(mask: &[bool]) -> u64 {
+    mask.iter().filter(|&&m| m).count() as u64
 }
 
 /// A layer's dense weight for sub-net `j` and its mask (all-ones for a plain layer).

@@ -353,3 +353,20 @@ fn an_export_missing_a_parameter_names_it() {
 fn the_same_export_gives_the_same_bytes() {
     assert_eq!(file(&[0, 2]), file(&[0, 2]));
 }
+
+#[test]
+fn multiply_adds_count_the_active_weights_at_every_output_position() {
+    // The conv's 4×4 output (padding 1) applies each active weight 16 times; the linear
+    // layer's once. Sub-net 0: 27 conv weights (every other of 54), 3 of 6 linear ones;
+    // sub-net 1: 18 and 3; sub-net 2: 1 and 3; dense: 54 and 6.
+    let (bytes, _) = export_tiny(&params(), &[0, 1, 2]).unwrap();
+    let model = InferenceModel::from_bytes(&bytes).unwrap();
+    let counts: Vec<u64> = (0..3).map(|k| model.multiply_adds(k).unwrap()).collect();
+    assert_eq!(counts, [27 * 16 + 3, 18 * 16 + 3, 16 + 3]);
+    let dense = InferenceModel::dense_reference(&bytes).unwrap();
+    assert_eq!(dense.multiply_adds(0).unwrap(), 54 * 16 + 6);
+    assert!(matches!(
+        model.multiply_adds(3),
+        Err(InferError::NoSubnet { index: 3, count: 3 })
+    ));
+}
