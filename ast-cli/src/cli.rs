@@ -41,8 +41,9 @@ pub(crate) enum Command {
     /// Writes sub-nets of a run's last checkpoint into one compact file (safetensors) that
     /// `infer`, `bench-infer` and the ast-infer library load.
     Export(Box<commands::deploy::ExportArgs>),
-    /// Top-1/top-5 of an exported file's sub-nets on a labelled test set; `--subnet auto
-    /// --budget-ms X` picks the most accurate sub-net within a latency budget on this machine.
+    /// Top-1/top-5 of an exported file's sub-nets on a labelled test set, or the predicted
+    /// class of each image of a directory (`--images`); `--subnet auto --budget-ms X` picks the
+    /// most accurate sub-net within a latency budget on this machine.
     Infer(commands::deploy::InferArgs),
     /// Latency and images/s of each sub-net of an exported file, and of the same model dense,
     /// through the inference runtime.

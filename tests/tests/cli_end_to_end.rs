@@ -210,6 +210,68 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         );
         assert_eq!(r["exported_top1"].as_f64().unwrap(), eval_top1[k]);
     }
+    // A directory of images (the first test images as PNG files): every sub-net's predicted
+    // class is the runtime's on the same images read through the run's test pipeline.
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let n = 12;
+    let (_, test) = ast_train::data::read_mnist_dir(ast_tests::FASHION_MNIST).unwrap();
+    for i in 0..n {
+        let pixels = test.images[i * 28 * 28..(i + 1) * 28 * 28].to_vec();
+        let png = image::GrayImage::from_raw(28, 28, pixels).unwrap();
+        png.save(images.join(format!("test-{i:02}.png"))).unwrap();
+    }
+    let predicted = dir.path().join("predicted.json");
+    let args = [
+        "infer",
+        "--model",
+        file_s,
+        "--images",
+        images.to_str().unwrap(),
+        "--json",
+        predicted.to_str().unwrap(),
+    ];
+    let output = cli(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let predicted: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&predicted).unwrap()).unwrap();
+    let rows = predicted["predictions"].as_array().unwrap();
+    assert_eq!(rows.len(), n);
+    let config = ast_train::read_run_config(&out).unwrap();
+    let kind: ast_models::ModelKind = config.model.parse().unwrap();
+    let source = ast_train::load_data(&config, &kind).unwrap().test;
+    let batch = ast_train::data::Loader::new(source, n, 0, false)
+        .epoch(0, 0)
+        .next()
+        .unwrap()
+        .unwrap();
+    let runtime = ast_infer::InferenceModel::load(&file).unwrap();
+    for k in 0..3 {
+        let expected = runtime.forward_subnet(k, &batch.images, n).unwrap();
+        let expected: Vec<usize> = expected.chunks(10).map(ast_infer::argmax).collect();
+        let got: Vec<usize> = rows
+            .iter()
+            .map(|r| r["classes"][k].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(got, expected, "sub-net {k}");
+    }
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("test-00.png  sub-net 0: "), "{printed}");
+    // An image of another size, or a directory without images: one line each.
+    image::GrayImage::new(30, 28)
+        .save(images.join("wide.png"))
+        .unwrap();
+    let mut wrong = args.to_vec();
+    wrong.truncate(5);
+    fails_with(
+        &wrong,
+        "wide.png: 30×28 pixels, but the model was trained on 28×28 images",
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    wrong[4] = empty.to_str().unwrap();
+    fails_with(&wrong, "no .png, .jpg or .jpeg files");
+
     let output = cli(&[
         "infer",
         "--model",

@@ -12,8 +12,9 @@ use ast_core::subnet::{masked_layers, replace_masks};
 use ast_core::SubnetTarget;
 use ast_infer::{InferenceModel, Latency, SubnetInfo, Values};
 use ast_models::{AstModel, ModelKind};
+use ast_train::data::CifarTransform;
 use ast_train::metrics::{top_k_correct, EpochRecord, METRICS_FILE};
-use ast_train::TrainConfig;
+use ast_train::{DatasetKind, TrainConfig};
 use burn::module::AutodiffModule;
 use burn::prelude::{Backend, TensorData};
 use burn::tensor::backend::AutodiffBackend;
@@ -323,6 +324,11 @@ pub struct InferArgs {
     /// The dataset directory (default: the training run's).
     #[arg(long)]
     pub data_path: Option<PathBuf>,
+    /// Instead of a labelled test set: predict the class of every PNG or JPEG image in this
+    /// directory, in file-name order. The images must have the training images' size
+    /// (Fashion-MNIST/MNIST 28×28, read as greyscale; CIFAR 32×32 RGB).
+    #[arg(long, value_name = "DIR", conflicts_with = "data_path")]
+    pub images: Option<PathBuf>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub batch: u64,
@@ -393,6 +399,9 @@ pub fn infer(args: &InferArgs) -> Result<()> {
                 args.model.display()
             )
         })?;
+    if let Some(dir) = &args.images {
+        return classify_images(args, &model, &subnets, &config, dir);
+    }
     if let Some(p) = &args.data_path {
         config.data.path = p.clone();
     }
@@ -449,6 +458,169 @@ pub fn infer(args: &InferArgs) -> Result<()> {
     if let Some(out) = &args.json {
         let json = serde_json::json!({
             "model": args.model, "data": config.data.path, "images": seen, "subnets": results,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        println!("results written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// The class names of a dataset, where they are fixed.
+fn class_names(kind: DatasetKind) -> Option<&'static [&'static str]> {
+    Some(match kind {
+        DatasetKind::FashionMnist => &[
+            "T-shirt/top",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "ankle boot",
+        ],
+        DatasetKind::Mnist => &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+        DatasetKind::Cifar10 => &[
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ],
+        _ => return None,
+    })
+}
+
+/// Reads `path` as the evaluation pipeline of `transform` takes its training images: `side`×
+/// `side` pixels, `channels` 1 (greyscale) or 3 (RGB); one line naming the file otherwise.
+fn read_image(
+    path: &Path,
+    side: usize,
+    channels: usize,
+    transform: &CifarTransform,
+) -> Result<Vec<f32>> {
+    let decoded = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .decode()
+        .map_err(|e| anyhow!("{}: not a readable image ({e})", path.display()))?;
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
+    if [w, h] != [side, side] {
+        bail!(
+            "{}: {w}×{h} pixels, but the model was trained on {side}×{side} images: resize it \
+             to {side}×{side} first",
+            path.display()
+        );
+    }
+    let pixels: Vec<u8> = match channels {
+        1 => decoded.to_luma8().into_raw(),
+        // HWC → CHW.
+        _ => {
+            let rgb = decoded.to_rgb8().into_raw();
+            (0..3)
+                .flat_map(|c| rgb.iter().skip(c).step_by(3).copied().collect::<Vec<_>>())
+                .collect()
+        }
+    };
+    let mut out = vec![0.0; transform.out_shape().iter().product()];
+    let mut unused = MaskRng::new(0, 0);
+    transform.apply_with(
+        false,
+        &pixels,
+        [channels, side, side],
+        &mut unused,
+        &mut out,
+    );
+    Ok(out)
+}
+
+/// `infer --images DIR`: the predicted class of every image in `dir` by each chosen sub-net.
+fn classify_images(
+    args: &InferArgs,
+    model: &InferenceModel,
+    subnets: &[usize],
+    config: &TrainConfig,
+    dir: &Path,
+) -> Result<()> {
+    let kind = config.data.kind;
+    let (side, channels, transform) = match kind {
+        DatasetKind::FashionMnist | DatasetKind::Mnist => {
+            (28, 1, CifarTransform::fashion_mnist(false, 3))
+        }
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Cifar100Coarse => {
+            (32, 3, CifarTransform::cifar(false))
+        }
+        DatasetKind::Imagenet => bail!("--images: ImageNet models are not exported"),
+    };
+    if transform.out_shape() != model.input_shape() {
+        bail!(
+            "{}: the model takes {:?} inputs, not the {:?} of its training data's pipeline",
+            args.model.display(),
+            model.input_shape(),
+            transform.out_shape()
+        );
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the image directory {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot read the image directory {}", dir.display()))?;
+    files.retain(|p| {
+        p.is_file()
+            && p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+    });
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: no .png, .jpg or .jpeg files: give a directory of images",
+            dir.display()
+        );
+    }
+    let images = files
+        .iter()
+        .map(|f| read_image(f, side, channels, &transform))
+        .collect::<Result<Vec<_>>>()?;
+    let names = class_names(kind);
+    let name = |c: usize| {
+        names
+            .and_then(|n| n.get(c))
+            .map_or(String::new(), |n| format!(" ({n})"))
+    };
+    let mut predictions = vec![Vec::with_capacity(files.len()); subnets.len()];
+    for chunk in images.chunks(args.batch as usize) {
+        let flat: Vec<f32> = chunk.concat();
+        for (i, &k) in subnets.iter().enumerate() {
+            let logits = model.forward_subnet(k, &flat, chunk.len())?;
+            let classes = model.classes();
+            predictions[i].extend(logits.chunks_exact(classes).map(ast_infer::argmax));
+        }
+    }
+    let mut rows = Vec::with_capacity(files.len());
+    for (j, file) in files.iter().enumerate() {
+        let shown = file.file_name().map_or(file.display().to_string(), |n| {
+            n.to_string_lossy().into_owned()
+        });
+        let classes: Vec<usize> = predictions.iter().map(|p| p[j]).collect();
+        let text: Vec<String> = subnets
+            .iter()
+            .zip(&classes)
+            .map(|(k, &c)| format!("sub-net {k}: {c}{}", name(c)))
+            .collect();
+        println!("{shown}  {}", text.join(", "));
+        rows.push(serde_json::json!({ "file": file, "classes": classes }));
+    }
+    if let Some(out) = &args.json {
+        let json = serde_json::json!({
+            "model": args.model, "images": files.len(), "subnets": subnets, "predictions": rows,
         });
         std::fs::write(out, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write {}", out.display()))?;
