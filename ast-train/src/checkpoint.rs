@@ -1,31 +1,38 @@
 //! Checkpoints: everything a run needs to continue bit-identically.
 //!
 //! A checkpoint is a directory `checkpoints/epoch-NNNN/` holding
-//! - `model.safetensors` (burn-store): weights, every sub-net's masks, every BatchNorm copy with
-//!   its running statistics;
+//! - `model.safetensors` (burn-store): weights and every BatchNorm copy with its running
+//!   statistics;
+//! - `masks.safetensors`: every sub-net's mask of every masked layer as packed bits (one `U8`
+//!   tensor of `⌈n / 8⌉` bytes per mask, named by the mask's module path, position `p` in bit
+//!   `p mod 8` of byte `p / 8`): an eighth of what burn-store's one byte per boolean takes.
+//!   Checkpoints written before kept the masks in `model.safetensors`; they still load;
 //! - `optimizer.safetensors`: the shared optimizer's state keyed by parameter path (SGD:
 //!   `velocity/…`; Adam/AdamW: `moment_1/…`, `moment_2/…` and each step count as a one-element
 //!   u64 tensor `time/…`) and the gradient-correction references;
 //! - `state.json`: the next epoch, the global iteration (which fixes the sub-net, the mask and LR
-//!   schedules and the data order), the best accuracy so far, and the SHA-256 of both tensor
+//!   schedules and the data order), the best accuracy so far, and the SHA-256 of the tensor
 //!   files, verified on load.
 //!
-//! Both tensor files are written without header metadata, so that a checkpoint's bytes (and
+//! The tensor files are written without header metadata, so that a checkpoint's bytes (and
 //! their checksums) depend on its content only.
 //!
 //! It is written into a temporary directory and renamed into place, then `checkpoints/latest`
 //! is replaced atomically: a crash leaves the previous checkpoint intact.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ast_core::optimizer::ParamState;
-use ast_core::subnet::{param_paths, sync_running_stats};
+use ast_core::subnet::{
+    mask_vec, masked_layers, param_paths, read_params, replace_masks, sync_running_stats,
+    MaskedLayerInfo,
+};
 use ast_core::AstStep;
 use burn::module::{AutodiffModule, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn_store::{ModuleSnapshot, SafetensorsStore};
+use burn_store::{ModuleSnapshot, PathFilter, SafetensorsStore};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +74,21 @@ pub struct PartialEpoch {
 pub const MODEL_FILE: &str = "model.safetensors";
 /// The optimizer state and correction references of a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Every sub-net's masks of a checkpoint, as packed bits.
+pub const MASKS_FILE: &str = "masks.safetensors";
+
+/// Every tensor of `model` in [`MODEL_FILE`]: all but the masked layers' masks, which
+/// [`MASKS_FILE`] holds.
+fn model_file_filter<B: Backend, M: Module<B>>(model: &M) -> PathFilter {
+    let masks: HashSet<String> = mask_slots(model).into_iter().map(|(p, _, _)| p).collect();
+    let kept: Vec<String> = model
+        .collect(None, None, false)
+        .iter()
+        .map(|t| t.full_path())
+        .filter(|p| !masks.contains(p))
+        .collect();
+    PathFilter::new().with_full_paths(kept)
+}
 
 /// Test hook, compiled only with the `fault-injection` feature (the test suite's build; a
 /// release build of `ast-cli` has none): `AST_KILL_AT=<point>:<n>` ends the process (exit
@@ -121,17 +143,20 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     let model_file = tmp.join(MODEL_FILE);
     // burn-store's default metadata is a hash map: its order, hence the file's bytes, would
     // change from process to process.
-    let mut store = SafetensorsStore::from_file(&model_file).clear_metadata();
+    let mut store = SafetensorsStore::from_file(&model_file)
+        .clear_metadata()
+        .filter(model_file_filter(model));
     model
         .save_into(&mut store)
         .map_err(|e| TrainError::io(&model_file, e))?;
     kill_point("checkpoint-model-written");
+    write_masks(&tmp.join(MASKS_FILE), model)?;
     let optimizer_file = tmp.join(OPTIMIZER_FILE);
     let (tensors, times) = optimizer_tensors(model, ast);
     write_tensors(&optimizer_file, tensors, times)?;
     kill_point("checkpoint-optimizer-written");
     let mut state = state.clone();
-    state.sha256 = [MODEL_FILE, OPTIMIZER_FILE]
+    state.sha256 = [MODEL_FILE, MASKS_FILE, OPTIMIZER_FILE]
         .iter()
         .map(|f| Ok((f.to_string(), sha256_of(&tmp.join(f))?)))
         .collect::<Result<_>>()?;
@@ -216,38 +241,52 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
         return Err(corrupt(&model_file, "file is missing"));
     }
     let mut model = model;
+    // Checkpoints written before masks had a file of their own hold them in the model's.
+    let masks_file = dir.join(MASKS_FILE);
+    let packed = masks_file.is_file();
     let mut store = SafetensorsStore::from_file(&model_file);
-    let applied = model.load_from(&mut store).map_err(|e| {
-        // burn-store's message is a multi-line table; its first line names the problem.
-        let text = e.to_string();
-        let first = text
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .trim_end_matches(':');
+    // The masks file holds the masks: the model file's are missing by design.
+    let masks: HashSet<String> = match packed {
+        true => mask_slots(&model).into_iter().map(|(p, _, _)| p).collect(),
+        false => HashSet::new(),
+    };
+    if packed {
+        store = store.filter(model_file_filter(&model)).allow_partial(true);
+    }
+    let misfit = |why: &str| {
         corrupt(
             &model_file,
             format!(
-                "its tensors do not fit the run's model ({first}): config.json's model or \
-                     sub-net count, or the file, changed since the checkpoint was written"
+                "its tensors do not fit the run's model ({why}): config.json's model or \
+                 sub-net count, or the file, changed since the checkpoint was written"
             ),
         )
+    };
+    let applied = model.load_from(&mut store).map_err(|e| {
+        // burn-store's message is a multi-line table; its first line names the problem.
+        let text = e.to_string();
+        misfit(
+            text.lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .trim_end_matches(':'),
+        )
     })?;
-    if !applied.errors.is_empty() || !applied.missing.is_empty() {
-        return Err(corrupt(
-            &model_file,
-            format!(
-                "does not fit the model ({} errors, {} tensors missing{})",
-                applied.errors.len(),
-                applied.missing.len(),
-                applied
-                    .missing
-                    .first()
-                    .map(|(p, _)| format!(", e.g. `{p}`"))
-                    .unwrap_or_default()
-            ),
-        ));
+    let missing: Vec<&String> = (applied.missing.iter())
+        .map(|(p, _)| p)
+        .filter(|p| !masks.contains(*p))
+        .collect();
+    if !applied.errors.is_empty() || !missing.is_empty() {
+        return Err(misfit(&format!(
+            "{} errors, {} tensors missing{}",
+            applied.errors.len(),
+            missing.len(),
+            missing
+                .first()
+                .map(|p| format!(", e.g. `{p}`"))
+                .unwrap_or_default()
+        )));
     }
     if let Some(extra) = applied.unused.first() {
         // E.g. a checkpoint of 3 sub-nets read with a config of 2: loading the rest would
@@ -260,6 +299,10 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
                 applied.unused.len()
             ),
         ));
+    }
+
+    if packed {
+        model = read_masks(&masks_file, model)?;
     }
 
     let optimizer_file = dir.join(OPTIMIZER_FILE);
@@ -343,6 +386,83 @@ fn write_tensors(path: &Path, tensors: Named, counts: Vec<(String, u64)>) -> Res
         .collect();
     let data = safetensors::serialize(views, None).map_err(|e| TrainError::io(path, e))?;
     write_atomic(path, &data)
+}
+
+/// The mask of every sub-net of every masked layer: (its module path, the layer, the sub-net).
+fn mask_slots<B: Backend, M: Module<B>>(model: &M) -> Vec<(String, MaskedLayerInfo, usize)> {
+    let paths = param_paths(model);
+    let mut slots = Vec::new();
+    for layer in masked_layers(model) {
+        for (k, id) in layer.mask_ids.iter().enumerate() {
+            let path = paths.get(id).expect("every mask has a path").clone();
+            slots.push((path, layer.clone(), k));
+        }
+    }
+    slots
+}
+
+/// Writes [`MASKS_FILE`]: each mask of `model` as packed bits.
+fn write_masks<B: Backend, M: Module<B>>(path: &Path, model: &M) -> Result<()> {
+    let slots = mask_slots(model);
+    let ids: Vec<ParamId> = slots.iter().map(|(_, l, k)| l.mask_ids[*k]).collect();
+    let packed: Vec<(String, Vec<u8>)> = slots
+        .into_iter()
+        .zip(read_params(model, &ids))
+        .map(|((name, _, _), data)| {
+            let bits = mask_vec(data);
+            (name, ast_infer::bits::pack(bits.into_iter()))
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = packed
+        .iter()
+        .map(|(name, bytes)| {
+            let view = TensorView::new(Dtype::U8, vec![bytes.len()], bytes);
+            (name.clone(), view.expect("consistent view"))
+        })
+        .collect();
+    let data = safetensors::serialize(views, None).map_err(|e| TrainError::io(path, e))?;
+    write_atomic(path, &data)
+}
+
+/// Reads [`MASKS_FILE`] into `model`'s masks: every mask there, of its layer's size, nothing
+/// else.
+fn read_masks<B: Backend, M: Module<B>>(path: &Path, model: M) -> Result<M> {
+    let bytes = std::fs::read(path).map_err(|e| corrupt(path, e.to_string()))?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
+    let slots = mask_slots(&model);
+    if tensors.len() != slots.len() {
+        return Err(corrupt(
+            path,
+            format!(
+                "holds {} masks, the run's model has {}: config.json's model or sub-net count, \
+                 or the file, changed since the checkpoint was written",
+                tensors.len(),
+                slots.len()
+            ),
+        ));
+    }
+    let subnets = slots.iter().map(|(_, _, k)| k + 1).max().unwrap_or(0);
+    let mut masks: Vec<Vec<TensorData>> = vec![Vec::new(); subnets];
+    for (name, layer, k) in slots {
+        let view = tensors
+            .tensor(&name)
+            .map_err(|_| corrupt(path, format!("the mask `{name}` is missing")))?;
+        let bits = (view.dtype() == Dtype::U8 && view.shape().len() == 1)
+            .then(|| ast_infer::bits::unpack(view.data(), layer.numel()))
+            .flatten()
+            .ok_or_else(|| {
+                corrupt(
+                    path,
+                    format!("the mask `{name}` is not {} packed bits", layer.numel()),
+                )
+            })?;
+        masks[k].push(TensorData::new(bits, layer.shape.clone()));
+    }
+    let mut model = model;
+    for (k, masks) in masks.into_iter().enumerate() {
+        model = replace_masks(model, k, masks).map_err(|e| corrupt(path, e.to_string()))?;
+    }
+    Ok(model)
 }
 
 /// The SHA-256 of a file, in hex.
@@ -469,4 +589,108 @@ fn param_id(ids: &HashMap<String, ParamId>, path: &str) -> core::result::Result<
     ids.get(path)
         .copied()
         .ok_or_else(|| format!("unknown parameter `{path}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ast_core::testing::{tiny_config, TinyNet};
+    use ast_core::SubnetTarget;
+    use burn::backend::{Autodiff, Flex};
+
+    type B = Autodiff<Flex>;
+
+    /// A tiny model with seeded ERK masks at density 0.5 for two sub-nets, and its step.
+    fn tiny() -> (TinyNet<B>, AstStep<B>) {
+        let device = Default::default();
+        let mut config = tiny_config(vec![SubnetTarget::Density(0.2); 2]);
+        config.schedule.init_density = 0.5;
+        let switch = ast_core::SubnetSwitch::new();
+        let model = TinyNet::<B>::new(2, &switch, &device);
+        let ast = AstStep::new(config, &model, &switch, 10, 100).unwrap();
+        (ast.init_masks(model), ast)
+    }
+
+    fn state() -> TrainerState {
+        TrainerState {
+            next_epoch: 1,
+            iteration: 10,
+            best_sparsest_top1: 0.5,
+            sha256: BTreeMap::new(),
+            partial: None,
+        }
+    }
+
+    fn all_masks(model: &TinyNet<B>) -> Vec<Vec<TensorData>> {
+        (0..2)
+            .map(|k| ast_core::subnet::read_masks(model, k).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn masks_are_stored_as_bits_and_old_checkpoints_still_load() {
+        let run = tempfile::tempdir().unwrap();
+        let (model, ast) = tiny();
+        let dir = save(run.path(), &model, &ast, &state()).unwrap();
+
+        // The model file holds no mask; the masks file one bit per position.
+        let bytes = std::fs::read(dir.join(MODEL_FILE)).unwrap();
+        let names: Vec<String> = SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("masks")), "{names:?}");
+        let bytes = std::fs::read(dir.join(MASKS_FILE)).unwrap();
+        let masks = SafeTensors::deserialize(&bytes).unwrap();
+        let layers = masked_layers(&model);
+        assert_eq!(masks.len(), 2 * layers.len());
+        let bits: usize = masks.tensors().iter().map(|(_, v)| v.data().len()).sum();
+        let expected: usize = layers.iter().map(|l| 2 * l.numel().div_ceil(8)).sum();
+        assert_eq!(bits, expected);
+
+        // Loaded into a fresh model: the same masks.
+        let (fresh, mut fresh_ast) = tiny();
+        let (loaded, _) = load(&dir, fresh, &mut fresh_ast).unwrap();
+        assert_eq!(all_masks(&loaded), all_masks(&model));
+
+        // A checkpoint of the earlier layout (masks inside the model file, no masks file, two
+        // checksums) loads to the same masks.
+        let old = run.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let mut store = SafetensorsStore::from_file(old.join(MODEL_FILE)).clear_metadata();
+        model.save_into(&mut store).unwrap();
+        std::fs::copy(dir.join(OPTIMIZER_FILE), old.join(OPTIMIZER_FILE)).unwrap();
+        let mut old_state = state();
+        old_state.sha256 = [MODEL_FILE, OPTIMIZER_FILE]
+            .iter()
+            .map(|f| (f.to_string(), sha256_of(&old.join(f)).unwrap()))
+            .collect();
+        std::fs::write(
+            old.join("state.json"),
+            serde_json::to_vec(&old_state).unwrap(),
+        )
+        .unwrap();
+        let (fresh, mut fresh_ast) = tiny();
+        let (loaded, _) = load(&old, fresh, &mut fresh_ast).unwrap();
+        assert_eq!(all_masks(&loaded), all_masks(&model));
+
+        // A mask of the wrong length (checksums made to match): refused, naming it.
+        let first = masks.names()[0].to_string();
+        let short = vec![0u8; 1];
+        let view = TensorView::new(Dtype::U8, vec![1], &short).unwrap();
+        let data = safetensors::serialize(vec![(first.clone(), view)], None).unwrap();
+        std::fs::write(dir.join(MASKS_FILE), data).unwrap();
+        let mut tampered = read_state(&dir).unwrap();
+        tampered.sha256.remove(MASKS_FILE);
+        std::fs::write(
+            dir.join("state.json"),
+            serde_json::to_vec(&tampered).unwrap(),
+        )
+        .unwrap();
+        let (fresh, mut fresh_ast) = tiny();
+        let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
+        assert!(err.contains("holds 1 masks, the run's model has"), "{err}");
+    }
 }

@@ -173,14 +173,20 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     let file_s = file.to_str().unwrap();
     let output = cli(&["export", "--run", out_s, "--out", file_s]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let checkpoint = std::fs::metadata(out.join("checkpoints/epoch-0002/model.safetensors"))
-        .unwrap()
-        .len();
+    // The checkpoint's weights and masks (as bits): the three sub-nets take less.
+    let size = |f: &str| {
+        std::fs::metadata(out.join("checkpoints/epoch-0002").join(f))
+            .unwrap()
+            .len()
+    };
+    let (weights, masks) = (size("model.safetensors"), size("masks.safetensors"));
     let exported = std::fs::metadata(&file).unwrap().len();
     assert!(
-        2 * exported < checkpoint,
-        "{exported} B against a {checkpoint} B checkpoint"
+        exported < weights + masks,
+        "{exported} B against a checkpoint of {weights} + {masks} B"
     );
+    // The masks take a bit per position: K = 3 bits per weight, against 32 bits a weight.
+    assert!(masks * 8 < weights, "{masks} B of masks, {weights} B of weights");
     let before = std::fs::read(&file).unwrap();
     let args = ["export", "--run", out_s, "--out", file_s, "--subnets", "0"];
     fails_with(&args, "exists: pass --overwrite");

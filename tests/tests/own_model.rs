@@ -96,8 +96,7 @@ fn a_model_of_your_own_trains_resumes_evaluates_and_runs_data_parallel() {
 
     // A spec of another model is refused, naming both.
     let err = load_run_model::<B, _>(&ModelKind::SmallCnn, &whole, &device)
-        .err()
-        .expect("another model's spec is refused")
+        .expect_err("another model's spec is refused")
         .to_string();
     assert!(
         err.contains("two-conv") && err.contains("small-cnn"),

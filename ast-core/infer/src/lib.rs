@@ -24,7 +24,7 @@
 //! # Ok::<(), ast_infer::InferError>(())
 //! ```
 
-mod bits;
+pub mod bits;
 pub mod error;
 pub mod format;
 pub mod graph;
