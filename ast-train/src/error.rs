@@ -41,6 +41,23 @@ pub enum TrainError {
     /// The directory holds no run.
     #[error("{0} holds no run (no config.json); start one there with `ast-cli run --out {0}`")]
     NoRun(PathBuf),
+    /// A run directory's lock is a symbolic link or not a plain file.
+    #[error(
+        "{0} is a symbolic link or not a plain file: a run's lock is a plain file it creates; \
+         remove it and start again"
+    )]
+    LockNotAFile(PathBuf),
+    /// The output directory holds files, but not a run.
+    #[error(
+        "{dir} is not empty and holds no run (e.g. `{example}`): choose another --out, or pass \
+         --overwrite to write the run there (it replaces only the files a run writes)"
+    )]
+    NotARun {
+        /// The directory.
+        dir: PathBuf,
+        /// One of its entries.
+        example: String,
+    },
     /// The output directory cannot be created or written.
     #[error("cannot write to output directory {path}: {reason}")]
     Unwritable {

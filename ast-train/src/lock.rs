@@ -25,6 +25,12 @@ impl RunLock {
     /// holds it, naming that process's PID.
     pub fn acquire(dir: &Path) -> Result<Self> {
         let path = dir.join(LOCK_FILE);
+        // Opening follows a symbolic link (and creates a dangling one's target): the PID would
+        // be written into whatever it points at. Refuse one, before opening and after.
+        let plain = || std::fs::symlink_metadata(&path).map(|m| m.file_type().is_file());
+        if plain().is_ok_and(|plain| !plain) {
+            return Err(TrainError::LockNotAFile(path));
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -32,6 +38,9 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| TrainError::io(&path, e))?;
+        if !plain().unwrap_or(false) || !same_file(&file, &path) {
+            return Err(TrainError::LockNotAFile(path));
+        }
         match file.try_lock() {
             Ok(()) => {
                 let pid = std::process::id().to_string();
@@ -59,6 +68,22 @@ impl RunLock {
     }
 }
 
+/// Whether the open `file` is the file at `path` (not one that replaced it meanwhile).
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Elsewhere the check before opening is the only one.
+#[cfg(not(unix))]
+fn same_file(_file: &File, _path: &Path) -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +102,29 @@ mod tests {
         );
         drop(first);
         RunLock::acquire(dir.path()).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_that_is_a_symbolic_link_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious.txt");
+        std::fs::write(&target, "keep me").unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::symlink(&target, run.join(LOCK_FILE)).unwrap();
+        let err = RunLock::acquire(&run).unwrap_err().to_string();
+        assert!(
+            err.contains("is a symbolic link or not a plain file"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+        // A dangling link: its target is not created.
+        let dangling = dir.path().join("run2");
+        std::fs::create_dir(&dangling).unwrap();
+        let nowhere = dir.path().join("nowhere");
+        std::os::unix::fs::symlink(&nowhere, dangling.join(LOCK_FILE)).unwrap();
+        assert!(RunLock::acquire(&dangling).is_err());
+        assert!(!nowhere.exists());
     }
 }

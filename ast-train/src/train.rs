@@ -280,13 +280,50 @@ pub fn discard_unstarted_run(dir: &Path) -> Result<()> {
     if checkpoint::latest(dir)?.is_some() {
         return Ok(());
     }
-    for name in RUN_FILES.iter().chain([&CONFIG_FILE]) {
-        remove_if_present(&dir.join(name))?;
-    }
+    remove_run_files(dir)?;
+    remove_if_present(&dir.join(CONFIG_FILE))?;
     // The lock may be held by the caller (removing it is then allowed on Unix only); the
     // directory goes only when empty: anything of the user's stays.
     let _ = std::fs::remove_file(dir.join(LOCK_FILE));
     let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// The name of an entry of `dir` other than the lock, if it has one.
+fn first_entry(dir: &Path) -> Result<Option<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LOCK_FILE)
+        .collect();
+    names.sort();
+    Ok(names.into_iter().next())
+}
+
+/// Removes what a run writes in `dir` besides its configuration: its metrics files and, in
+/// `checkpoints/`, its checkpoints (`epoch-…`, `.tmp-…`, `latest`). Anything else, in
+/// `checkpoints/` too, is not the run's and stays.
+fn remove_run_files(dir: &Path) -> Result<()> {
+    for name in RUN_FILES.iter().filter(|&&n| n != CHECKPOINTS_DIR) {
+        let path = dir.join(name);
+        if !path.is_dir() {
+            remove_if_present(&path)?;
+        }
+    }
+    let checkpoints = dir.join(CHECKPOINTS_DIR);
+    if !checkpoints.is_dir() || checkpoints.is_symlink() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(&checkpoints).map_err(|e| TrainError::io(&checkpoints, e))? {
+        let entry = entry.map_err(|e| TrainError::io(&checkpoints, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "latest" || name.starts_with("epoch-") || name.starts_with(".tmp-") {
+            remove_if_present(&entry.path())?;
+        }
+    }
+    // Only when nothing of anyone else's is left in it.
+    let _ = std::fs::remove_dir(&checkpoints);
     Ok(())
 }
 
@@ -303,9 +340,12 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// The directory of a run's checkpoints.
+const CHECKPOINTS_DIR: &str = "checkpoints";
+
 /// The files and directories a run writes besides its configuration.
 const RUN_FILES: [&str; 5] = [
-    "checkpoints",
+    CHECKPOINTS_DIR,
     METRICS_FILE,
     "metrics.csv",
     "events.jsonl",
@@ -361,12 +401,19 @@ pub fn prepare_run_dir(
     };
     std::fs::create_dir_all(dir).map_err(unwritable)?;
     let lock = RunLock::acquire(dir)?;
-    if saved.exists() && !opts.overwrite && holds_progress(dir)? {
+    let ours = read_run_config(dir).is_ok();
+    if ours && !opts.overwrite && holds_progress(dir)? {
         return Err(TrainError::RunExists(dir.clone()));
     }
-    for stale in RUN_FILES {
-        remove_if_present(&dir.join(stale))?;
+    if !ours && !opts.overwrite {
+        if let Some(example) = first_entry(dir)? {
+            return Err(TrainError::NotARun {
+                dir: dir.clone(),
+                example,
+            });
+        }
     }
+    remove_run_files(dir)?;
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     write_atomic(&saved, &json).map_err(|e| TrainError::Unwritable {
         path: dir.clone(),

@@ -482,6 +482,42 @@ fn an_existing_run_is_never_overwritten_without_consent() {
 }
 
 #[test]
+fn a_directory_that_is_not_a_run_keeps_the_users_files() {
+    // A directory of the user's, with a `checkpoints/` of their own: refused without
+    // --overwrite; with it, the run writes its files and the user's stay as they were.
+    let work = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(work.path(), 32, 16);
+    let out = work.path().join("mine");
+    std::fs::create_dir_all(out.join("checkpoints")).unwrap();
+    std::fs::write(out.join("checkpoints/model.pt"), b"w").unwrap();
+    std::fs::write(out.join("notes.txt"), b"n").unwrap();
+    check(&with_args(
+        "not a run",
+        quick(&data, &out, &[]),
+        "is not empty and holds no run (e.g. `checkpoints`)",
+    ));
+    assert!(!out.join("config.json").exists());
+    let args = quick(&data, &out, &["--overwrite"]);
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/model.pt")).unwrap(),
+        b"w"
+    );
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"n");
+    assert!(out
+        .join("checkpoints/epoch-0001/model.safetensors")
+        .is_file());
+    // Replacing the run (--overwrite again) replaces its checkpoints, not the user's file.
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        std::fs::read(out.join("checkpoints/model.pt")).unwrap(),
+        b"w"
+    );
+}
+
+#[test]
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let work = tempfile::tempdir().unwrap();
     let data = tiny_idx_data(work.path(), 64, 16);

@@ -186,7 +186,10 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         "{exported} B against a checkpoint of {weights} + {masks} B"
     );
     // The masks take a bit per position: K = 3 bits per weight, against 32 bits a weight.
-    assert!(masks * 8 < weights, "{masks} B of masks, {weights} B of weights");
+    assert!(
+        masks * 8 < weights,
+        "{masks} B of masks, {weights} B of weights"
+    );
     let before = std::fs::read(&file).unwrap();
     let args = ["export", "--run", out_s, "--out", file_s, "--subnets", "0"];
     fails_with(&args, "exists: pass --overwrite");
