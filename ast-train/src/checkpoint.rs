@@ -29,7 +29,7 @@ use ast_core::subnet::{
     MaskedLayerInfo,
 };
 use ast_core::AstStep;
-use burn::module::{AutodiffModule, ParamId};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn_store::{ModuleSnapshot, PathFilter, SafetensorsStore};
@@ -506,6 +506,7 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
         .enumerate()
         .map(|(i, l)| (l.path.clone(), i))
         .collect();
+    let sizes = param_sizes(model);
     let device = model.devices().into_iter().next().unwrap_or_default();
     type Moments<IB> = (Option<Tensor<IB, 1>>, Option<Tensor<IB, 1>>);
     let mut moments: HashMap<String, Moments<B::InnerBackend>> = HashMap::new();
@@ -530,6 +531,23 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let n = values.len();
+        // Every tensor has the size of what it belongs to: a parameter, or a masked layer's
+        // weight (the correction references).
+        let expected = match name.split_once('/') {
+            Some(("velocity" | "moment_1" | "moment_2", path)) => {
+                sizes.get(&param_id(&ids, path)?).copied()
+            }
+            Some(("previous", path)) => layer_index.get(path).map(|&l| ast.layers()[l].numel()),
+            Some(("ema", rest)) => (rest.split_once('/'))
+                .and_then(|(_, path)| layer_index.get(path))
+                .map(|&l| ast.layers()[l].numel()),
+            _ => None,
+        };
+        if let Some(expected) = expected.filter(|&e| e != n) {
+            return Err(format!(
+                "tensor `{name}` holds {n} values, but what it belongs to has {expected}"
+            ));
+        }
         let tensor = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(values, [n]), &device);
         let layer = |path: &str| {
             layer_index
@@ -583,6 +601,19 @@ fn restore_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
             .set_state(param_id(&ids, &path)?, state)?;
     }
     Ok(())
+}
+
+/// The number of values of every float parameter of `model`, by id.
+fn param_sizes<B: Backend, M: Module<B>>(model: &M) -> HashMap<ParamId, usize> {
+    struct Sizes(HashMap<ParamId, usize>);
+    impl<B: Backend> ModuleVisitor<B> for Sizes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.insert(param.id, param.lazy_shape().num_elements());
+        }
+    }
+    let mut sizes = Sizes(HashMap::new());
+    model.visit(&mut sizes);
+    sizes.0
 }
 
 fn param_id(ids: &HashMap<String, ParamId>, path: &str) -> core::result::Result<ParamId, String> {
@@ -692,5 +723,33 @@ mod tests {
         let (fresh, mut fresh_ast) = tiny();
         let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
         assert!(err.contains("holds 1 masks, the run's model has"), "{err}");
+    }
+
+    #[test]
+    fn an_optimizer_tensor_of_the_wrong_size_is_refused_not_a_panic() {
+        let run = tempfile::tempdir().unwrap();
+        let (model, ast) = tiny();
+        let dir = save(run.path(), &model, &ast, &state()).unwrap();
+        let numel = masked_layers(&model)[0].numel();
+        for name in ["velocity/conv1.weight", "previous/conv1"] {
+            let values = vec![0u8; 4 * (numel - 1)];
+            let view = TensorView::new(Dtype::F32, vec![numel - 1], &values).unwrap();
+            let data = safetensors::serialize(vec![(name.to_string(), view)], None).unwrap();
+            std::fs::write(dir.join(OPTIMIZER_FILE), data).unwrap();
+            let mut tampered = read_state(&dir).unwrap();
+            tampered.sha256.remove(OPTIMIZER_FILE);
+            std::fs::write(
+                dir.join("state.json"),
+                serde_json::to_vec(&tampered).unwrap(),
+            )
+            .unwrap();
+            let (fresh, mut fresh_ast) = tiny();
+            let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
+            let expected = format!(
+                "`{name}` holds {} values, but what it belongs to has {numel}",
+                numel - 1
+            );
+            assert!(err.contains(&expected), "{err}");
+        }
     }
 }
