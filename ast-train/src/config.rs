@@ -178,11 +178,40 @@ pub struct TrainConfig {
     pub bn_recalibration_batches: usize,
 }
 
+/// The most epochs a run may have.
+pub const MAX_EPOCHS: usize = 100_000;
+/// The most iterations a run may take (CIFAR's 200 epochs are 78 200, ImageNet's 100 epochs
+/// at batch 256 are 500 400).
+pub const MAX_ITERATIONS: usize = 1_000_000_000;
+
+/// `steps_per_epoch · epochs`, or the error that says it exceeds [`MAX_ITERATIONS`].
+pub fn total_iterations(steps_per_epoch: usize, epochs: usize) -> Result<usize> {
+    steps_per_epoch
+        .checked_mul(epochs)
+        .filter(|&t| t <= MAX_ITERATIONS)
+        .ok_or_else(|| {
+            TrainError::config(
+                "epochs",
+                format!(
+                    "{epochs} epochs of {steps_per_epoch} iterations exceed the \
+                     {MAX_ITERATIONS} iterations a run may take: fewer epochs, fewer images or \
+                     a larger batch"
+                ),
+            )
+        })
+}
+
 impl TrainConfig {
     /// Checks every field; the error names the first one out of range.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             return Err(TrainError::config("epochs", "must be ≥ 1"));
+        }
+        if self.epochs > MAX_EPOCHS {
+            return Err(TrainError::config(
+                "epochs",
+                format!("must be ≤ {MAX_EPOCHS}, got {}", self.epochs),
+            ));
         }
         if self.batch_size == 0 {
             return Err(TrainError::config("batch_size", "must be ≥ 1"));

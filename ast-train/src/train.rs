@@ -383,6 +383,7 @@ pub fn prepare_run_dir(
             Some(requested) => resume_config(&saved, requested, done)?,
             None => saved,
         };
+        config.validate()?;
         if done >= config.epochs {
             return Err(TrainError::RunFinished {
                 dir: dir.clone(),

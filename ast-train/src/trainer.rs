@@ -19,6 +19,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::checkpoint::{self, PartialEpoch, TrainerState};
+use crate::config::total_iterations;
 use crate::data::{HostBatch, Loader};
 use crate::error::{Result, TrainError};
 use crate::metrics::{
@@ -126,7 +127,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         )
         .with_threads(threads);
         let steps_per_epoch = train_loader.batches_per_epoch();
-        let total_steps = steps_per_epoch * config.epochs;
+        let total_steps = total_iterations(steps_per_epoch, config.epochs)?;
         let subnets = config.ast.subnets.len();
 
         let model = spec.build::<B>(sources.classes, subnets, device);
@@ -313,10 +314,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 .is_some_and(|f| f.load(Ordering::SeqCst))
                 || self.opts.stop_gracefully_after == Some(t + 1);
             let due = self.leader
-                && self
-                    .config
-                    .checkpoint_every_minutes
-                    .is_some_and(|m| self.last_checkpoint.elapsed().as_secs() >= m * 60);
+                && self.config.checkpoint_every_minutes.is_some_and(|m| {
+                    self.last_checkpoint.elapsed().as_secs() >= m.saturating_mul(60)
+                });
             // The workers stop and checkpoint at the same iteration: any worker's stop request
             // counts, and the leader's clock says when a checkpoint is due.
             let (stop, due) = match self.team {

@@ -378,6 +378,32 @@ fn every_bad_input_is_one_clear_error() {
             ],
             "`batch` must be ≤ 65536",
         ),
+        case(
+            "bench: warm-up that never ends",
+            &["bench", "--model", "small-cnn", "--warmup", "1000000000000"],
+            "--warmup 1000000000000: at most 10000 steps are timed",
+        ),
+        case(
+            "schedule: a timeline too long to list",
+            &["schedule", "--train-size", "1000000000000000"],
+            "exceed the 1000000000 iterations a run may take",
+        ),
+        case(
+            "schedule: too many events",
+            &[
+                "schedule",
+                "--train-size",
+                "2000000000",
+                "--update-frequency",
+                "3",
+            ],
+            "mask events, more than the 10000000 `schedule` lists",
+        ),
+        with_args(
+            "epochs beyond the limit",
+            quick(&good, &out("e0"), &["--epochs", "18446744073709551615"]),
+            "`epochs` must be ≤ 100000, got 18446744073709551615",
+        ),
         with_args(
             "empty test subset",
             quick(&good, &out("e1"), &["--test-subset", "0"]),
@@ -515,6 +541,35 @@ fn a_directory_that_is_not_a_run_keeps_the_users_files() {
         std::fs::read(out.join("checkpoints/model.pt")).unwrap(),
         b"w"
     );
+}
+
+#[test]
+fn a_huge_checkpoint_interval_does_not_wrap_to_every_iteration() {
+    let work = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(work.path(), 32, 16);
+    let out = work.path().join("run");
+    // Stopped abruptly in its second epoch, after 3 of its 4 iterations: a checkpoint taken
+    // at every iteration would be there.
+    let args = quick(
+        &data,
+        &out,
+        &[
+            "--checkpoint-every-minutes",
+            "4611686018427387904",
+            "--epochs",
+            "2",
+            "--stop-after-iterations",
+            "3",
+        ],
+    );
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["epoch-0001", "latest"]);
 }
 
 #[test]
@@ -690,6 +745,18 @@ fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_
         "resume with a recipe",
         &["run", "--resume", "--out", o, "--recipe", "quickstart"],
         "a resumed run keeps its own configuration",
+    ));
+    check(&case(
+        "resume to an absurd epoch count",
+        &[
+            "run",
+            "--resume",
+            "--out",
+            o,
+            "--epochs",
+            "18446744073709551615",
+        ],
+        "`epochs` must be ≤ 100000, got 18446744073709551615",
     ));
     let after: Vec<Vec<u8>> = files.iter().map(|f| snapshot(f)).collect();
     assert_eq!(before, after, "a refused or empty resume changed the run");

@@ -58,8 +58,20 @@ pub(crate) struct BenchArgs {
     pub(crate) dense_steps: usize,
 }
 
+/// The most steps `bench` times in each of its phases.
+const MAX_STEPS: usize = 10_000;
+
 pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let model = args.model;
+    for (flag, steps) in [
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+        ("--dense-steps", args.dense_steps),
+    ] {
+        if steps > MAX_STEPS {
+            bail!("{flag} {steps}: at most {MAX_STEPS} steps are timed; give fewer");
+        }
+    }
     #[cfg(feature = "flex")]
     ast_core::backend::set_flex_kernels(!args.generic_conv);
     if let Some(dir) = args.json.as_deref().and_then(Path::parent) {

@@ -22,6 +22,9 @@ pub(crate) struct ScheduleArgs {
     pub(crate) overrides: Overrides,
 }
 
+/// The most mask events `schedule` lists (about 100 bytes each in memory).
+const MAX_EVENTS: usize = 10_000_000;
+
 pub(crate) fn schedule(args: ScheduleArgs) -> Result<()> {
     let config = apply_overrides(load_recipe(&args.recipe)?, args.overrides)?;
     config.validate()?;
@@ -34,8 +37,16 @@ pub(crate) fn schedule(args: ScheduleArgs) -> Result<()> {
         }
     };
     let steps_per_epoch = train_size.div_ceil(config.batch_size);
-    let total = steps_per_epoch * config.epochs;
+    let total = ast_train::config::total_iterations(steps_per_epoch, config.epochs)?;
     let s = &config.ast.schedule;
+    // Each sub-net has an event every `update_frequency` of its iterations at most.
+    let at_most = total / s.update_frequency.max(1) + config.ast.subnets.len();
+    if at_most > MAX_EVENTS {
+        bail!(
+            "this timeline may hold {at_most} mask events, more than the {MAX_EVENTS} `schedule` \
+             lists: fewer --train-size images or --epochs, or a larger --update-frequency"
+        );
+    }
     let events = ast_core::schedule::timeline(s, &config.ast.subnets, steps_per_epoch, total);
     let mut text = String::new();
     if args.json {
