@@ -126,6 +126,17 @@ fn command(cli: Cli) -> Result<()> {
 fn finish(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A stop the user asked for is not an error; the status says the run is not done
+        // (130, as a shell reports an interrupted command).
+        Err(e)
+            if matches!(
+                e.downcast_ref(),
+                Some(ast_train::TrainError::Stopped { .. })
+            ) =>
+        {
+            eprintln!("{e:#}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -250,6 +250,16 @@ pub(crate) fn apply_overrides(mut c: TrainConfig, o: Overrides) -> Result<TrainC
             c.ast.correction = CorrectionMode::from_kind(kind, o.ema_beta.unwrap_or(0.9));
         }
     }
+    if let (Some(beta), false) = (
+        o.ema_beta,
+        matches!(c.ast.correction, CorrectionMode::Ema { .. }),
+    ) {
+        bail!(
+            "--ema-beta {beta} sets the β of the EMA correction, but the run's correction is \
+             {}: add --correction ema",
+            c.ast.correction.kind().name()
+        );
+    }
     set(&mut c.label_smoothing, o.label_smoothing);
     if let Some(v) = o.seed {
         c.seed = v;
@@ -297,6 +307,16 @@ mod tests {
         );
         assert_eq!(c.lr, 0.05);
         assert_eq!(c.ast.correction, CorrectionMode::Ema { beta: 0.5 });
+        let o = Overrides {
+            ema_beta: Some(0.5),
+            ..Default::default()
+        };
+        let err = apply_overrides(load_recipe("quickstart").unwrap(), o).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("correction is projection: add --correction ema"),
+            "{err}"
+        );
         assert!(parse_nm("2-4")
             .unwrap_err()
             .to_string()

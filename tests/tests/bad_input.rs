@@ -179,6 +179,11 @@ fn every_bad_input_is_one_clear_error() {
             "does not exist",
         ),
         with_args(
+            "data path that is a file",
+            quick(&file, &out("a0"), &[]),
+            "a_file is not a directory (a file, device or pipe)",
+        ),
+        with_args(
             "CIFAR size",
             quick(
                 &cifar,

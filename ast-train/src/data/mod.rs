@@ -98,6 +98,15 @@ pub enum DataError {
         /// The directory.
         path: PathBuf,
     },
+    /// The data path exists but is not a directory.
+    #[error(
+        "{} is not a directory (a file, device or pipe): give the dataset's directory",
+        path.display()
+    )]
+    NotADir {
+        /// The path.
+        path: PathBuf,
+    },
     /// A file the format requires is missing from a directory.
     #[error("data directory {} has no {name}", dir.display())]
     MissingFile {
@@ -252,12 +261,11 @@ impl DataError {
 
 /// Fails with [`DataError::MissingDir`] unless `dir` is a directory.
 pub(crate) fn check_dir(dir: &Path) -> Result<(), DataError> {
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(DataError::MissingDir {
-            path: dir.to_path_buf(),
-        })
+    let path = dir.to_path_buf();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(DataError::NotADir { path }),
+        Err(_) => Err(DataError::MissingDir { path }),
     }
 }
 
