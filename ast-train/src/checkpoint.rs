@@ -11,8 +11,11 @@
 //!   `velocity/…`; Adam/AdamW: `moment_1/…`, `moment_2/…` and each step count as a one-element
 //!   u64 tensor `time/…`) and the gradient-correction references;
 //! - `state.json`: the next epoch, the global iteration (which fixes the sub-net, the mask and LR
-//!   schedules and the data order), the best accuracy so far, and the SHA-256 of the tensor
-//!   files, verified on load.
+//!   schedules and the data order), the best accuracy so far;
+//! - `SHA256SUMS`: the SHA-256 of every other file, `state.json` included, as `sha256sum` writes
+//!   them (so `sha256sum -c SHA256SUMS` checks a checkpoint by hand), verified on load; a
+//!   checkpoint of this layout without it is refused. Earlier layouts kept the tensor files'
+//!   checksums in `state.json` (still verified) or none.
 //!
 //! The tensor files are written without header metadata, so that a checkpoint's bytes (and
 //! their checksums) depend on its content only.
@@ -76,6 +79,12 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Every sub-net's masks of a checkpoint, as packed bits.
 pub const MASKS_FILE: &str = "masks.safetensors";
+/// The trainer's state of a checkpoint.
+pub const STATE_FILE: &str = "state.json";
+/// The SHA-256 of every other file of a checkpoint.
+pub const SUMS_FILE: &str = "SHA256SUMS";
+/// The files [`SUMS_FILE`] covers.
+const SUMMED: [&str; 4] = [MODEL_FILE, MASKS_FILE, OPTIMIZER_FILE, STATE_FILE];
 
 /// Every tensor of `model` in [`MODEL_FILE`]: all but the masked layers' masks, which
 /// [`MASKS_FILE`] holds.
@@ -161,7 +170,12 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
         .map(|f| Ok((f.to_string(), sha256_of(&tmp.join(f))?)))
         .collect::<Result<_>>()?;
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
-    write_atomic(&tmp.join("state.json"), &state_json)?;
+    write_atomic(&tmp.join(STATE_FILE), &state_json)?;
+    let sums = SUMMED
+        .iter()
+        .map(|f| Ok(format!("{}  {f}\n", sha256_of(&tmp.join(f))?)))
+        .collect::<Result<String>>()?;
+    write_atomic(&tmp.join(SUMS_FILE), sums.as_bytes())?;
     kill_point("checkpoint-state-written");
     sync_file(&model_file)?;
 
@@ -216,15 +230,58 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
-/// Reads the trainer state of checkpoint `dir`.
+/// Reads the trainer state of checkpoint `dir`, checked against [`SUMS_FILE`] and for values
+/// no run writes.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     if !dir.is_dir() {
         return Err(corrupt(dir, "checkpoint directory does not exist"));
     }
-    let state_file = dir.join("state.json");
+    let state_file = dir.join(STATE_FILE);
+    match read_sums(dir)? {
+        Some(sums) => check_sum(dir, STATE_FILE, &sums[STATE_FILE], SUMS_FILE)?,
+        None if dir.join(MASKS_FILE).exists() => {
+            return Err(corrupt(
+                &dir.join(SUMS_FILE),
+                "is missing, so the checkpoint cannot be verified: restore it, or start the run \
+                 again",
+            ));
+        }
+        None => {}
+    }
     let text =
         std::fs::read_to_string(&state_file).map_err(|e| corrupt(&state_file, e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| corrupt(&state_file, format!("unreadable state: {e}")))
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| corrupt(&state_file, format!("unreadable state: {e}")))?;
+    let best = state.best_sparsest_top1;
+    if !(0.0..=1.0).contains(&best) {
+        return Err(corrupt(
+            &state_file,
+            format!("best_sparsest_top1 is {best}, not an accuracy in [0, 1]"),
+        ));
+    }
+    Ok(state)
+}
+
+/// The checksums [`SUMS_FILE`] lists, by file name, or `None` for a checkpoint without one
+/// (earlier layouts).
+fn read_sums(dir: &Path) -> Result<Option<BTreeMap<String, String>>> {
+    let path = dir.join(SUMS_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| corrupt(&path, e.to_string()))?;
+    let mut sums = BTreeMap::new();
+    for line in text.lines() {
+        let (hash, name) = line
+            .split_once("  ")
+            .filter(|(h, _)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| corrupt(&path, format!("line `{line}` is not `SHA-256  file`")))?;
+        sums.insert(name.to_string(), hash.to_string());
+    }
+    if let Some(missing) = SUMMED.iter().find(|f| !sums.contains_key(**f)) {
+        return Err(corrupt(&path, format!("lists no checksum of {missing}")));
+    }
+    Ok(Some(sums))
 }
 
 /// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
@@ -234,7 +291,19 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
     ast: &mut AstStep<B>,
 ) -> Result<(M, TrainerState)> {
     let state = read_state(dir)?;
-    verify_checksums(dir, &state)?;
+    match read_sums(dir)? {
+        Some(sums) => {
+            for file in [MODEL_FILE, MASKS_FILE, OPTIMIZER_FILE] {
+                check_sum(dir, file, &sums[file], SUMS_FILE)?;
+            }
+        }
+        // The earlier layout kept the tensor files' checksums in the state.
+        None => {
+            for (file, expected) in &state.sha256 {
+                check_sum(dir, file, expected, STATE_FILE)?;
+            }
+        }
+    }
 
     let model_file = dir.join(MODEL_FILE);
     if !model_file.is_file() {
@@ -473,20 +542,20 @@ fn sha256_of(path: &Path) -> Result<String> {
     Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Checks the files of checkpoint `dir` against the checksums its state recorded.
-fn verify_checksums(dir: &Path, state: &TrainerState) -> Result<()> {
-    for (file, expected) in &state.sha256 {
-        let path = dir.join(file);
-        if !path.is_file() {
-            return Err(corrupt(&path, "file is missing"));
-        }
-        if sha256_of(&path)? != *expected {
-            return Err(corrupt(
-                &path,
-                "its SHA-256 differs from the one state.json recorded: the file was changed \
-                 or damaged after it was written; restore it, or start the run again",
-            ));
-        }
+/// Checks `file` of checkpoint `dir` against the SHA-256 `expected` that `recorded_in` holds.
+fn check_sum(dir: &Path, file: &str, expected: &str, recorded_in: &str) -> Result<()> {
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Err(corrupt(&path, "file is missing"));
+    }
+    if sha256_of(&path)? != expected {
+        return Err(corrupt(
+            &path,
+            format!(
+                "its SHA-256 differs from the one {recorded_in} recorded: the file was changed \
+                 or damaged after it was written; restore it, or start the run again"
+            ),
+        ));
     }
     Ok(())
 }
@@ -652,6 +721,16 @@ mod tests {
         }
     }
 
+    /// Rewrites the checkpoint's checksums to match its files (as someone covering an edit
+    /// would), so that what is checked next is the content itself.
+    fn reseal(dir: &Path) {
+        let sums: String = SUMMED
+            .iter()
+            .map(|f| format!("{}  {f}\n", sha256_of(&dir.join(f)).unwrap()))
+            .collect();
+        std::fs::write(dir.join(SUMS_FILE), sums).unwrap();
+    }
+
     fn all_masks(model: &TinyNet<B>) -> Vec<Vec<TensorData>> {
         (0..2)
             .map(|k| ast_core::subnet::read_masks(model, k).unwrap())
@@ -713,13 +792,13 @@ mod tests {
         let view = TensorView::new(Dtype::U8, vec![1], &short).unwrap();
         let data = safetensors::serialize(vec![(first.clone(), view)], None).unwrap();
         std::fs::write(dir.join(MASKS_FILE), data).unwrap();
-        let mut tampered = read_state(&dir).unwrap();
-        tampered.sha256.remove(MASKS_FILE);
-        std::fs::write(
-            dir.join("state.json"),
-            serde_json::to_vec(&tampered).unwrap(),
-        )
-        .unwrap();
+        let (fresh, mut fresh_ast) = tiny();
+        let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
+        assert!(
+            err.contains("its SHA-256 differs from the one SHA256SUMS recorded"),
+            "{err}"
+        );
+        reseal(&dir);
         let (fresh, mut fresh_ast) = tiny();
         let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
         assert!(err.contains("holds 1 masks, the run's model has"), "{err}");
@@ -736,13 +815,7 @@ mod tests {
             let view = TensorView::new(Dtype::F32, vec![numel - 1], &values).unwrap();
             let data = safetensors::serialize(vec![(name.to_string(), view)], None).unwrap();
             std::fs::write(dir.join(OPTIMIZER_FILE), data).unwrap();
-            let mut tampered = read_state(&dir).unwrap();
-            tampered.sha256.remove(OPTIMIZER_FILE);
-            std::fs::write(
-                dir.join("state.json"),
-                serde_json::to_vec(&tampered).unwrap(),
-            )
-            .unwrap();
+            reseal(&dir);
             let (fresh, mut fresh_ast) = tiny();
             let err = load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string();
             let expected = format!(
@@ -751,5 +824,49 @@ mod tests {
             );
             assert!(err.contains(&expected), "{err}");
         }
+    }
+
+    #[test]
+    fn every_file_of_a_checkpoint_is_checked_the_state_included() {
+        let run = tempfile::tempdir().unwrap();
+        let (model, ast) = tiny();
+        let dir = save(run.path(), &model, &ast, &state()).unwrap();
+        let load_err = || {
+            let (fresh, mut fresh_ast) = tiny();
+            load(&dir, fresh, &mut fresh_ast).err().unwrap().to_string()
+        };
+        // An edited state: its checksum differs.
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        let edited = text.replace("\"best_sparsest_top1\": 0.5", "\"best_sparsest_top1\": 2.5");
+        assert_ne!(edited, text);
+        std::fs::write(dir.join(STATE_FILE), edited).unwrap();
+        let err = load_err();
+        assert!(
+            err.contains("state.json") && err.contains("SHA-256 differs"),
+            "{err}"
+        );
+        // Checksums made to match: the value is out of range.
+        reseal(&dir);
+        let err = load_err();
+        assert!(
+            err.contains("best_sparsest_top1 is 2.5, not an accuracy"),
+            "{err}"
+        );
+        // No checksums at all: refused, not unverified.
+        std::fs::remove_file(dir.join(SUMS_FILE)).unwrap();
+        let err = load_err();
+        assert!(
+            err.contains("SHA256SUMS") && err.contains("is missing"),
+            "{err}"
+        );
+        // `sha256sum -c` reads the file: two spaces, one line per file.
+        let dir = save(run.path(), &model, &ast, &state()).unwrap();
+        let sums = std::fs::read_to_string(dir.join(SUMS_FILE)).unwrap();
+        assert_eq!(sums.lines().count(), 4);
+        let line = format!(
+            "{}  {MODEL_FILE}",
+            sha256_of(&dir.join(MODEL_FILE)).unwrap()
+        );
+        assert!(sums.lines().any(|l| l == line), "{sums}");
     }
 }

@@ -224,6 +224,21 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 ),
             });
         }
+        let subnets = self.config.ast.subnets.len();
+        if let Some(partial) = saved
+            .partial
+            .as_ref()
+            .filter(|p| p.per_subnet.len() != subnets)
+        {
+            return Err(TrainError::Checkpoint {
+                path: dir,
+                reason: format!(
+                    "its epoch figures are for {} sub-nets, the run has {subnets}: state.json \
+                     was changed since it was written",
+                    partial.per_subnet.len()
+                ),
+            });
+        }
         self.state = saved;
         // Changes the resume was allowed to make (e.g. more epochs) become the run's own.
         if self.leader && read_run_config(&opts.dir)? != self.config {

@@ -672,19 +672,24 @@ fn a_diverged_model_is_an_error_never_a_result() {
     check(&case(
         "changed checkpoint",
         &["eval", "--run", out.to_str().unwrap()],
-        "its SHA-256 differs from the one state.json recorded",
+        "its SHA-256 differs from the one SHA256SUMS recorded",
     ));
     // ...and weights diverged before they were written are refused as such.
-    let state_file = file.with_file_name("state.json");
-    let mut state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    let sums_file = file.with_file_name("SHA256SUMS");
     use sha2::Digest;
     let digest: String = sha2::Sha256::digest(&written)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    state["sha256"]["model.safetensors"] = serde_json::json!(digest);
-    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+    let sums: String = std::fs::read_to_string(&sums_file)
+        .unwrap()
+        .lines()
+        .map(|l| match l.ends_with("  model.safetensors") {
+            true => format!("{digest}  model.safetensors\n"),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&sums_file, sums).unwrap();
     check(&case(
         "eval of NaN weights",
         &["eval", "--run", out.to_str().unwrap()],
