@@ -213,6 +213,43 @@ fn prune_old(root: &Path, current: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes what an interrupted checkpoint or finish left in `run_dir`: unfinished checkpoint
+/// directories (`.tmp-…`), checkpoints beyond the [`KEEP`] newest up to `latest`, and the
+/// temporary files of the run's atomic writes.
+pub fn tidy(run_dir: &Path) -> Result<()> {
+    let root = checkpoints_dir(run_dir);
+    if let Some(latest) = latest(run_dir)? {
+        let name = latest.file_name().map(|n| n.to_string_lossy().into_owned());
+        prune_old(&root, &name.unwrap_or_default())?;
+    }
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
+            } else if name.starts_with("latest.") {
+                // The pointer's own temporary file.
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
+            }
+        }
+    }
+    for name in [
+        "summary.json.tmp",
+        "metrics.jsonl.tmp",
+        "metrics.csv.tmp",
+        "events.jsonl.tmp",
+        "config.json.tmp",
+    ] {
+        let path = run_dir.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The newest complete checkpoint of a run, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = checkpoints_dir(run_dir).join("latest");

@@ -162,6 +162,8 @@ pub struct RunSummary {
 }
 
 pub(crate) const CONFIG_FILE: &str = "config.json";
+/// A finished run's summary.
+pub(crate) const SUMMARY_FILE: &str = "summary.json";
 
 /// Reads and checks the configuration saved in run directory `dir`.
 pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
@@ -384,7 +386,9 @@ pub fn prepare_run_dir(
             None => saved,
         };
         config.validate()?;
-        if done >= config.epochs {
+        // A run killed after its last epoch's checkpoint but before its summary is finished
+        // by the resume (summary, tidying); only a run with its summary is done.
+        if done >= config.epochs && dir.join(SUMMARY_FILE).exists() {
             return Err(TrainError::RunFinished {
                 dir: dir.clone(),
                 epochs: done,

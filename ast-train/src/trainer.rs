@@ -29,7 +29,7 @@ use crate::metrics::{
 use crate::parallel::Team;
 use crate::train::{
     data_threads, evaluate, read_run_config, recalibrate_batch_norms, sparsest, to_tensors,
-    DataSources, RunOptions, RunSummary, CONFIG_FILE,
+    DataSources, RunOptions, RunSummary, CONFIG_FILE, SUMMARY_FILE,
 };
 use crate::TrainConfig;
 
@@ -192,7 +192,14 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             model
         };
         if leader {
-            trainer.metrics = Some(MetricsWriter::open(&opts.dir, trainer.state.next_epoch)?);
+            let metrics = MetricsWriter::open(&opts.dir, trainer.state.next_epoch)?;
+            if trainer.state.next_epoch >= trainer.config.epochs {
+                // Only the finish is left: its summary reports the last evaluation.
+                trainer.last_eval = (metrics.read()?.pop())
+                    .map(|record| record.subnets)
+                    .unwrap_or_default();
+            }
+            trainer.metrics = Some(metrics);
             trainer.events = Some(EventsWriter::open(&opts.dir, trainer.state.iteration)?);
         }
         trainer.started_at = trainer.state.iteration;
@@ -596,14 +603,17 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
     }
 
-    /// The leader writes `summary.json` and returns the summary; the others return `None`.
+    /// The leader removes what an interrupted finish may have left, writes `summary.json` and
+    /// returns the summary; the others return `None`.
     fn finish(self) -> Result<Option<RunSummary>> {
         if !self.leader {
             return Ok(None);
         }
+        checkpoint::tidy(&self.opts.dir)?;
+        checkpoint::kill_point("run-tidied");
         let summary = self.summary(self.config.epochs, false);
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
-        write_atomic(&self.opts.dir.join("summary.json"), &json)?;
+        write_atomic(&self.opts.dir.join(SUMMARY_FILE), &json)?;
         Ok(Some(summary))
     }
 }

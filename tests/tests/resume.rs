@@ -188,6 +188,20 @@ fn assert_same_run(full: &Path, killed: &Path) {
         v
     };
     assert_eq!(summary(full), summary(killed));
+    // Nothing left over: the same files in the run directory and among the checkpoints.
+    let names = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(full), names(killed));
+    assert_eq!(
+        names(&full.join("checkpoints")),
+        names(&killed.join("checkpoints"))
+    );
 }
 
 #[test]
@@ -201,7 +215,7 @@ fn killed_anywhere_even_inside_a_checkpoint_write_and_resumed_equals_uninterrupt
     assert!(output.status.success(), "{}", stderr(&output));
     // Three iterations (6 per epoch) and, through the AST_KILL_AT hook (exit 137, no cleanup),
     // every gap between the writes of the second checkpoint and of the second epoch's metrics,
-    // and the first checkpoint's last one.
+    // the first checkpoint's last one, and the gaps of the finish after the last iteration.
     let iterations = ["4", "9", "14"].map(|t| (None, Some(t)));
     let hooks = [
         "epoch-metrics-written:2",
@@ -211,6 +225,10 @@ fn killed_anywhere_even_inside_a_checkpoint_write_and_resumed_equals_uninterrupt
         "checkpoint-state-written:2",
         "checkpoint-renamed:2",
         "checkpoint-latest-written:1",
+        // The finish: the last checkpoint, then the summary.
+        "checkpoint-renamed:3",
+        "checkpoint-latest-written:3",
+        "run-tidied:1",
     ]
     .map(|h| (Some(h), None));
     for (i, (hook, iteration)) in iterations.into_iter().chain(hooks).enumerate() {
