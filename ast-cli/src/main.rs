@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     // Data-parallel workers are threads of their own that block in their exchanges: none of
     // them may hold a pool thread, so that command stays outside (its workers use the pool).
     let data_parallel = matches!(&cli.command, Command::Run(r)
-        if r.devices.is_some() || r.nodes.is_some());
+        if commands::run::chosen_devices(r).is_some() || r.nodes.is_some());
     // MPI lives for the whole process; each process's worker 0 calls it from its own thread.
     #[cfg(feature = "mpi")]
     let _mpi = match &cli.command {

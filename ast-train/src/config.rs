@@ -176,6 +176,11 @@ pub struct TrainConfig {
     /// high learning rate and few epochs they lag behind the weights they normalise.
     #[serde(default)]
     pub bn_recalibration_batches: usize,
+    /// The devices of a data-parallel run (`ast-cli run --devices`), one worker each; `None`
+    /// for a run on one device. The worker count is part of the trajectory (each worker
+    /// normalises its own shard), so a resumed run keeps them unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<usize>>,
 }
 
 /// The most epochs a run may have.

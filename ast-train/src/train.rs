@@ -185,11 +185,12 @@ pub fn read_run_config(dir: &Path) -> Result<TrainConfig> {
 
 /// The settings a resumed run may change: they move neither the data order nor any result
 /// already computed (`epochs` extends the LR and prune-rate schedules from the resumed epoch).
-const RESUMABLE_CHANGES: [&str; 4] = [
+const RESUMABLE_CHANGES: [&str; 5] = [
     "epochs",
     "data.path",
     "data_threads",
     "checkpoint_every_minutes",
+    "devices",
 ];
 
 /// The configuration of a resumed run when the user also gave settings: those in
@@ -718,6 +719,8 @@ fn check_same_setup(nodes: &dyn CrossNode, config: &TrainConfig, local: usize) -
     use sha2::Digest;
     let mut shared = config.clone();
     shared.data.path = PathBuf::new();
+    // Each machine lists its own devices; their count is compared below.
+    shared.devices = None;
     let json = serde_json::to_vec(&shared).expect("config serialises");
     let digest = sha2::Sha256::digest(&json);
     // One byte per value (exact in f32), then the worker count.

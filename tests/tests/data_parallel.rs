@@ -298,21 +298,38 @@ fn three_workers_repeat_bit_for_bit_and_resume_exactly() {
     let err = stderr(&output);
     assert!(!output.status.success(), "{err}");
     assert!(err.contains("stopped at iteration 9"), "{err}");
-    let output = cli(&[
-        "run",
-        "--resume",
-        "--quiet",
-        "--out",
-        c.to_str().unwrap(),
-        "--devices",
-        "0,1,2",
-    ]);
+    // Resumed without --devices: on the run's own three workers, as it says.
+    let output = cli(&["run", "--resume", "--quiet", "--out", c.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("resuming on the run's devices 0,1,2"),
+        "{}",
+        stderr(&output)
+    );
     assert_eq!(
         results(&c),
         first,
         "the resumed run differs from the uninterrupted one"
     );
+
+    // Resumed on another worker count: said, and recorded.
+    let d = work.path().join("d");
+    let output = run(
+        &data,
+        &d,
+        &["--devices", "0,1,2", "--stop-gracefully-after", "9"],
+    );
+    assert!(!output.status.success(), "{}", stderr(&output));
+    let d_s = d.to_str().unwrap();
+    let output = cli(&["run", "--resume", "--quiet", "--out", d_s, "--devices", "0"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("the run trained on 3 worker(s) and goes on with 1"),
+        "{}",
+        stderr(&output)
+    );
+    let saved = ast_train::read_run_config(&d).unwrap();
+    assert_eq!(saved.devices, Some(vec![0]));
 }
 
 #[test]

@@ -129,11 +129,59 @@ pub(crate) fn parse_devices(text: &str) -> std::result::Result<DeviceList, Strin
     Ok(DeviceList(devices))
 }
 
-pub(crate) fn run(args: RunArgs) -> Result<()> {
-    let devices = match &args.devices {
-        Some(DeviceList(list)) => list.clone(),
-        None => vec![args.backend.device],
+/// The run directory of `run`.
+fn out_dir(args: &RunArgs) -> Result<PathBuf> {
+    Ok(match (&args.out, &args.recipe) {
+        (Some(out), _) => out.clone(),
+        (None, Some(recipe)) if !args.resume => {
+            let stem = Path::new(recipe)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("run");
+            PathBuf::from("runs").join(stem)
+        }
+        _ => bail!("--out is required (the run directory)"),
+    })
+}
+
+/// The data-parallel devices `run` trains on: `--devices`, else those of the run being
+/// resumed (its worker count is part of its trajectory); `None` for one device.
+pub(crate) fn chosen_devices(args: &RunArgs) -> Option<Vec<usize>> {
+    let listed = args.devices.as_ref().map(|DeviceList(list)| list.clone());
+    let saved = || {
+        let out = out_dir(args).ok()?;
+        ast_train::read_run_config(&out).ok()?.devices
     };
+    match args.resume {
+        true => listed.or_else(saved),
+        false => listed,
+    }
+}
+
+/// Says how the devices of a resumed run compare with those it trained on.
+fn note_devices(listed: bool, saved: Option<&Vec<usize>>, chosen: Option<&Vec<usize>>) {
+    let workers = |d: Option<&Vec<usize>>| d.map_or(1, Vec::len);
+    match (listed, saved) {
+        (false, Some(list)) => eprintln!(
+            "resuming on the run's devices {} (--devices changes them)",
+            list.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        (true, _) if workers(saved) != workers(chosen) => eprintln!(
+            "note: the run trained on {} worker(s) and goes on with {}: each worker normalises \
+             its own shard, so it will not equal a run that kept {0}",
+            workers(saved),
+            workers(chosen)
+        ),
+        _ => {}
+    }
+}
+
+pub(crate) fn run(args: RunArgs) -> Result<()> {
+    let chosen = chosen_devices(&args);
+    let devices = chosen.clone().unwrap_or(vec![args.backend.device]);
     if args.backend.backend != BackendKind::Cuda && devices.len() > MAX_CPU_WORKERS {
         bail!(
             "--devices lists {} workers; the CPU backends take at most {MAX_CPU_WORKERS}",
@@ -147,18 +195,9 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             ..args.backend.clone()
         })?;
     }
-    let out = match (&args.out, &args.recipe) {
-        (Some(out), _) => out.clone(),
-        (None, Some(recipe)) if !args.resume => {
-            let stem = Path::new(recipe)
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("run");
-            PathBuf::from("runs").join(stem)
-        }
-        _ => bail!("--out is required (the run directory)"),
-    };
-    let config = if args.resume {
+    let out = out_dir(&args)?;
+    let listed = args.devices.is_some();
+    let mut config = if args.resume {
         if let Some(recipe) = &args.recipe {
             bail!("--recipe {recipe} with --resume: a resumed run keeps its own configuration");
         }
@@ -172,6 +211,12 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         let recipe = args.recipe.as_deref().unwrap_or("quickstart");
         Some(apply_overrides(load_recipe(recipe)?, args.overrides)?)
     };
+    if let Some(c) = &mut config {
+        if args.resume {
+            note_devices(listed, c.devices.as_ref(), chosen.as_ref());
+        }
+        c.devices = chosen.clone();
+    }
     let (first_step_note, first_step_marker) = match &config {
         Some(c) => backend::first_step_note(&args.backend, &c.model.to_string(), c.batch_size),
         None => (None, None),
@@ -213,7 +258,7 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
         backend::Train {
             config,
             opts: &opts,
-            devices: args.devices.map(|DeviceList(list)| list),
+            devices: chosen,
             nodes,
         },
     ) {
