@@ -17,7 +17,6 @@ use crate::report;
 use crate::{BackendArgs, BackendKind, Precision, Switch};
 use clap::ValueEnum;
 
-#[cfg_attr(all(feature = "ndarray", feature = "cuda"), allow(dead_code))]
 /// The built-in model a run's configuration names.
 pub fn builtin_model(config: &TrainConfig) -> Result<ModelKind> {
     config.model.parse::<ModelKind>().map_err(|_| {
@@ -40,6 +39,7 @@ pub fn load_builtin<B: AutodiffBackend>(
     Ok(load_run_model::<B, _>(&kind, run, device)?)
 }
 
+#[cfg_attr(all(feature = "ndarray", feature = "cuda"), allow(dead_code))]
 fn not_compiled(name: &str) -> anyhow::Error {
     anyhow::anyhow!(
         "backend `{name}` is not compiled into this binary; rebuild with `cargo build --release -p ast-cli --features {name}`"
