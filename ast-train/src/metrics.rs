@@ -105,19 +105,14 @@ impl MetricsWriter {
         // Kept lines are kept byte for byte: re-serialising them would not round-trip every
         // float exactly, and a resumed run must equal an uninterrupted one.
         keep_json_lines(&writer.jsonl, "epoch", keep_before)?;
-        let csv = match std::fs::read_to_string(&writer.csv) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(TrainError::io(&writer.csv, e)),
-        };
-        let mut kept = String::from(CSV_HEADER);
-        for line in csv.split_inclusive('\n').skip(1) {
-            let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
-            if line.ends_with('\n') && epoch.is_some_and(|e| e < keep_before) {
-                kept.push_str(line);
-            }
+        // The CSV is rebuilt from the JSON records it repeats, so the two always agree (a torn
+        // row, or a record dropped above, cannot leave them apart). The same records give the
+        // same rows, byte for byte: serde_json reads back every float it wrote exactly.
+        let mut csv = String::from(CSV_HEADER);
+        for record in writer.read()? {
+            csv.push_str(&csv_lines(&record));
         }
-        write_atomic(&writer.csv, kept.as_bytes())?;
+        write_atomic(&writer.csv, csv.as_bytes())?;
         Ok(writer)
     }
 
@@ -331,6 +326,54 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(epoch: usize) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            lr: 0.1 / (epoch + 1) as f64,
+            train_loss: 2.0 / 3.0 + epoch as f64,
+            seconds: 1.25,
+            subnets: (0..2)
+                .map(|subnet| SubnetMetrics {
+                    subnet,
+                    density: 0.1 * (subnet + 1) as f64,
+                    loss: 1.0 / 7.0,
+                    top1: 0.3 + 0.01 * epoch as f64,
+                    top5: 0.9,
+                })
+                .collect(),
+            best_sparsest_top1: 0.3,
+            train: vec![SubnetTraining {
+                subnet: 1,
+                loss: 0.123_456_789,
+                top1: 0.5,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_csv_is_rebuilt_from_the_json_records_and_always_agrees_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = MetricsWriter::open(dir.path(), 0).unwrap();
+        for epoch in 0..3 {
+            writer.append(&record(epoch)).unwrap();
+        }
+        let whole = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        // A torn CSV row: rebuilt, byte for byte as written.
+        std::fs::write(dir.path().join("metrics.csv"), &whole[..whole.len() - 7]).unwrap();
+        MetricsWriter::open(dir.path(), 3).unwrap();
+        let rebuilt = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert_eq!(rebuilt, whole);
+        // A torn last JSON line: that epoch leaves both files.
+        let jsonl = dir.path().join(METRICS_FILE);
+        let text = std::fs::read_to_string(&jsonl).unwrap();
+        std::fs::write(&jsonl, &text[..text.len() - 5]).unwrap();
+        let writer = MetricsWriter::open(dir.path(), 3).unwrap();
+        assert_eq!(writer.read().unwrap().len(), 2);
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + 2 * 2);
+        assert!(whole.starts_with(&csv), "{csv}");
+    }
 
     #[test]
     fn top_k_counts_hand_computed_rows() {
