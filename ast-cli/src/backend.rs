@@ -379,7 +379,7 @@ fn pick_within_budget<B: Backend>(
             .min_by(|a, b| a.1.total_cmp(b.1))
             .expect("at least one sub-net");
         anyhow::bail!(
-            "no sub-net runs within {:.3} ms (the fastest, sub-net {fastest}, takes {:.3} ms): \
+            "no sub-net runs within {} ms (the fastest, sub-net {fastest}, takes {:.3} ms): \
              raise --latency-budget-ms or lower --latency-batch; nothing written",
             budget * 1000.0,
             t * 1000.0

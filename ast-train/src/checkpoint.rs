@@ -254,6 +254,10 @@ pub fn tidy(run_dir: &Path) -> Result<()> {
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = checkpoints_dir(run_dir).join("latest");
     match std::fs::read_to_string(&pointer) {
+        Ok(name) if name.trim().is_empty() || name.contains(['/', '\\']) => Err(corrupt(
+            &pointer,
+            "names no checkpoint directory: write the newest one's name there (e.g. epoch-0003)",
+        )),
         Ok(name) => Ok(Some(checkpoints_dir(run_dir).join(name.trim()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(TrainError::io(&pointer, e)),
@@ -860,6 +864,17 @@ mod tests {
                 numel - 1
             );
             assert!(err.contains(&expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_latest_pointer_naming_no_checkpoint_is_one_line() {
+        let run = tempfile::tempdir().unwrap();
+        std::fs::create_dir(run.path().join("checkpoints")).unwrap();
+        for name in ["", "\n", "../../etc"] {
+            std::fs::write(run.path().join("checkpoints/latest"), name).unwrap();
+            let err = latest(run.path()).unwrap_err().to_string();
+            assert!(err.contains("names no checkpoint directory"), "{err}");
         }
     }
 

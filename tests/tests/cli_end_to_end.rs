@@ -158,7 +158,7 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
     // None fits a budget below the fastest: one error line, eval.json left as it was.
     let before = std::fs::read(out.join("eval.json")).unwrap();
     let args = ["eval", "--run", out_s, "--latency-budget-ms", "0.000001"];
-    fails_with(&args, "no sub-net runs within");
+    fails_with(&args, "no sub-net runs within 0.000001 ms");
     assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
     let output = cli(&["eval", "--run", out_s, "--latency-budget-ms", "-3"]);
     assert!(!output.status.success());
