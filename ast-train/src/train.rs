@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self};
+use crate::checkpoint;
 use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
