@@ -214,6 +214,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             reason: "the run has no checkpoint yet".into(),
         })?;
         let (loaded, saved) = checkpoint::load(&dir, model, &mut self.ast)?;
+        if self.leader {
+            // What the interrupted run left half-written (a second signal during its
+            // checkpoint, a full disk) goes now, not at the end of the run.
+            checkpoint::tidy(&opts.dir)?;
+        }
         let steps_per_epoch = self.steps_per_epoch;
         let start = saved.next_epoch * steps_per_epoch;
         let mid_epoch = saved.iteration != start;

@@ -549,6 +549,39 @@ fn a_directory_that_is_not_a_run_keeps_the_users_files() {
 }
 
 #[test]
+fn a_resume_removes_what_the_interrupted_run_left_half_written() {
+    let work = tempfile::tempdir().unwrap();
+    let data = tiny_idx_data(work.path(), 32, 16);
+    let out = work.path().join("run");
+    let args = quick(
+        &data,
+        &out,
+        &["--epochs", "3", "--stop-after-iterations", "3"],
+    );
+    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(output.status.success(), "{}", stderr(&output));
+    // Left by a second signal during a checkpoint, and by a full disk during a rewrite.
+    let stray = out.join("checkpoints/.tmp-epoch-0001-iter-000000003");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("model.safetensors"), b"half").unwrap();
+    std::fs::write(out.join("metrics.jsonl.tmp"), b"half").unwrap();
+    // Resumed, and stopped again before the end: the strays are gone already.
+    let o = out.to_str().unwrap();
+    let output = cli(&[
+        "run",
+        "--resume",
+        "--quiet",
+        "--out",
+        o,
+        "--stop-after-iterations",
+        "5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stray.exists());
+    assert!(!out.join("metrics.jsonl.tmp").exists());
+}
+
+#[test]
 fn a_huge_checkpoint_interval_does_not_wrap_to_every_iteration() {
     let work = tempfile::tempdir().unwrap();
     let data = tiny_idx_data(work.path(), 32, 16);
