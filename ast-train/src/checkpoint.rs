@@ -40,7 +40,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::metrics::write_atomic;
+use crate::metrics::{temporary_of, write_atomic};
 
 /// Checkpoints kept in a run directory (older ones are removed).
 pub const KEEP: usize = 2;
@@ -86,10 +86,14 @@ pub const SUMS_FILE: &str = "SHA256SUMS";
 /// The files [`SUMS_FILE`] covers.
 const SUMMED: [&str; 4] = [MODEL_FILE, MASKS_FILE, OPTIMIZER_FILE, STATE_FILE];
 
-/// Every tensor of `model` in [`MODEL_FILE`]: all but the masked layers' masks, which
+/// The module paths of `model`'s masks.
+fn mask_paths<B: Backend, M: Module<B>>(model: &M) -> HashSet<String> {
+    mask_slots(model).into_iter().map(|(p, _, _)| p).collect()
+}
+
+/// Every tensor of `model` in [`MODEL_FILE`]: all but its `masks` (their paths), which
 /// [`MASKS_FILE`] holds.
-fn model_file_filter<B: Backend, M: Module<B>>(model: &M) -> PathFilter {
-    let masks: HashSet<String> = mask_slots(model).into_iter().map(|(p, _, _)| p).collect();
+fn model_file_filter<B: Backend, M: Module<B>>(model: &M, masks: &HashSet<String>) -> PathFilter {
     let kept: Vec<String> = model
         .collect(None, None, false)
         .iter()
@@ -154,7 +158,7 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>>(
     // change from process to process.
     let mut store = SafetensorsStore::from_file(&model_file)
         .clear_metadata()
-        .filter(model_file_filter(model));
+        .filter(model_file_filter(model, &mask_paths(model)));
     model
         .save_into(&mut store)
         .map_err(|e| TrainError::io(&model_file, e))?;
@@ -213,9 +217,9 @@ fn prune_old(root: &Path, current: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes what an interrupted checkpoint or finish left in `run_dir`: unfinished checkpoint
+/// Removes what an interrupted checkpoint left in `run_dir`: unfinished checkpoint
 /// directories (`.tmp-…`), checkpoints beyond the [`KEEP`] newest up to `latest`, and the
-/// temporary files of the run's atomic writes.
+/// pointer's temporary file.
 pub fn tidy(run_dir: &Path) -> Result<()> {
     let root = checkpoints_dir(run_dir);
     if let Some(latest) = latest(run_dir)? {
@@ -224,30 +228,21 @@ pub fn tidy(run_dir: &Path) -> Result<()> {
     }
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp-") {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
                 let path = entry.path();
                 std::fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
-            } else if name.starts_with("latest.") {
-                // The pointer's own temporary file.
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
             }
         }
     }
-    for name in [
-        "summary.json.tmp",
-        "metrics.jsonl.tmp",
-        "metrics.csv.tmp",
-        "events.jsonl.tmp",
-        "config.json.tmp",
-    ] {
-        let path = run_dir.join(name);
-        if path.is_file() {
-            std::fs::remove_file(&path).map_err(|e| TrainError::io(&path, e))?;
-        }
+    remove_file_if_present(&temporary_of(&root.join("latest")))
+}
+
+/// Removes the plain file `path`, if there is one.
+pub(crate) fn remove_file_if_present(path: &Path) -> Result<()> {
+    match path.is_file() {
+        true => std::fs::remove_file(path).map_err(|e| TrainError::io(path, e)),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 /// The newest complete checkpoint of a run, if any.
@@ -357,11 +352,13 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut store = SafetensorsStore::from_file(&model_file);
     // The masks file holds the masks: the model file's are missing by design.
     let masks: HashSet<String> = match packed {
-        true => mask_slots(&model).into_iter().map(|(p, _, _)| p).collect(),
+        true => mask_paths(&model),
         false => HashSet::new(),
     };
     if packed {
-        store = store.filter(model_file_filter(&model)).allow_partial(true);
+        store = store
+            .filter(model_file_filter(&model, &masks))
+            .allow_partial(true);
     }
     let misfit = |why: &str| {
         corrupt(

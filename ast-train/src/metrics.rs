@@ -250,14 +250,19 @@ fn append(path: &Path, text: &str) -> Result<()> {
 /// Writes `bytes` to `path` through a temporary file and a rename: a crash leaves the old or the
 /// new content, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = temporary_of(path);
     let mut file = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     file.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
     file.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The temporary file [`write_atomic`] writes `path` through (`metrics.jsonl.tmp`).
+pub(crate) fn temporary_of(path: &Path) -> PathBuf {
+    path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ))
 }
 
 /// Progress of an epoch: a redrawn bar with ETA on a terminal, a plain line every tenth of the

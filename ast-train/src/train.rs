@@ -22,7 +22,7 @@ use crate::data::{
 };
 use crate::error::{Result, TrainError};
 use crate::lock::{RunLock, LOCK_FILE};
-use crate::metrics::{top_k_correct, write_atomic, SubnetMetrics, METRICS_FILE};
+use crate::metrics::{temporary_of, top_k_correct, write_atomic, SubnetMetrics, METRICS_FILE};
 use crate::parallel::{CrossNode, Team};
 use crate::trainer::{run_worker, Worker};
 
@@ -327,6 +327,20 @@ fn remove_run_files(dir: &Path) -> Result<()> {
     }
     // Only when nothing of anyone else's is left in it.
     let _ = std::fs::remove_dir(&checkpoints);
+    Ok(())
+}
+
+/// Removes what an interrupted run left half-written in `dir`: unfinished and superseded
+/// checkpoints ([`checkpoint::tidy`]) and the temporary files of its atomic writes.
+pub(crate) fn tidy_run(dir: &Path) -> Result<()> {
+    checkpoint::tidy(dir)?;
+    for name in RUN_FILES
+        .iter()
+        .chain([&CONFIG_FILE])
+        .filter(|&&n| n != CHECKPOINTS_DIR)
+    {
+        checkpoint::remove_file_if_present(&temporary_of(&dir.join(name)))?;
+    }
     Ok(())
 }
 

@@ -28,8 +28,8 @@ use crate::metrics::{
 };
 use crate::parallel::Team;
 use crate::train::{
-    data_threads, evaluate, read_run_config, recalibrate_batch_norms, sparsest, to_tensors,
-    DataSources, RunOptions, RunSummary, CONFIG_FILE, SUMMARY_FILE,
+    data_threads, evaluate, read_run_config, recalibrate_batch_norms, sparsest, tidy_run,
+    to_tensors, DataSources, RunOptions, RunSummary, CONFIG_FILE, SUMMARY_FILE,
 };
 use crate::TrainConfig;
 
@@ -217,7 +217,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         if self.leader {
             // What the interrupted run left half-written (a second signal during its
             // checkpoint, a full disk) goes now, not at the end of the run.
-            checkpoint::tidy(&opts.dir)?;
+            tidy_run(&opts.dir)?;
         }
         let steps_per_epoch = self.steps_per_epoch;
         let start = saved.next_epoch * steps_per_epoch;
@@ -614,7 +614,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         if !self.leader {
             return Ok(None);
         }
-        checkpoint::tidy(&self.opts.dir)?;
+        tidy_run(&self.opts.dir)?;
         checkpoint::kill_point("run-tidied");
         let summary = self.summary(self.config.epochs, false);
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
