@@ -6,8 +6,8 @@ use super::dense::{direct_is_faster, forward_im2col};
 use super::direct::{forward_buffers, forward_direct_sample, DirectWeight};
 use super::geometry::ConvGeometry;
 use super::layout::{apply_epilogue, Epilogue};
-use super::plan::MaskedConvPlan;
-use super::sparse::{by_positions_wide_len, SparseKernel, SparseSample, SparseWeight};
+use super::plan::{masked, MaskedConvPlan};
+use super::sparse::{SparseKernel, SparseSample, SparseWeight};
 
 /// The weights of a [`ForwardPlan`].
 #[derive(Debug, Clone, PartialEq)]
@@ -43,16 +43,35 @@ impl ForwardPlan {
     /// # Panics
     /// If the geometry is not [`ConvGeometry::supported`] or the lengths do not match it.
     pub fn new(geometry: ConvGeometry, weight: &[f32], mask: &[bool]) -> Self {
+        let active = mask.iter().filter(|&&m| m).count();
+        let sparse = MaskedConvPlan::picks_sparse(&geometry, active);
+        Self::with_form(geometry, weight, mask, sparse)
+    }
+
+    /// [`Self::new`] with the form chosen by the caller: the sparse form, or the dense one
+    /// (the direct kernel where it is faster, else im2col + GEMM). For benchmarks and for a
+    /// caller with its own cost model.
+    ///
+    /// # Panics
+    /// As [`Self::new`]; also if `sparse` is asked with unequal strides.
+    pub fn with_form(geometry: ConvGeometry, weight: &[f32], mask: &[bool], sparse: bool) -> Self {
         let geometry = ConvGeometry {
             batch: 1,
             ..geometry
         };
-        let form = match MaskedConvPlan::new(geometry, weight, mask).weights {
-            super::PlanWeights::Sparse(w) => Form::Sparse(w),
-            super::PlanWeights::Dense(w) if direct_is_faster(&geometry) => {
+        assert!(
+            geometry.supported(),
+            "conv kernels: unsupported geometry {geometry:?}"
+        );
+        let form = if sparse {
+            Form::Sparse(SparseWeight::new(&geometry, weight, mask))
+        } else {
+            let w = masked(weight, mask);
+            if direct_is_faster(&geometry) {
                 Form::Direct(DirectWeight::new(&geometry, &w))
+            } else {
+                Form::Im2col(w)
             }
-            super::PlanWeights::Dense(w) => Form::Im2col(w),
         };
         Self { geometry, form }
     }
@@ -73,7 +92,7 @@ impl ForwardPlan {
         let (padded, wide) = match &self.form {
             Form::Direct(w) => forward_buffers(g, w),
             Form::Im2col(_) => (0, 0),
-            Form::Sparse(_) => (g.sparse_buffer_len(), by_positions_wide_len(g)),
+            Form::Sparse(_) => (g.sparse_buffer_len(), 0),
         };
         ForwardScratch {
             geometry: *g,

@@ -69,6 +69,44 @@ pub(crate) fn widen(g: &ConvGeometry, plane: &[f32], wide: &mut [f32]) {
     }
 }
 
+/// Sample `x` laid out in `buffer` as the sparse kernels read it: zero-padded
+/// ([`pad_input`]), and for a stride above 1 in its stride phases ([`phases_of`]); returns what
+/// the products read. For stride 2 the input goes straight into its two phases, one pass
+/// instead of two (the padding copy and the strided phase copy took most of a stride-2 layer's
+/// inference time at low density). As for [`pad_input`], only the interior is written.
+#[inline(always)]
+pub(crate) fn padded_phases<'a>(g: &ConvGeometry, x: &[f32], buffer: &'a mut [f32]) -> &'a [f32] {
+    if g.stride[1] != 2 {
+        pad_input(g, x, buffer);
+        return phases_of(g, buffer);
+    }
+    let [h, w] = g.in_hw;
+    let [hp, wp] = g.padded_hw();
+    let [ph, pw] = g.padding;
+    let l = g.phase_len();
+    let phases = &mut buffer[g.padded_buffer_len()..];
+    let (first, second) = phases.split_at_mut(l);
+    for (ci, channel) in x.chunks_exact(h * w).enumerate() {
+        for (r, row) in channel.chunks_exact(w).enumerate() {
+            // Padded position `b + c` of column `c`: phase `(b + c) mod 2`, index `(b + c)/2`.
+            let b = ci * hp * wp + (r + ph) * wp + pw;
+            let (even, odd) = match b % 2 {
+                0 => (&mut first[b / 2..], &mut second[b / 2..]),
+                _ => (&mut second[b / 2..], &mut first[b / 2 + 1..]),
+            };
+            let pairs = row.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                even[w / 2] = *last;
+            }
+            for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+                *e = pair[0];
+                *o = pair[1];
+            }
+        }
+    }
+    phases
+}
+
 /// Splits a sparse kernel's padded buffer into the padded input and the stride phases, and
 /// for a stride above 1 copies the padded input into its phases: `phases[r·L + i] =
 /// padded[i·s + r]`. Returns what the products read (the padded input for stride 1).

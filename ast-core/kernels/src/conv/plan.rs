@@ -59,6 +59,23 @@ pub struct MaskedConvPlan {
     pub weights: PlanWeights,
 }
 
+/// `weight ⊙ mask`.
+///
+/// # Panics
+/// If the lengths differ.
+pub(crate) fn masked(weight: &[f32], mask: &[bool]) -> Vec<f32> {
+    assert_eq!(
+        weight.len(),
+        mask.len(),
+        "conv kernels: weight and mask lengths"
+    );
+    weight
+        .iter()
+        .zip(mask)
+        .map(|(&w, &m)| if m { w } else { 0.0 })
+        .collect()
+}
+
 impl MaskedConvPlan {
     /// Chooses the sparse form where [`sparse_is_faster`] and for depthwise-like layers (one
     /// input channel per group, where a GEMM has a single row), else the dense form; the sparse
@@ -75,18 +92,7 @@ impl MaskedConvPlan {
         let weights = if Self::picks_sparse(&geometry, active) {
             PlanWeights::Sparse(SparseWeight::new(&geometry, weight, mask))
         } else {
-            assert_eq!(
-                weight.len(),
-                mask.len(),
-                "conv kernels: weight and mask lengths"
-            );
-            PlanWeights::Dense(
-                weight
-                    .iter()
-                    .zip(mask)
-                    .map(|(&w, &m)| if m { w } else { 0.0 })
-                    .collect(),
-            )
+            PlanWeights::Dense(masked(weight, mask))
         };
         Self { geometry, weights }
     }

@@ -6,14 +6,14 @@ use rayon::prelude::*;
 
 use super::geometry::{check, ConvGeometry};
 use super::layout::{
-    copy_row, pad_input, phases_of, sum_in_order, widen, write_out, Epilogue, GRAD_CHUNK,
+    copy_row, finish_row, pad_input, padded_phases, sum_in_order, widen, Epilogue, GRAD_CHUNK,
 };
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
 pub(crate) enum SparseKernel {
     /// One sample's forward with blocks of positions outside and output channels inside
-    /// ([`forward_by_positions`]); `wide` holds every output channel's wide plane.
+    /// ([`forward_by_positions`]); `wide` is not used.
     ForwardByPositions,
     Forward,
     InputGrad,
@@ -46,7 +46,7 @@ impl pulp::WithSimd for SparseSample<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let Self {
             kernel,
             g,
@@ -59,18 +59,18 @@ impl pulp::WithSimd for SparseSample<'_> {
             epilogue,
         } = self;
         match kernel {
-            SparseKernel::Forward => forward_sparse_sample(g, input, w, out, padded, wide),
+            SparseKernel::Forward => forward_sparse_sample(simd, g, input, w, out, padded, wide),
             SparseKernel::ForwardByPositions => {
-                forward_by_positions(g, input, w, out, padded, wide, epilogue.as_ref())
+                forward_by_positions(simd, g, input, w, out, padded, epilogue.as_ref())
             }
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGradByInput => {
                 lay_out_dy(g, input, padded);
-                gather_input_grad(g, w, padded, wide, out);
+                gather_input_grad(simd, g, w, padded, wide, out);
             }
             SparseKernel::InputGradByInputInPlace => {
                 lay_out_dy(g, out, padded);
-                gather_input_grad(g, w, padded, wide, out);
+                gather_input_grad(simd, g, w, padded, wide, out);
             }
             SparseKernel::WeightGrad => {
                 weight_grad_sparse_sample(g, input, dy, w, out, padded, wide)
@@ -238,42 +238,71 @@ impl SparseWeight {
     }
 }
 
-/// `wide[base..base + B] = Σ_e values[e] · src[starts[e] + base..][..B]`, with the `B` sums
-/// held in registers across all the entries (output-stationary): one load per multiply-add
-/// instead of the load, add and store of an output that each entry's pass over the plane
-/// costs.
+/// `out[..V·L] = Σ_e values[e] · src[starts[e] + base..][..V·L]` for `L` lanes per
+/// vector, the `V` vector sums held in registers across all the entries (output-stationary):
+/// one load and one fused multiply-add per vector and entry, instead of the load, add and
+/// store of an output that each entry's pass over the plane costs. Fused multiply-adds round
+/// once, on every CPU (pulp computes them exactly where the CPU has none), so the sums are the
+/// same bits everywhere.
 #[inline(always)]
-fn gather_block<const B: usize>(
-    wide: &mut [f32],
+fn gather_vectors<S: pulp::Simd, const V: usize>(
+    simd: S,
+    out: &mut [f32],
     src: &[f32],
     starts: &[usize],
     values: &[f32],
     base: usize,
 ) {
-    let mut acc = [0.0f32; B];
+    let lanes = V * S::F32_LANES;
+    let mut acc = [simd.splat_f32s(0.0); V];
     for (&start, &v) in starts.iter().zip(values) {
-        let inp: &[f32; B] = src[start + base..][..B]
-            .try_into()
-            .expect("a block of B values");
-        for (a, &x) in acc.iter_mut().zip(inp) {
-            *a += v * x;
+        let (xs, _) = S::as_simd_f32s(&src[start + base..][..lanes]);
+        let v = simd.splat_f32s(v);
+        for (a, &x) in acc.iter_mut().zip(xs) {
+            *a = simd.mul_add_f32s(v, x, *a);
         }
     }
-    wide[base..base + B].copy_from_slice(&acc);
+    let (out, _) = S::as_mut_simd_f32s(&mut out[..lanes]);
+    out.copy_from_slice(&acc);
+}
+
+/// [`gather_vectors`] over `B` positions (128, 64 or 16, a whole number of vectors on every
+/// SIMD level pulp dispatches to: 16, 8, 4 or 1 lanes).
+#[inline(always)]
+fn gather_block<S: pulp::Simd, const B: usize>(
+    simd: S,
+    out: &mut [f32],
+    src: &[f32],
+    starts: &[usize],
+    values: &[f32],
+    base: usize,
+) {
+    match (B, S::F32_LANES) {
+        (128, 16) | (64, 8) => gather_vectors::<S, 8>(simd, out, src, starts, values, base),
+        (128, 8) => gather_vectors::<S, 16>(simd, out, src, starts, values, base),
+        (128, 4) => gather_vectors::<S, 32>(simd, out, src, starts, values, base),
+        (128, 1) => gather_vectors::<S, 128>(simd, out, src, starts, values, base),
+        (64, 16) | (16, 4) => gather_vectors::<S, 4>(simd, out, src, starts, values, base),
+        (64, 4) | (16, 1) => gather_vectors::<S, 16>(simd, out, src, starts, values, base),
+        (64, 1) => gather_vectors::<S, 64>(simd, out, src, starts, values, base),
+        (16, 16) => gather_vectors::<S, 1>(simd, out, src, starts, values, base),
+        (16, 8) => gather_vectors::<S, 2>(simd, out, src, starts, values, base),
+        _ => unreachable!("blocks of 64 or 16 positions, vectors of 16, 8, 4 or 1 lanes"),
+    }
 }
 
 /// `out[j] = Σ_e values[e] · src[starts[e] + j]` for every `j` (`out.len()` a multiple of 16),
 /// in [`gather_block`]s.
 #[inline(always)]
-fn gather(out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
+fn gather<S: pulp::Simd>(simd: S, out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
     let len = out.len();
     let mut base = 0;
     while base + 64 <= len {
-        gather_block::<64>(out, src, starts, values, base);
+        gather_block::<S, 64>(simd, &mut out[base..], src, starts, values, base);
         base += 64;
     }
     while base < len {
-        gather_block::<16>(out, src, starts, values, base);
+        gather_block::<S, 16>(simd, &mut out[base..], src, starts, values, base);
         base += 16;
     }
 }
@@ -308,51 +337,91 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
         );
 }
 
-/// The wide-plane buffer of [`forward_by_positions`]: one wide plane per output channel.
-pub(crate) fn by_positions_wide_len(g: &ConvGeometry) -> usize {
-    g.c_out * g.lanes_len()
-}
-
-/// [`forward_sparse_sample`] with the loops the other way round: for each block of 64 output
+/// [`forward_sparse_sample`] with the loops the other way round: for each block of output
 /// positions, every output channel's entries, so that the input rows a block reads (all input
 /// channels, a few rows each) stay in L1 across the output channels; the other order streams
-/// the whole padded input from L2 once per output channel. `wide` holds every channel's wide
-/// plane ([`by_positions_wide_len`]). Training keeps the other order: there the larger buffer
-/// competed with the step's other data for the cache (measured, DEVELOPERS.md); a forward pass
-/// of one image has the cache to itself. The same sums in the same order, so the same bits.
+/// the whole padded input from L2 once per output channel. Each channel's block of sums goes
+/// from registers through a block on the stack straight into `y`, finished by the `epilogue`
+/// ([`finish_block`]): no wide plane is written and read again. Training keeps the other
+/// order: there the larger working set competed with the step's other data for the cache
+/// (measured, DEVELOPERS.md); a forward pass of one image has the cache to itself. The same
+/// sums in the same order, so the same bits.
 #[inline(always)]
-fn forward_by_positions(
+fn forward_by_positions<S: pulp::Simd>(
+    simd: S,
     g: &ConvGeometry,
     x: &[f32],
     w: &SparseWeight,
     y: &mut [f32],
     padded: &mut [f32],
-    wide: &mut [f32],
     epilogue: Option<&Epilogue<'_>>,
 ) {
-    let [_, wo] = g.out_hw().expect("supported geometry");
+    let [ho, wo] = g.out_hw().expect("supported geometry");
     let (wp, len) = (g.padded_hw()[1], g.lanes_len());
-    pad_input(g, x, padded);
-    let src = phases_of(g, padded);
+    let src = padded_phases(g, x, padded);
+    let mut sums = [0.0f32; 128];
     let mut base = 0;
     while base < len {
-        let block = if base + 64 <= len { 64 } else { 16 };
-        for co in 0..g.c_out {
+        let block = match len - base {
+            128.. => 128,
+            64.. => 64,
+            _ => 16,
+        };
+        for (co, plane) in y.chunks_exact_mut(ho * wo).enumerate() {
             let entries = w.row_start[co]..w.row_start[co + 1];
             let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
-            let plane = &mut wide[co * len..][..len];
             match block {
-                64 => gather_block::<64>(plane, src, starts, values, base),
-                _ => gather_block::<16>(plane, src, starts, values, base),
+                128 => gather_block::<S, 128>(simd, &mut sums, src, starts, values, base),
+                64 => gather_block::<S, 64>(simd, &mut sums, src, starts, values, base),
+                _ => gather_block::<S, 16>(simd, &mut sums, src, starts, values, base),
             }
+            let finish = epilogue.map(|e| {
+                (
+                    e.bias[co],
+                    e.residual.map(|r| &r[co * ho * wo..][..ho * wo]),
+                    e.relu,
+                )
+            });
+            finish_block(plane, &sums[..block], base, [ho, wp, wo], finish);
         }
         base += block;
     }
-    write_out(y, wide, [len, wp, wo], 0..g.c_out, epilogue);
+}
+
+/// Writes the wide positions `base..base + sums.len()` of one output channel (rows `wp` apart,
+/// the first `wo` of each row valid, `ho` rows) into its plane `[ho, wo]`, as `act(sum + bias
+/// + residual)` where there is an epilogue (`(bias, the channel's residual plane, relu)`).
+#[inline(always)]
+fn finish_block(
+    plane: &mut [f32],
+    sums: &[f32],
+    base: usize,
+    [ho, wp, wo]: [usize; 3],
+    epilogue: Option<(f32, Option<&[f32]>, bool)>,
+) {
+    let end = base + sums.len();
+    let mut row = base / wp;
+    while row < ho && row * wp < end {
+        let (first, last) = (base.saturating_sub(row * wp), (end - row * wp).min(wo));
+        if first < last {
+            let at = row * wo + first;
+            let dst = &mut plane[at..at + last - first];
+            let src = &sums[row * wp + first - base..];
+            match epilogue {
+                None => copy_row(dst, &src[..dst.len()]),
+                Some((bias, residual, relu)) => {
+                    let residual = residual.map(|r| &r[at..at + dst.len()]);
+                    finish_row(dst, src, bias, residual, relu)
+                }
+            }
+        }
+        row += 1;
+    }
 }
 
 #[inline(always)]
-fn forward_sparse_sample(
+fn forward_sparse_sample<S: pulp::Simd>(
+    simd: S,
     g: &ConvGeometry,
     x: &[f32],
     w: &SparseWeight,
@@ -362,8 +431,7 @@ fn forward_sparse_sample(
 ) {
     let [_, wo] = g.out_hw().expect("supported geometry");
     let (wp, len) = (g.padded_hw()[1], g.lanes_len());
-    pad_input(g, x, padded);
-    let src = phases_of(g, padded);
+    let src = padded_phases(g, x, padded);
     for (co, out) in y.chunks_exact_mut(g.out_plane()).enumerate() {
         let entries = w.row_start[co]..w.row_start[co + 1];
         if entries.is_empty() {
@@ -371,6 +439,7 @@ fn forward_sparse_sample(
             continue;
         }
         gather(
+            simd,
             &mut wide[..len],
             src,
             &w.start[entries.clone()],
@@ -441,7 +510,8 @@ fn lay_out_dy(g: &ConvGeometry, dy: &[f32], buffer: &mut [f32]) {
 /// that read that channel, and its interior copied out. No pass clears or scatters into a
 /// padded `dx`.
 #[inline(always)]
-fn gather_input_grad(
+fn gather_input_grad<S: pulp::Simd>(
+    simd: S,
     g: &ConvGeometry,
     w: &SparseWeight,
     buffer: &[f32],
@@ -458,6 +528,7 @@ fn gather_input_grad(
             continue;
         }
         gather(
+            simd,
             plane,
             buffer,
             &w.by_input_read[entries.clone()],
@@ -569,8 +640,7 @@ fn weight_grad_sparse_sample(
     wide: &mut [f32],
 ) {
     let len = g.lanes_len();
-    pad_input(g, x, padded);
-    let src = phases_of(g, padded);
+    let src = padded_phases(g, x, padded);
     for (co, plane) in dy.chunks_exact(g.out_plane()).enumerate() {
         widen(g, plane, wide);
         for e in w.row_start[co]..w.row_start[co + 1] {
@@ -660,7 +730,7 @@ impl pulp::WithSimd for FusedSample<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
         let Self {
             g,
             w,
@@ -674,17 +744,17 @@ impl pulp::WithSimd for FusedSample<'_> {
             GradBuffers::OverInput { x, dy } => {
                 pad_input(g, x, padded);
                 lay_out_dy(g, dy, buffer);
-                gather_input_grad(g, w, buffer, plane, x);
+                gather_input_grad(simd, g, w, buffer, plane, x);
             }
             GradBuffers::OverDy { x, dy } => {
                 pad_input(g, x, padded);
                 lay_out_dy(g, dy, buffer);
-                gather_input_grad(g, w, buffer, plane, dy);
+                gather_input_grad(simd, g, w, buffer, plane, dy);
             }
             GradBuffers::Separate { x, dy, dx } => {
                 pad_input(g, x, padded);
                 lay_out_dy(g, dy, buffer);
-                gather_input_grad(g, w, buffer, plane, dx);
+                gather_input_grad(simd, g, w, buffer, plane, dx);
             }
         }
         let (len, margin, cl) = (g.lanes_len(), g.dy_margin(), g.dy_channel_len());
