@@ -710,6 +710,29 @@ pub struct BenchInferArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also print, per sub-net and for the dense model, where one image's pass spends its
+    /// time: each layer's form (sparse, direct, im2col), multiply-adds and median time.
+    #[arg(long)]
+    pub layers: bool,
+}
+
+/// Prints [`InferenceModel::profile`] of sub-net `k` of `model`.
+fn print_layers(title: &str, model: &InferenceModel, k: usize, runs: usize) -> Result<()> {
+    let steps = model.profile(k, runs)?;
+    let total: f64 = steps.iter().map(|s| s.median_us).sum();
+    println!("{title}, one image, per layer: form, multiply-adds, median µs, GMAC/s");
+    for s in &steps {
+        println!(
+            "  {:<36} {:<7} {:9.3} M {:9.1} µs {:7.1}",
+            s.layer,
+            s.form,
+            s.multiply_adds as f64 / 1e6,
+            s.median_us,
+            s.multiply_adds as f64 / s.median_us / 1e3
+        );
+    }
+    println!("  {:<36} {:<7} {:>11} {total:9.1} µs", "sum", "", "");
+    Ok(())
 }
 
 /// Peak resident memory of this process in MiB (`VmHWM`), where the system says.
@@ -879,6 +902,17 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
                 "batch": batch, "subnet": k, "density": s.density, "multiply_adds": work[k],
                 "median_ms": l.median_ms, "p90_ms": l.p90_ms,
             }));
+        }
+    }
+    if args.layers {
+        print_layers("dense (all-ones masks)", &dense, 0, runs)?;
+        for (k, s) in model.header().subnets.iter().enumerate() {
+            print_layers(
+                &format!("sub-net {k} (density {:.4})", s.density),
+                &model,
+                k,
+                runs,
+            )?;
         }
     }
     let peak = peak_rss_mib();

@@ -34,5 +34,5 @@ pub mod pick;
 pub use error::InferError;
 pub use format::{export, with_header, Calibration, Header, Params, SubnetInfo, Values};
 pub use graph::{ConvSpec, Graph, NormRef, Op};
-pub use model::{argmax, InferenceModel};
+pub use model::{argmax, InferenceModel, StepTime};
 pub use pick::{best_within_budget, Latency};

@@ -11,12 +11,12 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ast_kernels::conv::{Epilogue, ForwardPlan, ForwardScratch};
+use ast_kernels::conv::{Epilogue, ForwardPlan, ForwardScratch, Placement};
 use rayon::prelude::*;
 
 use crate::error::{corrupt, InferError, Result};
 use crate::format::{geometry, Header, ModelFile};
-use crate::graph::Op;
+use crate::graph::{Graph, Op};
 
 /// One operation, ready to run for one sub-net.
 #[derive(Debug)]
@@ -24,6 +24,8 @@ use crate::graph::Op;
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Conv {
+        /// The module path of the convolution.
+        layer: String,
         input: usize,
         output: usize,
         plan: ForwardPlan,
@@ -40,6 +42,8 @@ enum Step {
         channels: usize,
     },
     Linear {
+        /// The module path of the layer.
+        layer: String,
         input: usize,
         output: usize,
         /// `[d_in, d_out]`, zero outside the sub-net's mask.
@@ -67,6 +71,15 @@ impl Step {
         }
     }
 
+    /// Its layer's module path and the form it runs in.
+    fn describe(&self) -> (&str, &'static str) {
+        match self {
+            Step::Conv { layer, plan, .. } => (layer, plan.form_name()),
+            Step::Pool { .. } => ("global average pool", "pool"),
+            Step::Linear { layer, .. } => (layer, "dense"),
+        }
+    }
+
     /// The buffers it reads and writes.
     fn io(&self) -> (usize, usize) {
         match self {
@@ -77,11 +90,134 @@ impl Step {
     }
 }
 
+/// How a graph buffer holds one image's values: compact, or `[C, H, W]` planes inside a zero
+/// border of `pad` that the convolutions reading it with that padding read in place (see
+/// [`ForwardPlan::forward_laid_out`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    /// `[C, H, W]` for a buffer of planes (`None` for vectors).
+    shape: Option<[usize; 3]>,
+    pad: usize,
+    /// Values held, border and slack included.
+    len: usize,
+}
+
+impl Layout {
+    /// Where a padded buffer's planes are, and their shape.
+    fn padded(&self) -> Option<(Placement, [usize; 3])> {
+        let [c, h, w] = self.shape.filter(|_| self.pad > 0)?;
+        Some((Placement::new([h, w], self.pad), [c, h, w]))
+    }
+}
+
+/// Each buffer's layout. A buffer of planes takes the padding most of the convolutions that
+/// read it have, so that they read it in place; a convolution's output and its residual share
+/// one layout (the epilogue adds them position by position), so buffers tied by residuals
+/// decide together, by all their readers. The image, vectors and buffers no convolution
+/// reads are compact.
+fn layouts(graph: &Graph) -> Result<Vec<Layout>> {
+    let lens = graph.buffer_lens().map_err(corrupt)?;
+    // A buffer seen with two shapes (a graph may reuse one) stays compact.
+    let mut shapes: Vec<Option<Option<[usize; 3]>>> = vec![None; lens.len()];
+    fn shape_of(shapes: &mut [Option<Option<[usize; 3]>>], b: usize, shape: [usize; 3]) {
+        shapes[b] = match shapes[b] {
+            None => Some(Some(shape)),
+            Some(s) if s == Some(shape) => Some(s),
+            Some(_) => Some(None),
+        };
+    }
+    shape_of(&mut shapes, 0, graph.input);
+    // Buffers tied by residuals: a union-find over buffer indices.
+    let mut tie: Vec<usize> = (0..lens.len()).collect();
+    fn root(tie: &mut [usize], mut b: usize) -> usize {
+        while tie[b] != b {
+            tie[b] = tie[tie[b]];
+            b = tie[b];
+        }
+        b
+    }
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); lens.len()];
+    for op in &graph.ops {
+        if let Op::Conv {
+            input,
+            output,
+            conv,
+            residual,
+            ..
+        } = op
+        {
+            let [ho, wo] = conv.out_hw().expect("checked by buffer_lens");
+            shape_of(
+                &mut shapes,
+                *input,
+                [conv.c_in, conv.in_hw[0], conv.in_hw[1]],
+            );
+            shape_of(&mut shapes, *output, [conv.c_out, ho, wo]);
+            let [p, q] = conv.padding;
+            readers[*input].push(if p == q { p } else { 0 });
+            if let Some(r) = residual {
+                let (a, b) = (root(&mut tie, *r), root(&mut tie, *output));
+                tie[a] = b;
+            }
+        }
+    }
+    // Per group, the paddings its convolutions read with; the most frequent wins (the larger
+    // on a tie); none or 0: compact.
+    let mut votes: Vec<Vec<usize>> = vec![Vec::new(); lens.len()];
+    for (b, r) in readers.iter().enumerate() {
+        let g = root(&mut tie, b);
+        votes[g].extend(r);
+    }
+    let pick = |v: &[usize]| {
+        let count = |p: usize| v.iter().filter(|&&q| q == p).count();
+        v.iter()
+            .copied()
+            .max_by_key(|&p| (count(p), p))
+            .unwrap_or(0)
+    };
+    let shapes: Vec<Option<[usize; 3]>> = shapes.into_iter().map(Option::flatten).collect();
+    // A group with a buffer that is not planes of one shape stays compact as a whole.
+    let mut planes = vec![true; lens.len()];
+    for (b, shape) in shapes.iter().enumerate() {
+        let g = root(&mut tie, b);
+        planes[g] &= shape.is_some();
+    }
+    Ok((0..lens.len())
+        .map(|b| {
+            let g = root(&mut tie, b);
+            let pad = if planes[g] { pick(&votes[g]) } else { 0 };
+            let len = match (shapes[b], pad) {
+                (Some([c, h, w]), 1..) => Placement::new([h, w], pad).buffer_len(c),
+                _ => lens[b],
+            };
+            Layout {
+                shape: shapes[b],
+                pad,
+                len,
+            }
+        })
+        .collect())
+}
+
+/// One step of [`InferenceModel::profile`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTime {
+    /// The layer's module path (or what the step is).
+    pub layer: String,
+    /// The form it runs in: `sparse`, `direct` or `im2col` for a convolution.
+    pub form: &'static str,
+    /// Its multiply-adds per image.
+    pub multiply_adds: u64,
+    /// Its median time in microseconds.
+    pub median_us: f64,
+}
+
 /// A loaded model file: every sub-net ready to run.
 #[derive(Debug)]
 pub struct InferenceModel {
     header: Header,
-    lens: Vec<usize>,
+    /// Each buffer's layout ([`Layout`]).
+    layouts: Vec<Layout>,
     subnets: Vec<Vec<Step>>,
     /// Per sub-net, the scratch of passes that ended, for the next ones: a call allocates and
     /// clears nothing once the pool holds one per thread.
@@ -129,14 +265,14 @@ impl InferenceModel {
     fn build(bytes: &[u8], dense: bool) -> Result<Self> {
         let start = Instant::now();
         let file = ModelFile::parse(bytes)?;
-        let lens = file.header.graph.buffer_lens().map_err(corrupt)?;
+        let layouts = layouts(&file.header.graph)?;
         let count = if dense { 1 } else { file.header.subnets.len() };
         let subnets = (0..count)
             .map(|j| prepare(&file, j, dense))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             header: file.header,
-            lens,
+            layouts,
             scratch: subnets.iter().map(|_| Mutex::default()).collect(),
             subnets,
             active: 0,
@@ -191,6 +327,43 @@ impl InferenceModel {
         Ok(self.subnets[k].iter().map(Step::multiply_adds).sum())
     }
 
+    /// Where one image's pass through sub-net `k` spends its time: per step (each convolution
+    /// with the form it runs in, the pooling, the classifier), its multiply-adds and its
+    /// median time over `runs` passes (after one warm-up pass), on the calling thread.
+    pub fn profile(&self, k: usize, runs: usize) -> Result<Vec<StepTime>> {
+        self.check_subnet(k)?;
+        let steps = &self.subnets[k];
+        let [c, h, w] = self.input_shape();
+        let image = crate::pick::test_images(1, [c, h, w]);
+        let mut lease = self.lease(k);
+        let scratch = lease.scratch.as_mut().expect("leased");
+        let mut seconds = vec![Vec::with_capacity(runs); steps.len()];
+        for run in 0..=runs.max(1) {
+            put_image(&image, &self.layouts[0], &mut scratch.buffers[0]);
+            for (i, step) in steps.iter().enumerate() {
+                let start = Instant::now();
+                run_step(step, i, &self.layouts, scratch);
+                if run > 0 {
+                    seconds[i].push(start.elapsed().as_secs_f64());
+                }
+            }
+        }
+        Ok(steps
+            .iter()
+            .zip(seconds)
+            .map(|(step, mut s)| {
+                s.sort_by(f64::total_cmp);
+                let (layer, form) = step.describe();
+                StepTime {
+                    layer: layer.to_string(),
+                    form,
+                    multiply_adds: step.multiply_adds(),
+                    median_us: s[s.len() / 2] * 1e6,
+                }
+            })
+            .collect())
+    }
+
     /// `[C, H, W]` of an input image.
     pub fn input_shape(&self) -> [usize; 3] {
         self.header.graph.input
@@ -226,6 +399,7 @@ impl InferenceModel {
             let mut lease = self.lease(k);
             run(
                 steps,
+                &self.layouts,
                 images,
                 lease.scratch.as_mut().expect("leased"),
                 &mut logits,
@@ -237,7 +411,8 @@ impl InferenceModel {
                 .for_each_init(
                     || self.lease(k),
                     |lease, (image, out)| {
-                        run(steps, image, lease.scratch.as_mut().expect("leased"), out)
+                        let scratch = lease.scratch.as_mut().expect("leased");
+                        run(steps, &self.layouts, image, scratch, out)
                     },
                 );
         }
@@ -255,7 +430,7 @@ impl InferenceModel {
         let pool = &self.scratch[k];
         let kept = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let scratch = kept.unwrap_or_else(|| Scratch {
-            buffers: self.lens.iter().map(|&n| vec![0.0; n]).collect(),
+            buffers: self.layouts.iter().map(|l| vec![0.0; l.len]).collect(),
             convs: self.subnets[k]
                 .iter()
                 .map(|step| match step {
@@ -327,6 +502,7 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                 }
                 let positions = (g.out_len() / conv.c_out) as u64;
                 Step::Conv {
+                    layer: layer.clone(),
                     input: *input,
                     output: *output,
                     plan: ForwardPlan::new(g, &weight, &mask),
@@ -368,6 +544,7 @@ fn prepare(file: &ModelFile<'_>, j: usize, dense: bool) -> Result<Vec<Step>> {
                         .collect(),
                 };
                 Step::Linear {
+                    layer: layer.clone(),
                     input: *input,
                     output: *output,
                     weight,
@@ -407,48 +584,87 @@ fn layer_weight(
 }
 
 /// One image through `steps`; the logits into `logits`.
-fn run(steps: &[Step], image: &[f32], scratch: &mut Scratch, logits: &mut [f32]) {
-    let Scratch { buffers, convs } = scratch;
-    buffers[0].copy_from_slice(image);
+fn run(
+    steps: &[Step],
+    layouts: &[Layout],
+    image: &[f32],
+    scratch: &mut Scratch,
+    logits: &mut [f32],
+) {
+    put_image(image, &layouts[0], &mut scratch.buffers[0]);
     let mut last = 0;
-    for (step, conv) in steps.iter().zip(convs.iter_mut()) {
-        let (input, output) = step.io();
-        let mut out = std::mem::take(&mut buffers[output]);
-        let x = &buffers[input];
-        match step {
-            Step::Conv {
-                plan,
+    for (i, step) in steps.iter().enumerate() {
+        last = run_step(step, i, layouts, scratch);
+    }
+    logits.copy_from_slice(&scratch.buffers[last]);
+}
+
+/// `image` (`[C, H, W]`) into the input buffer, placed as `layout` (its border stays zero).
+fn put_image(image: &[f32], layout: &Layout, buffer: &mut [f32]) {
+    let Some((place, [_, _, w])) = layout.padded() else {
+        buffer.copy_from_slice(image);
+        return;
+    };
+    for (i, row) in image.chunks_exact(w).enumerate() {
+        let (c, r) = (i / place.rows, i % place.rows);
+        let at = c * place.plane + place.origin + r * place.pitch;
+        buffer[at..at + w].copy_from_slice(row);
+    }
+}
+
+/// Step `i` of a pass, on the buffers of `scratch` laid out as `layouts`; returns the buffer
+/// it wrote.
+fn run_step(step: &Step, i: usize, layouts: &[Layout], scratch: &mut Scratch) -> usize {
+    let Scratch { buffers, convs } = scratch;
+    let (input, output) = step.io();
+    let mut out = std::mem::take(&mut buffers[output]);
+    let x = &buffers[input];
+    match step {
+        Step::Conv {
+            plan,
+            bias,
+            residual,
+            relu,
+            ..
+        } => {
+            let epilogue = Epilogue {
                 bias,
-                residual,
-                relu,
-                ..
-            } => {
-                let epilogue = Epilogue {
-                    bias,
-                    residual: residual.map(|r| buffers[r].as_slice()),
-                    relu: *relu,
-                };
-                let conv = conv.as_mut().expect("a convolution's scratch");
-                plan.forward(x, &mut out, conv, Some(epilogue));
-            }
-            Step::Pool { channels, .. } => {
+                residual: residual.map(|r| buffers[r].as_slice()),
+                relu: *relu,
+            };
+            let conv = convs[i].as_mut().expect("a convolution's scratch");
+            let pads = (layouts[input].pad, layouts[output].pad);
+            plan.forward_laid_out(x, pads.0, &mut out, pads.1, conv, Some(epilogue));
+        }
+        Step::Pool { channels, .. } => match layouts[input].padded() {
+            None => {
                 let plane = x.len() / channels;
                 for (o, values) in out.iter_mut().zip(x.chunks_exact(plane)) {
                     *o = values.iter().sum::<f32>() / plane as f32;
                 }
             }
-            Step::Linear { weight, bias, .. } => {
-                out.copy_from_slice(bias);
-                let d_out = out.len();
-                for (&v, row) in x.iter().zip(weight.chunks_exact(d_out)) {
-                    for (o, &w) in out.iter_mut().zip(row) {
-                        *o += v * w;
+            Some((place, [_, h, w])) => {
+                // The same additions in the same order as over the compact plane.
+                for (c, o) in out.iter_mut().enumerate() {
+                    let mut sum = 0.0f32;
+                    for r in 0..h {
+                        let at = c * place.plane + place.origin + r * place.pitch;
+                        sum = x[at..at + w].iter().fold(sum, |a, &v| a + v);
                     }
+                    *o = sum / (h * w) as f32;
+                }
+            }
+        },
+        Step::Linear { weight, bias, .. } => {
+            out.copy_from_slice(bias);
+            let d_out = out.len();
+            for (&v, row) in x.iter().zip(weight.chunks_exact(d_out)) {
+                for (o, &w) in out.iter_mut().zip(row) {
+                    *o += v * w;
                 }
             }
         }
-        buffers[output] = out;
-        last = output;
     }
-    logits.copy_from_slice(&buffers[last]);
+    buffers[output] = out;
+    output
 }

@@ -83,10 +83,7 @@ impl InferenceModel {
     /// Each sub-net's latency for a batch of `batch` images (constant input), over `runs`
     /// passes after one warm-up pass, on the current rayon pool.
     pub fn latencies(&self, batch: usize, runs: usize) -> Result<Vec<Latency>> {
-        let [c, h, w] = self.input_shape();
-        let images: Vec<f32> = (0..batch * c * h * w)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let images = test_images(batch, self.input_shape());
         (0..self.subnets())
             .map(|k| {
                 let mut seconds = Vec::with_capacity(runs);
@@ -140,6 +137,13 @@ impl InferenceModel {
             }),
         }
     }
+}
+
+/// `batch` fixed images of shape `[c, h, w]` with values spread over [−1, 1), to time passes on.
+pub(crate) fn test_images(batch: usize, [c, h, w]: [usize; 3]) -> Vec<f32> {
+    (0..batch * c * h * w)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::geometry::ConvGeometry;
-use super::layout::{pad_input, sum_in_order, write_out, Epilogue, GRAD_CHUNK};
+use super::layout::{pad_input, sum_in_order, write_out, Epilogue, Placement, GRAD_CHUNK};
 
 /// Output channels per block.
 pub(crate) const CO: usize = 8;
@@ -99,14 +99,16 @@ pub(crate) fn forward_buffers(g: &ConvGeometry, w: &DirectWeight) -> (usize, usi
     (padded_len(g, &w.offsets), CO * lanes(g))
 }
 
-/// One sample of [`forward_direct`] (`x` and `y` one sample long) on the calling thread, with
-/// buffers of [`forward_buffers`]' lengths whose padding border is zero (the kernel writes
-/// only the interior, so buffers kept for the same geometry stay so).
+/// One sample of [`forward_direct`] on the calling thread, with buffers of
+/// [`forward_buffers`]' lengths whose padding border is zero (the kernel writes only the
+/// interior, so buffers kept for the same geometry stay so). `x` is one sample, compact, or
+/// zero-padded by the geometry's padding when `x_padded` (then read in place); `y` is placed
+/// as `place`, and so is the epilogue's residual.
 pub(crate) fn forward_direct_sample(
     g: &ConvGeometry,
-    x: &[f32],
+    (x, x_padded): (&[f32], bool),
     w: &DirectWeight,
-    y: &mut [f32],
+    (y, place): (&mut [f32], Placement),
     [padded, wide]: [&mut [f32]; 2],
     epilogue: Option<Epilogue<'_>>,
 ) {
@@ -115,13 +117,13 @@ pub(crate) fn forward_direct_sample(
         (&g.kernel, g.c_in, g.c_out),
         "DirectWeight built for another geometry"
     );
-    assert_eq!(x.len(), g.in_len(), "direct conv: input length");
-    assert_eq!(y.len(), g.out_len(), "direct conv: output length");
     pulp::Arch::new().dispatch(DirectSample {
         g,
         w,
         x,
+        x_padded,
         y,
+        place,
         padded,
         wide,
         epilogue,
@@ -134,6 +136,7 @@ pub fn forward_direct(g: &ConvGeometry, x: &[f32], w: &DirectWeight, y: &mut [f3
     assert_eq!(x.len(), g.batch * g.in_len(), "direct conv: input length");
     assert_eq!(y.len(), g.batch * g.out_len(), "direct conv: output length");
     let (padded_len, wide_len) = forward_buffers(g, w);
+    let place = Placement::new(g.out_hw().expect("supported geometry"), 0);
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
         .for_each_init(
@@ -143,7 +146,9 @@ pub fn forward_direct(g: &ConvGeometry, x: &[f32], w: &DirectWeight, y: &mut [f3
                     g,
                     w,
                     x,
+                    x_padded: false,
                     y,
+                    place,
                     padded,
                     wide,
                     epilogue: None,
@@ -157,7 +162,10 @@ struct DirectSample<'a> {
     g: &'a ConvGeometry,
     w: &'a DirectWeight,
     x: &'a [f32],
+    /// Whether `x` is already padded (read in place).
+    x_padded: bool,
     y: &'a mut [f32],
+    place: Placement,
     padded: &'a mut [f32],
     wide: &'a mut [f32],
     epilogue: Option<Epilogue<'a>>,
@@ -172,22 +180,30 @@ impl pulp::WithSimd for DirectSample<'_> {
             g,
             w,
             x,
+            x_padded,
             y,
+            place,
             padded,
             wide,
             epilogue,
         } = self;
         let [_, wo] = g.out_hw().expect("supported geometry");
-        let (wp, plane, row, len) = (g.padded_hw()[1], g.out_plane(), g.row_len(), lanes(g));
-        pad_input(g, x, padded);
+        let (wp, row, len) = (g.padded_hw()[1], g.row_len(), lanes(g));
+        let src = if x_padded {
+            assert!(x.len() >= padded.len(), "direct conv: padded input length");
+            &x[..padded.len()]
+        } else {
+            pad_input(g, x, padded);
+            padded
+        };
         for (block, weights) in w.values.chunks_exact(row * CO).enumerate() {
             for base in (0..len).step_by(VECTORS * S::F32_LANES) {
-                direct_block(simd, padded, weights, &w.offsets, base, wide, len);
+                direct_block(simd, src, weights, &w.offsets, base, wide, len);
             }
             let first = block * CO;
             let channels = first..first + CO.min(g.c_out - first);
-            let out = &mut y[first * plane..channels.end * plane];
-            write_out(out, wide, [len, wp, wo], channels, epilogue.as_ref());
+            let out = &mut y[first * place.plane..];
+            write_out(out, wide, [len, wp, wo], channels, epilogue.as_ref(), place);
         }
     }
 }

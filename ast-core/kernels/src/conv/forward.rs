@@ -5,9 +5,9 @@
 use super::dense::{direct_is_faster, forward_im2col};
 use super::direct::{forward_buffers, forward_direct_sample, DirectWeight};
 use super::geometry::ConvGeometry;
-use super::layout::{apply_epilogue, Epilogue};
+use super::layout::{apply_epilogue, write_out, Epilogue, Placement};
 use super::plan::{masked, MaskedConvPlan};
-use super::sparse::{SparseKernel, SparseSample, SparseWeight};
+use super::sparse::{keep_mask, SparseKernel, SparseSample, SparseWeight};
 
 /// The weights of a [`ForwardPlan`].
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,9 @@ pub struct ForwardScratch {
     geometry: ConvGeometry,
     padded: Vec<f32>,
     wide: Vec<f32>,
+    /// The input's interior when it comes in another border than the plan reads in place
+    /// (sized at the first such call).
+    compact: Vec<f32>,
 }
 
 impl ForwardPlan {
@@ -81,6 +84,15 @@ impl ForwardPlan {
         &self.geometry
     }
 
+    /// The form the plan runs: `sparse`, `direct` (the direct dense kernel) or `im2col`.
+    pub fn form_name(&self) -> &'static str {
+        match self.form {
+            Form::Sparse(_) => "sparse",
+            Form::Direct(_) => "direct",
+            Form::Im2col(_) => "im2col",
+        }
+    }
+
     /// Whether the plan runs the sparse form.
     pub fn is_sparse(&self) -> bool {
         matches!(self.form, Form::Sparse(_))
@@ -94,10 +106,15 @@ impl ForwardPlan {
             Form::Im2col(_) => (0, 0),
             Form::Sparse(_) => (g.sparse_buffer_len(), 0),
         };
+        let wide = match &self.form {
+            Form::Sparse(_) => keep_mask(g),
+            _ => vec![0.0; wide],
+        };
         ForwardScratch {
             geometry: *g,
             padded: vec![0.0; padded],
-            wide: vec![0.0; wide],
+            wide,
+            compact: Vec::new(),
         }
     }
 
@@ -116,10 +133,48 @@ impl ForwardPlan {
         scratch: &mut ForwardScratch,
         epilogue: Option<Epilogue<'_>>,
     ) {
+        self.forward_laid_out(x, 0, y, 0, scratch, epilogue)
+    }
+
+    /// [`Self::forward`] on placed activations: `x` placed as [`Placement::new`]`(in_hw,
+    /// x_pad)`, `y` as [`Placement::new`]`(out_hw, y_pad)` (its border never written but with
+    /// zeros, so a zeroed buffer keeps a zero border), the epilogue's residual as `y`. Pad 0 is
+    /// the compact layout; a padded one is `[C, H + 2·pad, W + 2·pad]` then
+    /// [`super::ACTIVATION_SLACK`] zeros.
+    ///
+    /// The sparse and direct forms read an input padded by their own (equal) padding in place
+    /// and write the stride-1 output of the same size into a border of that padding as one
+    /// run: a chain of such layers copies no activation. Other placements cost a copy: the
+    /// input's interior into a compact buffer, or the im2col form's output into place.
+    ///
+    /// # Panics
+    /// As [`Self::forward`]; also if a buffer's length is not its placement's
+    /// ([`Placement::buffer_len`]).
+    pub fn forward_laid_out(
+        &self,
+        x: &[f32],
+        x_pad: usize,
+        y: &mut [f32],
+        y_pad: usize,
+        scratch: &mut ForwardScratch,
+        epilogue: Option<Epilogue<'_>>,
+    ) {
         let g = &self.geometry;
         assert_eq!(&scratch.geometry, g, "ForwardScratch made for another plan");
-        assert_eq!(x.len(), g.in_len(), "conv kernels: input length");
-        assert_eq!(y.len(), g.out_len(), "conv kernels: output length");
+        let (in_place, out_place) = (
+            Placement::new(g.in_hw, x_pad),
+            Placement::new(g.out_hw().expect("supported geometry"), y_pad),
+        );
+        assert_eq!(
+            x.len(),
+            in_place.buffer_len(g.c_in),
+            "conv kernels: input length"
+        );
+        assert_eq!(
+            y.len(),
+            out_place.buffer_len(g.c_out),
+            "conv kernels: output length"
+        );
         if let Some(e) = &epilogue {
             assert_eq!(e.bias.len(), g.c_out, "conv kernels: epilogue bias length");
             assert!(
@@ -127,17 +182,63 @@ impl ForwardPlan {
                 "conv kernels: epilogue residual length"
             );
         }
-        let ForwardScratch { padded, wide, .. } = scratch;
+        let ForwardScratch {
+            padded,
+            wide,
+            compact,
+            ..
+        } = scratch;
+        // In place where the border is the plan's padding and the buffer reaches as far as
+        // the kernel's vector runs read (the slack covers the usual strides).
+        let reach = match &self.form {
+            Form::Direct(_) => Some(padded.len()),
+            Form::Sparse(_) => Some(g.padded_buffer_len()),
+            Form::Im2col(_) => None,
+        };
+        let reads_in_place =
+            x_pad > 0 && g.padding == [x_pad, x_pad] && reach.is_some_and(|n| n <= x.len());
+        let (x, x_padded) = if x_pad == 0 || reads_in_place {
+            (x, reads_in_place)
+        } else {
+            // Another border: the interior, compact.
+            compact.resize(g.in_len(), 0.0);
+            let [h, w] = g.in_hw;
+            for (c, dst) in compact.chunks_exact_mut(h * w).enumerate() {
+                for (r, row) in dst.chunks_exact_mut(w).enumerate() {
+                    let at = c * in_place.plane + in_place.origin + r * in_place.pitch;
+                    row.copy_from_slice(&x[at..at + w]);
+                }
+            }
+            (&compact[..], false)
+        };
         match &self.form {
-            Form::Direct(w) => forward_direct_sample(g, x, w, y, [padded, wide], epilogue),
-            Form::Im2col(w) => {
+            Form::Direct(w) => forward_direct_sample(
+                g,
+                (x, x_padded),
+                w,
+                (y, out_place),
+                [padded, wide],
+                epilogue,
+            ),
+            Form::Im2col(w) if y_pad == 0 => {
                 forward_im2col(g, x, w, y);
                 if let Some(e) = &epilogue {
                     apply_epilogue(y, e);
                 }
             }
+            Form::Im2col(w) => {
+                // Computed compact, then placed with the epilogue.
+                wide.resize(g.out_len(), 0.0);
+                forward_im2col(g, x, w, wide);
+                let [_, wo] = g.out_hw().expect("supported geometry");
+                let rows = [g.out_plane(), wo, wo];
+                write_out(y, wide, rows, 0..g.c_out, epilogue.as_ref(), out_place);
+            }
             Form::Sparse(w) => SparseSample {
-                kernel: SparseKernel::ForwardByPositions,
+                kernel: SparseKernel::ForwardByPositions {
+                    x_padded,
+                    place: out_place,
+                },
                 g,
                 w,
                 input: x,
@@ -205,6 +306,66 @@ mod tests {
                         "{g:?} at {density}, relu {relu}"
                     );
                 }
+            }
+        }
+    }
+
+    /// `v` (`[c, h, w]`) inside a zero border of `pad`, with the slack.
+    fn placed(v: &[f32], c: usize, [h, w]: [usize; 2], pad: usize) -> Vec<f32> {
+        let place = Placement::new([h, w], pad);
+        let mut out = vec![0.0; place.buffer_len(c)];
+        for (i, &x) in v.iter().enumerate() {
+            let (ch, r, col) = (i / (h * w), i / w % h, i % w);
+            out[ch * place.plane + place.origin + r * place.pitch + col] = x;
+        }
+        out
+    }
+
+    #[test]
+    fn placed_activations_give_the_compact_results_with_a_zero_border() {
+        // Sparse stride 1 (the in-place run) and stride 2 (rows), direct, im2col (stride 2,
+        // dense), 1×1 without padding; inputs in their own border, in none, in another.
+        let cases = [
+            (geometry(1, [6, 9], 10, 3, 1, 1, 1), 0.1, true),
+            (geometry(1, [6, 9], 10, 3, 2, 1, 1), 0.1, true),
+            (geometry(1, [16, 16], 17, 3, 1, 1, 1), 1.0, false),
+            (geometry(1, [6, 9], 10, 3, 2, 1, 1), 1.0, false),
+            (geometry(1, [6, 9], 10, 1, 1, 0, 1), 0.3, true),
+        ];
+        let mut rng = TestRng::new(5);
+        for (g, density, sparse) in cases {
+            let w = rng.values(g.weight_len());
+            let mask = rng.mask(g.weight_len(), density);
+            let plan = ForwardPlan::with_form(g, &w, &mask, sparse);
+            let (hw, out_hw) = (g.in_hw, g.out_hw().unwrap());
+            let x = rng.values(g.in_len());
+            let bias = rng.values(g.c_out);
+            let residual = rng.values(g.out_len());
+            let mut expected = vec![0.0; g.out_len()];
+            let e = Epilogue {
+                bias: &bias,
+                residual: Some(&residual),
+                relu: true,
+            };
+            plan.forward(&x, &mut expected, &mut plan.scratch(), Some(e));
+            let p = g.padding[0];
+            for (x_pad, y_pad) in [(p, 0), (0, 1), (p, 1), (p, 2), (p + 1, 1)] {
+                let input = placed(&x, g.c_in, hw, x_pad);
+                let res = placed(&residual, g.c_out, out_hw, y_pad);
+                // NaN everywhere the call must write; the border must stay zero.
+                let mut y = placed(&vec![f32::NAN; g.out_len()], g.c_out, out_hw, y_pad);
+                let mut scratch = plan.scratch();
+                let e = Epilogue {
+                    bias: &bias,
+                    residual: Some(&res),
+                    relu: true,
+                };
+                for _ in 0..2 {
+                    plan.forward_laid_out(&input, x_pad, &mut y, y_pad, &mut scratch, Some(e));
+                }
+                let want = placed(&expected, g.c_out, out_hw, y_pad);
+                let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{g:?}, sparse {sparse}, x pad {x_pad}, y pad {y_pad}");
             }
         }
     }

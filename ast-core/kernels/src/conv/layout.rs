@@ -107,6 +107,42 @@ pub(crate) fn padded_phases<'a>(g: &ConvGeometry, x: &[f32], buffer: &'a mut [f3
     phases
 }
 
+/// The stride phases of an input already padded in `x` (a buffer at least
+/// [`ConvGeometry::padded_buffer_len`] long), written into the phase part of `buffer` (see
+/// [`phases_of`]); returns what the products read: `x` itself for stride 1.
+#[inline(always)]
+pub(crate) fn phases_of_padded<'a>(
+    g: &ConvGeometry,
+    x: &'a [f32],
+    buffer: &'a mut [f32],
+) -> &'a [f32] {
+    let (s, len) = (g.stride[1], g.padded_buffer_len());
+    if s == 1 {
+        return &x[..len];
+    }
+    let l = g.phase_len();
+    let phases = &mut buffer[len..];
+    if s == 2 {
+        // One pass of pairs, which the compiler vectorises (the strided loops stay scalar).
+        let (even, odd) = phases.split_at_mut(l);
+        let pairs = x[..len].chunks_exact(2);
+        if let [last] = pairs.remainder() {
+            even[len / 2] = *last;
+        }
+        for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+            *e = pair[0];
+            *o = pair[1];
+        }
+    } else {
+        for r in 0..s {
+            for (dst, &v) in phases[r * l..].iter_mut().zip(x[r..len].iter().step_by(s)) {
+                *dst = v;
+            }
+        }
+    }
+    phases
+}
+
 /// Splits a sparse kernel's padded buffer into the padded input and the stride phases, and
 /// for a stride above 1 copies the padded input into its phases: `phases[r·L + i] =
 /// padded[i·s + r]`. Returns what the products read (the padded input for stride 1).
@@ -167,8 +203,49 @@ pub(crate) fn finish_row(
     }
 }
 
-/// Writes `out`, one output sample `[C, H_out·W_out]`, from `wide` planes (`pitch` apart, rows
-/// `wp` apart, `wo` values each), applying `epilogue` where there is one.
+/// Where the channel planes `[H, W]` of one sample lie in an activation buffer: compact
+/// (`pad` 0: `[C, H, W]`), or inside a zero border of `pad` (`[C, H + 2·pad, W + 2·pad]`, then
+/// [`ACTIVATION_SLACK`] zeros), the layout a following convolution with that padding reads
+/// without copying its input (see [`super::ForwardPlan::forward_laid_out`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Values per channel.
+    pub plane: usize,
+    /// Values per row.
+    pub pitch: usize,
+    /// Where value `(0, 0)` of a channel is.
+    pub origin: usize,
+    /// Rows inside the border.
+    pub rows: usize,
+}
+
+/// Zeros after a padded activation: as far as the kernels' vector runs over its last
+/// channel reach.
+pub const ACTIVATION_SLACK: usize = 64;
+
+impl Placement {
+    /// Planes of `[h, w]` inside a zero border of `pad` (compact for 0).
+    pub fn new([h, w]: [usize; 2], pad: usize) -> Self {
+        let pitch = w + 2 * pad;
+        Self {
+            plane: (h + 2 * pad) * pitch,
+            pitch,
+            origin: pad * pitch + pad,
+            rows: h,
+        }
+    }
+
+    /// The length of a buffer of `channels` such planes (with the slack where padded).
+    pub fn buffer_len(&self, channels: usize) -> usize {
+        let slack = if self.origin > 0 { ACTIVATION_SLACK } else { 0 };
+        channels * self.plane + slack
+    }
+}
+
+/// Writes `out`, the output channels `channels` of one sample placed as `place`, from `wide`
+/// planes (`pitch` apart, rows `wp` apart, `wo` values each), applying `epilogue` (its
+/// residual placed as `out`) where there is one. Only the values inside the border are
+/// written.
 #[inline(always)]
 pub(crate) fn write_out(
     out: &mut [f32],
@@ -176,16 +253,18 @@ pub(crate) fn write_out(
     [pitch, wp, wo]: [usize; 3],
     channels: core::ops::Range<usize>,
     epilogue: Option<&Epilogue<'_>>,
+    place: Placement,
 ) {
-    let plane = out.len() / channels.len().max(1);
     for (i, c) in channels.enumerate() {
-        let dst = &mut out[i * plane..][..plane];
         let src = &wide[i * pitch..];
-        for (r, (d, s)) in dst.chunks_exact_mut(wo).zip(src.chunks(wp)).enumerate() {
+        for (r, s) in src.chunks(wp).take(place.rows).enumerate() {
+            let at = i * place.plane + place.origin + r * place.pitch;
+            let d = &mut out[at..at + wo];
             match epilogue {
                 None => copy_row(d, &s[..wo]),
                 Some(e) => {
-                    let residual = e.residual.map(|res| &res[c * plane + r * wo..][..wo]);
+                    let at = c * place.plane + place.origin + r * place.pitch;
+                    let residual = e.residual.map(|res| &res[at..at + wo]);
                     finish_row(d, s, e.bias[c], residual, e.relu)
                 }
             }

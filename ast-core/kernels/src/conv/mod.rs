@@ -25,6 +25,6 @@ pub mod sparse;
 
 pub use forward::{ForwardPlan, ForwardScratch};
 pub use geometry::ConvGeometry;
-pub use layout::Epilogue;
+pub use layout::{Epilogue, Placement, ACTIVATION_SLACK};
 pub use plan::{sparse_is_faster, MaskedConvPlan, PlanWeights};
 pub use sparse::{GradBuffers, SparseWeight};

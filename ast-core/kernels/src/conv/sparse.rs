@@ -6,15 +6,21 @@ use rayon::prelude::*;
 
 use super::geometry::{check, ConvGeometry};
 use super::layout::{
-    copy_row, finish_row, pad_input, padded_phases, sum_in_order, widen, Epilogue, GRAD_CHUNK,
+    copy_row, finish_row, pad_input, padded_phases, phases_of_padded, sum_in_order, widen,
+    Epilogue, Placement, GRAD_CHUNK,
 };
 
 /// Which per-sample sparse kernel a [`SparseSample`] runs.
 #[derive(Clone, Copy)]
 pub(crate) enum SparseKernel {
     /// One sample's forward with blocks of positions outside and output channels inside
-    /// ([`forward_by_positions`]); `wide` is not used.
-    ForwardByPositions,
+    /// ([`forward_by_positions`]): the input already padded when `x_padded`, the output (and
+    /// the epilogue's residual) placed as `place`; `wide` holds the keep mask
+    /// ([`keep_mask`]).
+    ForwardByPositions {
+        x_padded: bool,
+        place: Placement,
+    },
     Forward,
     InputGrad,
     InputGradByInput,
@@ -60,9 +66,15 @@ impl pulp::WithSimd for SparseSample<'_> {
         } = self;
         match kernel {
             SparseKernel::Forward => forward_sparse_sample(simd, g, input, w, out, padded, wide),
-            SparseKernel::ForwardByPositions => {
-                forward_by_positions(simd, g, input, w, out, padded, epilogue.as_ref())
-            }
+            SparseKernel::ForwardByPositions { x_padded, place } => forward_by_positions(
+                simd,
+                g,
+                (input, x_padded),
+                w,
+                (out, place),
+                [padded, wide],
+                epilogue.as_ref(),
+            ),
             SparseKernel::InputGrad => input_grad_sparse_sample(g, input, w, out, padded, wide),
             SparseKernel::InputGradByInput => {
                 lay_out_dy(g, input, padded);
@@ -341,24 +353,35 @@ pub fn forward_sparse(g: &ConvGeometry, x: &[f32], w: &SparseWeight, y: &mut [f3
 /// positions, every output channel's entries, so that the input rows a block reads (all input
 /// channels, a few rows each) stay in L1 across the output channels; the other order streams
 /// the whole padded input from L2 once per output channel. Each channel's block of sums goes
-/// from registers through a block on the stack straight into `y`, finished by the `epilogue`
-/// ([`finish_block`]): no wide plane is written and read again. Training keeps the other
-/// order: there the larger working set competed with the step's other data for the cache
-/// (measured, DEVELOPERS.md); a forward pass of one image has the cache to itself. The same
-/// sums in the same order, so the same bits.
+/// from registers through a block on the stack straight into `y`, finished by the `epilogue`:
+/// no wide plane is written and read again. Training keeps the other order: there the larger
+/// working set competed with the step's other data for the cache (measured, DEVELOPERS.md); a
+/// forward pass of one image has the cache to itself. The same sums in the same order, so the
+/// same bits.
+///
+/// `x` is compact, or already padded by the geometry's padding when `x_padded` (read in place:
+/// no copy). `y` is placed as `place`. Where its rows are as far apart as the wide planes'
+/// (stride 1 into a border of the geometry's padding, the layout the next convolution reads in
+/// place), a block is finished as one run, its wide positions outside the plane written as
+/// zeros (they fall on the border) by the `keep` mask ([`keep_mask`]); otherwise row by row.
 #[inline(always)]
 fn forward_by_positions<S: pulp::Simd>(
     simd: S,
     g: &ConvGeometry,
-    x: &[f32],
+    (x, x_padded): (&[f32], bool),
     w: &SparseWeight,
-    y: &mut [f32],
-    padded: &mut [f32],
+    (y, place): (&mut [f32], Placement),
+    [padded, keep]: [&mut [f32]; 2],
     epilogue: Option<&Epilogue<'_>>,
 ) {
     let [ho, wo] = g.out_hw().expect("supported geometry");
-    let (wp, len) = (g.padded_hw()[1], g.lanes_len());
-    let src = padded_phases(g, x, padded);
+    let (wp, len, span) = (g.padded_hw()[1], g.lanes_len(), g.span_len());
+    let src = if x_padded {
+        phases_of_padded(g, x, padded)
+    } else {
+        padded_phases(g, x, padded)
+    };
+    let in_place = g.stride == [1, 1] && place.pitch == wp;
     let mut sums = [0.0f32; 128];
     let mut base = 0;
     while base < len {
@@ -367,7 +390,7 @@ fn forward_by_positions<S: pulp::Simd>(
             64.. => 64,
             _ => 16,
         };
-        for (co, plane) in y.chunks_exact_mut(ho * wo).enumerate() {
+        for (co, plane) in y.chunks_mut(place.plane).take(g.c_out).enumerate() {
             let entries = w.row_start[co]..w.row_start[co + 1];
             let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
             match block {
@@ -376,27 +399,81 @@ fn forward_by_positions<S: pulp::Simd>(
                 _ => gather_block::<S, 16>(simd, &mut sums, src, starts, values, base),
             }
             let finish = epilogue.map(|e| {
-                (
-                    e.bias[co],
-                    e.residual.map(|r| &r[co * ho * wo..][..ho * wo]),
-                    e.relu,
-                )
+                let residual = e.residual.map(|r| &r[co * place.plane..][..place.plane]);
+                (e.bias[co], residual, e.relu)
             });
-            finish_block(plane, &sums[..block], base, [ho, wp, wo], finish);
+            if in_place {
+                let run = base..(base + block).min(span);
+                finish_run(plane, &sums, run, &keep[..span], place.origin, finish);
+            } else {
+                finish_block(plane, &sums[..block], base, [ho, wp, wo], place, finish);
+            }
         }
         base += block;
     }
 }
 
+/// Per wide position of `g` up to its span: 1 where it is an output position (its column is
+/// below `W_out`), 0 where it falls past a row's end.
+pub(crate) fn keep_mask(g: &ConvGeometry) -> Vec<f32> {
+    let [_, wo] = g.out_hw().expect("supported geometry");
+    let wp = g.padded_hw()[1];
+    (0..g.span_len())
+        .map(|j| if j % wp < wo { 1.0 } else { 0.0 })
+        .collect()
+}
+
+/// Writes the wide positions `run` of one output channel (sums from `run.start` on in `sums`)
+/// into its plane at `origin + j` (rows as far apart as the wide planes'), as `act(sum + bias
+/// + residual)` where there is an epilogue, and as zero where `keep` is 0.
+#[inline(always)]
+fn finish_run(
+    plane: &mut [f32],
+    sums: &[f32],
+    run: core::ops::Range<usize>,
+    keep: &[f32],
+    origin: usize,
+    epilogue: Option<(f32, Option<&[f32]>, bool)>,
+) {
+    let n = run.len();
+    let dst = &mut plane[origin + run.start..][..n];
+    let (sums, keep) = (&sums[..n], &keep[run.start..][..n]);
+    let pick = |k: f32, v: f32| if k != 0.0 { v } else { 0.0 };
+    match epilogue {
+        None => {
+            for ((d, &s), &k) in dst.iter_mut().zip(sums).zip(keep) {
+                *d = pick(k, s);
+            }
+        }
+        Some((bias, residual, relu)) => {
+            let act = |v: f32| if relu { v.max(0.0) } else { v };
+            match residual {
+                Some(r) => {
+                    let r = &r[origin + run.start..][..n];
+                    for (((d, &s), &k), &r) in dst.iter_mut().zip(sums).zip(keep).zip(r) {
+                        *d = pick(k, act(s + bias + r));
+                    }
+                }
+                None => {
+                    for ((d, &s), &k) in dst.iter_mut().zip(sums).zip(keep) {
+                        *d = pick(k, act(s + bias));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Writes the wide positions `base..base + sums.len()` of one output channel (rows `wp` apart,
-/// the first `wo` of each row valid, `ho` rows) into its plane `[ho, wo]`, as `act(sum + bias
-/// + residual)` where there is an epilogue (`(bias, the channel's residual plane, relu)`).
+/// the first `wo` of each row valid, `ho` rows) into its plane placed as `place`, as `act(sum +
+/// bias + residual)` where there is an epilogue (`(bias, the channel's residual plane, relu)`).
 #[inline(always)]
 fn finish_block(
     plane: &mut [f32],
     sums: &[f32],
     base: usize,
     [ho, wp, wo]: [usize; 3],
+    place: Placement,
     epilogue: Option<(f32, Option<&[f32]>, bool)>,
 ) {
     let end = base + sums.len();
@@ -404,7 +481,7 @@ fn finish_block(
     while row < ho && row * wp < end {
         let (first, last) = (base.saturating_sub(row * wp), (end - row * wp).min(wo));
         if first < last {
-            let at = row * wo + first;
+            let at = place.origin + row * place.pitch + first;
             let dst = &mut plane[at..at + last - first];
             let src = &sums[row * wp + first - base..];
             match epilogue {
