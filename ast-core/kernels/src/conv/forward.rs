@@ -18,6 +18,14 @@ enum Form {
     Im2col(Vec<f32>),
     /// The active weights.
     Sparse(SparseWeight),
+    /// A 1×1 convolution with a stride and no padding, as the input's subsample (every
+    /// stride-th row and column) through a stride-1 plan: no stride phases, no wide positions
+    /// between the outputs (a strided product computes a whole input row per output row, half
+    /// of it unused at stride 2). The subsample is placed with the border the inner plan
+    /// reads in place: the sparse form runs as a 3×3 convolution with padding 1 whose only
+    /// active weights are the centre ones (the same sums), which reads a border of 1 and
+    /// writes one as a single run, as the layers around it do.
+    Subsampled { inner: Box<ForwardPlan>, pad: usize },
 }
 
 /// One masked convolution of one sample, ready for forward passes.
@@ -34,8 +42,21 @@ pub struct ForwardScratch {
     padded: Vec<f32>,
     wide: Vec<f32>,
     /// The input's interior when it comes in another border than the plan reads in place
-    /// (sized at the first such call).
+    /// (sized at the first such call), or the subsample.
     compact: Vec<f32>,
+    /// The inner plan's buffers of a subsampled form.
+    inner: Option<Box<ForwardScratch>>,
+}
+
+/// The stride-1 geometry on the subsample of a 1×1 convolution with a stride and no padding
+/// (see `Form::Subsampled`); `None` for any other convolution.
+fn subsampled(g: &ConvGeometry) -> Option<ConvGeometry> {
+    let strided = g.kernel == [1, 1] && g.padding == [0, 0] && g.stride != [1, 1];
+    strided.then(|| ConvGeometry {
+        in_hw: g.out_hw().expect("supported geometry"),
+        stride: [1, 1],
+        ..*g
+    })
 }
 
 impl ForwardPlan {
@@ -47,7 +68,8 @@ impl ForwardPlan {
     /// If the geometry is not [`ConvGeometry::supported`] or the lengths do not match it.
     pub fn new(geometry: ConvGeometry, weight: &[f32], mask: &[bool]) -> Self {
         let active = mask.iter().filter(|&&m| m).count();
-        let sparse = MaskedConvPlan::picks_sparse(&geometry, active);
+        let runs = subsampled(&geometry).unwrap_or(geometry);
+        let sparse = MaskedConvPlan::picks_sparse(&runs, active);
         Self::with_form(geometry, weight, mask, sparse)
     }
 
@@ -66,7 +88,27 @@ impl ForwardPlan {
             geometry.supported(),
             "conv kernels: unsupported geometry {geometry:?}"
         );
-        let form = if sparse {
+        let form = if let Some(inner) = subsampled(&geometry) {
+            let (inner, pad) = if sparse {
+                // The centre of a 3×3 kernel: `w3[(co, ci, 1, 1)] = w[(co, ci)]`.
+                let centred = ConvGeometry {
+                    kernel: [3, 3],
+                    padding: [1, 1],
+                    ..inner
+                };
+                let (mut w3, mut m3) = (vec![0.0; weight.len() * 9], vec![false; mask.len() * 9]);
+                for (i, (&w, &m)) in weight.iter().zip(mask).enumerate() {
+                    (w3[i * 9 + 4], m3[i * 9 + 4]) = (w, m);
+                }
+                (Self::with_form(centred, &w3, &m3, true), 1)
+            } else {
+                (Self::with_form(inner, weight, mask, false), 0)
+            };
+            Form::Subsampled {
+                inner: Box::new(inner),
+                pad,
+            }
+        } else if sparse {
             Form::Sparse(SparseWeight::new(&geometry, weight, mask))
         } else {
             let w = masked(weight, mask);
@@ -86,16 +128,20 @@ impl ForwardPlan {
 
     /// The form the plan runs: `sparse`, `direct` (the direct dense kernel) or `im2col`.
     pub fn form_name(&self) -> &'static str {
-        match self.form {
+        match &self.form {
             Form::Sparse(_) => "sparse",
             Form::Direct(_) => "direct",
             Form::Im2col(_) => "im2col",
+            Form::Subsampled { inner, .. } => inner.form_name(),
         }
     }
 
     /// Whether the plan runs the sparse form.
     pub fn is_sparse(&self) -> bool {
-        matches!(self.form, Form::Sparse(_))
+        match &self.form {
+            Form::Subsampled { inner, .. } => inner.is_sparse(),
+            form => matches!(form, Form::Sparse(_)),
+        }
     }
 
     /// Zeroed buffers for [`Self::forward`] of this plan, to keep between calls.
@@ -103,7 +149,7 @@ impl ForwardPlan {
         let g = &self.geometry;
         let (padded, wide) = match &self.form {
             Form::Direct(w) => forward_buffers(g, w),
-            Form::Im2col(_) => (0, 0),
+            Form::Im2col(_) | Form::Subsampled { .. } => (0, 0),
             Form::Sparse(_) => (g.sparse_buffer_len(), 0),
         };
         let wide = match &self.form {
@@ -115,6 +161,10 @@ impl ForwardPlan {
             padded: vec![0.0; padded],
             wide,
             compact: Vec::new(),
+            inner: match &self.form {
+                Form::Subsampled { inner, .. } => Some(Box::new(inner.scratch())),
+                _ => None,
+            },
         }
     }
 
@@ -186,14 +236,34 @@ impl ForwardPlan {
             padded,
             wide,
             compact,
+            inner,
             ..
         } = scratch;
+        if let Form::Subsampled { inner: plan, pad } = &self.form {
+            let [ho, wo] = g.out_hw().expect("supported geometry");
+            let [sh, sw] = g.stride;
+            let sub = Placement::new([ho, wo], *pad);
+            // Sized once; only the interior is ever written, so the border stays zero.
+            compact.resize(sub.buffer_len(g.c_in), 0.0);
+            for c in 0..g.c_in {
+                for r in 0..ho {
+                    let at = c * in_place.plane + in_place.origin + r * sh * in_place.pitch;
+                    let to = c * sub.plane + sub.origin + r * sub.pitch;
+                    for (o, v) in compact[to..to + wo].iter_mut().zip(x[at..].chunks(sw)) {
+                        *o = v[0];
+                    }
+                }
+            }
+            let inner = inner.as_mut().expect("a subsampled plan's scratch");
+            plan.forward_laid_out(compact, *pad, y, y_pad, inner, epilogue);
+            return;
+        }
         // In place where the border is the plan's padding and the buffer reaches as far as
         // the kernel's vector runs read (the slack covers the usual strides).
         let reach = match &self.form {
             Form::Direct(_) => Some(padded.len()),
             Form::Sparse(_) => Some(g.padded_buffer_len()),
-            Form::Im2col(_) => None,
+            Form::Im2col(_) | Form::Subsampled { .. } => None,
         };
         let reads_in_place =
             x_pad > 0 && g.padding == [x_pad, x_pad] && reach.is_some_and(|n| n <= x.len());
@@ -234,6 +304,7 @@ impl ForwardPlan {
                 let rows = [g.out_plane(), wo, wo];
                 write_out(y, wide, rows, 0..g.c_out, epilogue.as_ref(), out_place);
             }
+            Form::Subsampled { .. } => unreachable!("run above"),
             Form::Sparse(w) => SparseSample {
                 kernel: SparseKernel::ForwardByPositions {
                     x_padded,
@@ -260,12 +331,15 @@ mod tests {
 
     #[test]
     fn every_form_equals_the_training_plan_and_reuses_its_buffers() {
-        // Sparse (low density), direct (stride 1, planes ≥ 256) and im2col (stride 2) forms.
+        // Sparse (low density), direct (stride 1, planes ≥ 256) and im2col (stride 2) forms;
+        // 1×1 with a stride, on the subsample (sparse and dense).
         let cases = [
             (geometry(1, [16, 16], 16, 3, 1, 1, 1), 0.05),
             (geometry(1, [16, 32], 16, 3, 1, 1, 1), 1.0),
             (geometry(1, [16, 32], 9, 3, 2, 1, 1), 1.0),
             (geometry(1, [8, 8], 9, 3, 2, 1, 1), 0.05),
+            (geometry(1, [16, 32], 9, 1, 2, 0, 1), 0.05),
+            (geometry(1, [16, 32], 9, 1, 2, 0, 1), 1.0),
         ];
         let mut rng = TestRng::new(3);
         for (g, density) in cases {
@@ -331,6 +405,8 @@ mod tests {
             (geometry(1, [16, 16], 17, 3, 1, 1, 1), 1.0, false),
             (geometry(1, [6, 9], 10, 3, 2, 1, 1), 1.0, false),
             (geometry(1, [6, 9], 10, 1, 1, 0, 1), 0.3, true),
+            (geometry(1, [7, 9], 10, 1, 2, 0, 1), 0.3, true),
+            (geometry(1, [7, 9], 10, 1, 2, 0, 1), 1.0, false),
         ];
         let mut rng = TestRng::new(5);
         for (g, density, sparse) in cases {
