@@ -6,7 +6,7 @@ use super::dense::{direct_is_faster, forward_im2col};
 use super::direct::{forward_buffers, forward_direct_sample, DirectWeight};
 use super::geometry::ConvGeometry;
 use super::layout::{apply_epilogue, write_out, Epilogue, Placement};
-use super::plan::{masked, MaskedConvPlan};
+use super::plan::masked;
 use super::sparse::{keep_mask, SparseKernel, SparseSample, SparseWeight};
 
 /// The weights of a [`ForwardPlan`].
@@ -48,6 +48,30 @@ pub struct ForwardScratch {
     inner: Option<Box<ForwardScratch>>,
 }
 
+/// Whether a layer of one sample with `active` weights runs faster in the sparse form. The
+/// training cost model ([`super::MaskedConvPlan::picks_sparse`], fitted at batch 128, where the
+/// GEMM's packing is paid once for many samples) kept layers dense that run several times
+/// faster sparse at batch 1 (ResNet-18's 4×4 layers at density 0.06: 1.1 ms im2col against
+/// 0.15 ms). Here, from `cargo bench -p ast-kernels --bench infer_kernels`: the sparse form
+/// does 20–30 G active multiply-adds/s at stride 1 and about half that at stride 2, the dense
+/// forms 50–75 G/s (direct) and 20–50 (im2col; 20 at stride 2), so the sparse form wins below
+/// a density of about 0.35 at stride 1 (0.27–0.4 by shape) and 0.3–0.5 at stride 2;
+/// depthwise-like layers (one input channel per group) always run sparse, as in training.
+fn picks_sparse(g: &ConvGeometry, active: usize) -> bool {
+    let density = active as f64 / g.weight_len().max(1) as f64;
+    let limit = if g.stride == [1, 1] {
+        SPARSE_BELOW
+    } else {
+        SPARSE_BELOW_STRIDED
+    };
+    (density <= limit || g.cin_g() == 1) && g.stride[0] == g.stride[1]
+}
+
+/// The density at or below which a stride-1 layer runs sparse for inference.
+const SPARSE_BELOW: f64 = 0.35;
+/// The same with a stride.
+const SPARSE_BELOW_STRIDED: f64 = 0.3;
+
 /// The stride-1 geometry on the subsample of a 1×1 convolution with a stride and no padding
 /// (see `Form::Subsampled`); `None` for any other convolution.
 fn subsampled(g: &ConvGeometry) -> Option<ConvGeometry> {
@@ -61,7 +85,7 @@ fn subsampled(g: &ConvGeometry) -> Option<ConvGeometry> {
 
 impl ForwardPlan {
     /// Lays out `weight ⊙ mask` for the geometry's convolution of one sample (its `batch` is
-    /// ignored) in the form [`MaskedConvPlan::picks_sparse`] picks, else the direct kernel
+    /// ignored) in the form `picks_sparse` (the inference cost model) picks, else the direct kernel
     /// where it is faster, else im2col + GEMM.
     ///
     /// # Panics
@@ -69,8 +93,7 @@ impl ForwardPlan {
     pub fn new(geometry: ConvGeometry, weight: &[f32], mask: &[bool]) -> Self {
         let active = mask.iter().filter(|&&m| m).count();
         let runs = subsampled(&geometry).unwrap_or(geometry);
-        let sparse = MaskedConvPlan::picks_sparse(&runs, active);
-        Self::with_form(geometry, weight, mask, sparse)
+        Self::with_form(geometry, weight, mask, picks_sparse(&runs, active))
     }
 
     /// [`Self::new`] with the form chosen by the caller: the sparse form, or the dense one
@@ -327,6 +350,7 @@ impl ForwardPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conv::MaskedConvPlan;
     use crate::test_support::{geometry, rel_err, TestRng};
 
     #[test]
@@ -382,6 +406,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_inference_cost_model_runs_sparse_layers_sparse() {
+        // ResNet-18's 512-channel 4×4 layers at density 0.06 ran im2col under the training
+        // cost model (1.1 ms against 0.15 ms sparse).
+        let g = geometry(1, [512, 512], 4, 3, 1, 1, 1);
+        let n = g.weight_len();
+        assert!(picks_sparse(&g, n * 6 / 100));
+        assert!(!MaskedConvPlan::picks_sparse(&g, n * 6 / 100));
+        assert!(picks_sparse(&g, n * 3 / 10) && !picks_sparse(&g, n * 4 / 10));
+        let strided = geometry(1, [16, 32], 32, 3, 2, 1, 1);
+        let m = strided.weight_len();
+        assert!(picks_sparse(&strided, m / 4) && !picks_sparse(&strided, m * 4 / 10));
+        // Depthwise: sparse whatever the density.
+        assert!(picks_sparse(&geometry(1, [8, 8], 8, 3, 1, 1, 8), 72));
     }
 
     /// `v` (`[c, h, w]`) inside a zero border of `pad`, with the slack.
