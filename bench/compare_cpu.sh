@@ -5,12 +5,17 @@
 #   cargo build --release -p ast-cli
 #   python3 -m venv .venv && .venv/bin/pip install torch
 #   bench/compare_cpu.sh [steps]            # prints one markdown row per model and density
+#   AST_SIMD=avx2 bench/compare_cpu.sh      # both sides limited to AVX2 on an AVX-512 CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-6}
 py=${PYTHON:-.venv/bin/python}
 cli=target/release/ast-cli
 export OMP_NUM_THREADS=2 RAYON_NUM_THREADS=2
+if [ "${AST_SIMD:-}" = avx2 ]; then
+  # PyTorch's own kernels and oneDNN's, limited alike.
+  export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+fi
 echo "| model | density | ast-cli (Flex) img/s | dense-gradient step s | PyTorch img/s | ratio | ast-cli peak RSS MiB | PyTorch peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
 for model in resnet32 wide-resnet32; do
@@ -26,5 +31,8 @@ for model in resnet32 wide-resnet32; do
     trss=$(grep -o 'RSS [0-9]*' <<<"$theirs" | awk '{printf "%.0f", $2/1024}')
     ratio=$(awk -v a="$ips" -v b="$tips" 'BEGIN{printf "%.2f", a/b}')
     echo "| $model | $density | $ips | $dense | $tips | ${ratio}× | $rss | $trss |"
+    simd=$(grep -o 'simd=[^ ]*' <<<"$ours" | cut -d= -f2)
   done
 done
+echo
+echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); our kernels at $simd; 2 threads"

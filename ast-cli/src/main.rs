@@ -56,6 +56,9 @@ fn main() -> ExitCode {
     #[cfg(unix)]
     keep_freed_memory_mapped();
     let cli = Cli::parse();
+    if let Err(e) = limit_simd_from_env() {
+        return finish(Err(e));
+    }
     // The command runs on a worker of the rayon pool the kernels use, not beside it: a
     // parallel region then starts on the calling worker, and no third thread competes with the
     // pool's for the cores between regions (Flex training step +4–8 % on 2 cores, measured
@@ -120,6 +123,24 @@ fn command(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `AST_SIMD=avx2|scalar|native` limits the kernels' SIMD level (to measure a narrower level
+/// on a CPU that has a wider one; `bench` and `bench-infer` print the level they ran at).
+fn limit_simd_from_env() -> Result<()> {
+    let Some(value) = std::env::var_os("AST_SIMD") else {
+        return Ok(());
+    };
+    match value.to_str().and_then(ast_kernels::SimdLimit::from_name) {
+        Some(limit) => {
+            ast_kernels::limit_simd(limit);
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "AST_SIMD={}: give native, avx2 or scalar (or leave it unset)",
+            value.to_string_lossy()
+        ),
     }
 }
 

@@ -105,11 +105,13 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     let timing = backend::dispatch(&args.backend, backend::Bench(job))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "model={} batch={} backend={:?} threads={threads} median_step_s={:.4} images_per_s={:.1} \
-         (forward {:.4} s, backward {:.4} s, update {:.4} s; dense-gradient step {:.4} s)",
+        "model={} batch={} backend={:?} threads={threads} simd={} median_step_s={:.4} \
+         images_per_s={:.1} (forward {:.4} s, backward {:.4} s, update {:.4} s; dense-gradient \
+         step {:.4} s)",
         timing.model,
         timing.batch,
         args.backend.backend,
+        ast_kernels::simd_level(),
         timing.median_step_s,
         timing.images_per_s,
         timing.median_forward_s,

@@ -25,8 +25,9 @@ pub mod test_support;
 #[cfg(test)]
 mod tests;
 
-/// The SIMD instruction set `pulp` dispatches the kernels to on this CPU: `"AVX-512"`,
-/// `"AVX2+FMA"`, `"NEON"` or `"scalar"` (what a benchmark figure must name).
+/// The SIMD instruction set the kernels run at: the widest this CPU has (`pulp`'s dispatch)
+/// unless [`limit_simd`] lowered it: `"AVX-512"`, `"AVX2+FMA"`, `"NEON"` or `"scalar"` (what a
+/// benchmark figure must name).
 pub fn simd_level() -> &'static str {
     struct Level;
     impl pulp::WithSimd for Level {
@@ -45,7 +46,60 @@ pub fn simd_level() -> &'static str {
             }
         }
     }
-    pulp::Arch::new().dispatch(Level)
+    dispatch(Level)
+}
+
+/// The widest SIMD level the kernels may use (see [`limit_simd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLimit {
+    /// The widest this CPU has.
+    Native,
+    /// AVX2 with FMA at most (on x86_64 CPUs that have it): how the kernels run on the many
+    /// CPUs without AVX-512, measurable on one with it.
+    Avx2,
+    /// No SIMD.
+    Scalar,
+}
+
+impl SimdLimit {
+    /// `native`, `avx2` or `scalar`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "native" => Some(Self::Native),
+            "avx2" => Some(Self::Avx2),
+            "scalar" => Some(Self::Scalar),
+            _ => None,
+        }
+    }
+}
+
+static LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Limits the SIMD level of every kernel from now on, in the whole process (for benchmarks of
+/// the narrower levels and for tests that run them; the kernels give the same bits at every
+/// level, their sums being taken in the same order with fused multiply-adds, exact where the
+/// CPU has none). A level the CPU lacks falls back to what it has.
+pub fn limit_simd(limit: SimdLimit) {
+    let code = match limit {
+        SimdLimit::Native => 0,
+        SimdLimit::Avx2 => 1,
+        SimdLimit::Scalar => 2,
+    };
+    LIMIT.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Runs `op` compiled for the SIMD level the kernels may use ([`limit_simd`]).
+pub(crate) fn dispatch<Op: pulp::WithSimd>(op: Op) -> Op::Output {
+    use pulp::Simd;
+    match LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
+        #[cfg(target_arch = "x86_64")]
+        1 => match pulp::x86::V3::try_new() {
+            Some(v3) => <pulp::x86::V3 as Simd>::vectorize(v3, op),
+            None => pulp::Arch::new().dispatch(op),
+        },
+        2 => <pulp::Scalar as Simd>::vectorize(pulp::Scalar::new(), op),
+        _ => pulp::Arch::new().dispatch(op),
+    }
 }
 
 #[cfg(test)]

@@ -224,7 +224,7 @@ impl pulp::WithSimd for Pass<'_> {
 
 impl Pass<'_> {
     fn run(self) -> [f64; 2] {
-        pulp::Arch::new().dispatch(self)
+        crate::dispatch(self)
     }
 }
 

@@ -2,9 +2,10 @@
 //! weight gradient ([`weight_grad_direct`]): no im2col. (The input gradient of a stride-1
 //! convolution is the forward of the transposed kernel, so it runs here too.)
 //!
-//! Forward: each block of `CO` (8) output channels and `LANES` (32) output positions keeps its sums
-//! in registers across all `C_in·kh·kw` weight positions; every position loads one shifted
-//! run of the padded input and feeds `CO` (8) multiply-adds with it (the im2col + GEMM form
+//! Forward: each block of `CO` (8) output channels and two vectors of output positions (one on
+//! CPUs with 16 vector registers) keeps its sums in registers across all `C_in·kh·kw` weight
+//! positions; every position loads one shifted run of the padded input and feeds `CO` (8)
+//! multiply-adds with it (the im2col + GEMM form
 //! writes `kh·kw` copies of the input, which the GEMM then packs once more: on 16 channels
 //! that costs as much as the multiply-adds).
 //!
@@ -20,9 +21,6 @@ use super::layout::{pad_input, sum_in_order, write_out, Epilogue, Placement, GRA
 
 /// Output channels per block.
 pub(crate) const CO: usize = 8;
-/// Vectors of output positions per block: `CO × VECTORS` sums fill 16 of AVX-512's 32 vector
-/// registers.
-const VECTORS: usize = 2;
 /// Output positions per block on any CPU: a multiple of every SIMD width (blocks of the
 /// narrower vectors of AVX2 or no SIMD run one after another).
 const LANES: usize = 32;
@@ -117,7 +115,7 @@ pub(crate) fn forward_direct_sample(
         (&g.kernel, g.c_in, g.c_out),
         "DirectWeight built for another geometry"
     );
-    pulp::Arch::new().dispatch(DirectSample {
+    crate::dispatch(DirectSample {
         g,
         w,
         x,
@@ -142,7 +140,7 @@ pub fn forward_direct(g: &ConvGeometry, x: &[f32], w: &DirectWeight, y: &mut [f3
         .for_each_init(
             || (vec![0.0; padded_len], vec![0.0; wide_len]),
             |(padded, wide), (y, x)| {
-                pulp::Arch::new().dispatch(DirectSample {
+                crate::dispatch(DirectSample {
                     g,
                     w,
                     x,
@@ -197,8 +195,17 @@ impl pulp::WithSimd for DirectSample<'_> {
             padded
         };
         for (block, weights) in w.values.chunks_exact(row * CO).enumerate() {
-            for base in (0..len).step_by(VECTORS * S::F32_LANES) {
-                direct_block(simd, src, weights, &w.offsets, base, wide, len);
+            // `CO × V` sums and the `V` input vectors in registers: 2 vectors where there are
+            // 32 registers (AVX-512), 1 where there are 16 (AVX2, SSE, NEON's 128-bit lanes
+            // would have 32 but 4 lanes each), so that nothing spills.
+            if S::F32_LANES >= 16 {
+                for base in (0..len).step_by(2 * S::F32_LANES) {
+                    direct_block::<S, 2>(simd, src, weights, &w.offsets, base, wide, len);
+                }
+            } else {
+                for base in (0..len).step_by(S::F32_LANES) {
+                    direct_block::<S, 1>(simd, src, weights, &w.offsets, base, wide, len);
+                }
             }
             let first = block * CO;
             let channels = first..first + CO.min(g.c_out - first);
@@ -212,7 +219,7 @@ impl pulp::WithSimd for DirectSample<'_> {
 /// padded[offsets[t] + base + l]` for `c < CO`, `l < lanes`, held in registers across `t`
 /// (one fused multiply-add per weight, channel and lane, in `t` order on every CPU).
 #[inline(always)]
-fn direct_block<S: pulp::Simd>(
+fn direct_block<S: pulp::Simd, const V: usize>(
     simd: S,
     padded: &[f32],
     weights: &[f32],
@@ -221,11 +228,11 @@ fn direct_block<S: pulp::Simd>(
     wide: &mut [f32],
     len: usize,
 ) {
-    let lanes = VECTORS * S::F32_LANES;
-    let mut acc = [[simd.splat_f32s(0.0); VECTORS]; CO];
+    let lanes = V * S::F32_LANES;
+    let mut acc = [[simd.splat_f32s(0.0); V]; CO];
     for (ws, &offset) in weights.chunks_exact(CO).zip(offsets) {
         let (xs, _) = S::as_simd_f32s(&padded[offset + base..][..lanes]);
-        let xs: [S::f32s; VECTORS] = core::array::from_fn(|i| xs[i]);
+        let xs: [S::f32s; V] = core::array::from_fn(|i| xs[i]);
         for (a, &v) in acc.iter_mut().zip(ws) {
             let v = simd.splat_f32s(v);
             for (s, &x) in a.iter_mut().zip(&xs) {
@@ -275,7 +282,7 @@ pub fn weight_grad_direct(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32
             let mut padded = vec![0.0; g.c_in * hp * wp];
             let mut dy_t = vec![0.0; g.out_plane() * cp];
             for n in chunk * GRAD_CHUNK..((chunk + 1) * GRAD_CHUNK).min(g.batch) {
-                pulp::Arch::new().dispatch(DirectGradSample {
+                crate::dispatch(DirectGradSample {
                     g,
                     offsets: &offsets,
                     x: &x[n * g.in_len()..][..g.in_len()],
@@ -330,14 +337,16 @@ impl pulp::WithSimd for DirectGradSample<'_> {
                 dy_t[q * cp + co] = v;
             }
         }
-        // Vectors of output channels per block: the most of 4, 2, 1 that divides `cp`.
+        // Vectors of output channels per block: the most of 4, 2, 1 that divides `cp`, with
+        // 24 sums in registers where there are 32 (AVX-512), 12 where there are 16 (AVX2 and
+        // narrower), so that the sums, the `dy` vectors and the broadcast input never spill.
         let vectors = cp / S::F32_LANES;
-        if vectors % 4 == 0 {
-            grad_blocks::<S, 4, 2>(simd, g, offsets, padded, dy_t, acc);
-        } else if vectors % 2 == 0 {
-            grad_blocks::<S, 2, 4>(simd, g, offsets, padded, dy_t, acc);
-        } else {
-            grad_blocks::<S, 1, 8>(simd, g, offsets, padded, dy_t, acc);
+        match (S::F32_LANES >= 16, vectors % 4, vectors % 2) {
+            (true, 0, _) => grad_blocks::<S, 4, 2>(simd, g, offsets, padded, dy_t, acc),
+            (true, _, 0) => grad_blocks::<S, 2, 4>(simd, g, offsets, padded, dy_t, acc),
+            (true, _, _) => grad_blocks::<S, 1, 8>(simd, g, offsets, padded, dy_t, acc),
+            (false, _, 0) => grad_blocks::<S, 2, 2>(simd, g, offsets, padded, dy_t, acc),
+            (false, _, _) => grad_blocks::<S, 1, 4>(simd, g, offsets, padded, dy_t, acc),
         }
     }
 }

@@ -214,7 +214,7 @@ impl MaskedConvPlan {
                 let mut padded = vec![0.0; g.sparse_buffer_len()];
                 let (mut buffer, mut plane) = g.by_input_buffers();
                 for io in chunk.split(g, 1) {
-                    pulp::Arch::new().dispatch(FusedSample {
+                    crate::dispatch(FusedSample {
                         g,
                         w,
                         io,

@@ -93,7 +93,7 @@ impl pulp::WithSimd for SparseSample<'_> {
 
 impl SparseSample<'_> {
     pub(crate) fn run(self) {
-        pulp::Arch::new().dispatch(self);
+        crate::dispatch(self);
     }
 }
 
