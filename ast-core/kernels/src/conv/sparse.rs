@@ -279,7 +279,8 @@ fn gather_vectors<S: pulp::Simd, const V: usize>(
 }
 
 /// [`gather_vectors`] over `B` positions (128, 64 or 16, a whole number of vectors on every
-/// SIMD level pulp dispatches to: 16, 8, 4 or 1 lanes).
+/// SIMD level pulp dispatches to: 16, 8, 4 or 1 lanes), in runs of at most 8 vectors: 8 sums,
+/// the broadcast value and a loaded vector fit the 16 registers of AVX2 (more spill).
 #[inline(always)]
 fn gather_block<S: pulp::Simd, const B: usize>(
     simd: S,
@@ -289,17 +290,18 @@ fn gather_block<S: pulp::Simd, const B: usize>(
     values: &[f32],
     base: usize,
 ) {
-    match (B, S::F32_LANES) {
-        (128, 16) | (64, 8) => gather_vectors::<S, 8>(simd, out, src, starts, values, base),
-        (128, 8) => gather_vectors::<S, 16>(simd, out, src, starts, values, base),
-        (128, 4) => gather_vectors::<S, 32>(simd, out, src, starts, values, base),
-        (128, 1) => gather_vectors::<S, 128>(simd, out, src, starts, values, base),
-        (64, 16) | (16, 4) => gather_vectors::<S, 4>(simd, out, src, starts, values, base),
-        (64, 4) | (16, 1) => gather_vectors::<S, 16>(simd, out, src, starts, values, base),
-        (64, 1) => gather_vectors::<S, 64>(simd, out, src, starts, values, base),
-        (16, 16) => gather_vectors::<S, 1>(simd, out, src, starts, values, base),
-        (16, 8) => gather_vectors::<S, 2>(simd, out, src, starts, values, base),
-        _ => unreachable!("blocks of 64 or 16 positions, vectors of 16, 8, 4 or 1 lanes"),
+    let lanes = S::F32_LANES;
+    if B >= 8 * lanes {
+        for at in (0..B).step_by(8 * lanes) {
+            gather_vectors::<S, 8>(simd, &mut out[at..], src, starts, values, base + at);
+        }
+    } else if B == 4 * lanes {
+        gather_vectors::<S, 4>(simd, out, src, starts, values, base);
+    } else if B == 2 * lanes {
+        gather_vectors::<S, 2>(simd, out, src, starts, values, base);
+    } else {
+        assert_eq!(B, lanes, "blocks of whole vectors");
+        gather_vectors::<S, 1>(simd, out, src, starts, values, base);
     }
 }
 
