@@ -699,6 +699,15 @@ mod tests {
                 .forward_subnet(k, &pixels[..3 * 32 * 32], 1)
                 .unwrap();
             assert_eq!(one, got[..one.len()]);
+            // The per-layer profile: every step, with the pass's multiply-adds.
+            let steps = runtime.profile(k, 2).unwrap();
+            assert_eq!(steps.len(), graph.ops.len());
+            let work: u64 = steps.iter().map(|s| s.multiply_adds).sum();
+            assert_eq!(work, runtime.multiply_adds(k).unwrap());
+            let forms = ["sparse", "direct", "im2col", "pool", "dense"];
+            assert!(steps
+                .iter()
+                .all(|s| forms.contains(&s.form) && s.median_us.is_finite()));
         }
         // The density recorded is the masks' (sub-net 0 keeps about half).
         assert!(

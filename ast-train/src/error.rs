@@ -6,6 +6,28 @@ use ast_core::AstError;
 
 use crate::data::DataError;
 
+/// What a run stopped by a diverging model leaves to resume from (filled in when the error
+/// leaves the worker, which knows the run directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// Not looked up yet.
+    Unknown,
+    /// The newest complete checkpoint, by name.
+    Checkpoint(String),
+    /// No checkpoint was written before.
+    Nothing,
+}
+
+impl std::fmt::Display for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kept::Unknown => write!(f, "the checkpoints written before are kept"),
+            Kept::Checkpoint(name) => write!(f, "the last good checkpoint ({name}) is kept"),
+            Kept::Nothing => write!(f, "no checkpoint had been written yet"),
+        }
+    }
+}
+
 /// Everything that can stop a run, evaluation or checkpoint operation.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -77,7 +99,7 @@ pub enum TrainError {
     /// The loss stopped being a finite number.
     #[error(
         "loss became {value} at epoch {epoch}, iteration {iteration} (sub-net {subnet}); \
-         training stopped, the last good checkpoint is kept"
+         training stopped, {kept}"
     )]
     NonFiniteLoss {
         /// The loss value.
@@ -88,6 +110,8 @@ pub enum TrainError {
         iteration: usize,
         /// Sub-net trained.
         subnet: usize,
+        /// What the run keeps.
+        kept: Kept,
     },
     /// The run was asked to stop (SIGINT/SIGTERM) and wrote a checkpoint.
     #[error(
@@ -127,13 +151,15 @@ pub enum TrainError {
     /// The model's weights or outputs stopped being finite numbers.
     #[error(
         "the model diverged by the end of epoch {epoch}: {what} not finite; training \
-         stopped, the last good checkpoint is kept (lower --lr)"
+         stopped, {kept} (lower --lr)"
     )]
     NonFiniteModel {
         /// Epoch (from 0).
         epoch: usize,
         /// What is not finite.
         what: String,
+        /// What the run keeps.
+        kept: Kept,
     },
     /// A file of the run could not be written or read.
     #[error("{path}: {reason}")]

@@ -24,7 +24,7 @@ pub mod train;
 mod trainer;
 
 pub use config::{Augment, DataConfig, DatasetKind, LrSchedule, LrScheduleKind, TrainConfig};
-pub use error::{Result, TrainError};
+pub use error::{Kept, Result, TrainError};
 pub use lock::RunLock;
 pub use train::{
     discard_unstarted_run, evaluate, load_data, prepare_run_dir, read_run_config, train,

@@ -21,7 +21,7 @@ use burn::tensor::backend::AutodiffBackend;
 use crate::checkpoint::{self, PartialEpoch, TrainerState};
 use crate::config::total_iterations;
 use crate::data::{HostBatch, Loader};
-use crate::error::{Result, TrainError};
+use crate::error::{Kept, Result, TrainError};
 use crate::metrics::{
     top_k_correct, write_atomic, EpochRecord, EventRecord, EventsWriter, MetricsWriter, Progress,
     SubnetMetrics, SubnetTraining,
@@ -56,8 +56,41 @@ where
     S::Model<B>: AutodiffModule<B>,
     <S::Model<B> as AutodiffModule<B>>::InnerModule: AstModule<B::InnerBackend>,
 {
+    let dir = worker.opts.dir.clone();
     let (trainer, model) = Trainer::new(worker)?;
-    trainer.run(model)
+    trainer.run(model).map_err(|e| match e {
+        TrainError::NonFiniteLoss {
+            value,
+            epoch,
+            iteration,
+            subnet,
+            ..
+        } => TrainError::NonFiniteLoss {
+            value,
+            epoch,
+            iteration,
+            subnet,
+            kept: kept_in(&dir),
+        },
+        TrainError::NonFiniteModel { epoch, what, .. } => TrainError::NonFiniteModel {
+            epoch,
+            what,
+            kept: kept_in(&dir),
+        },
+        other => other,
+    })
+}
+
+/// What run directory `dir` keeps to resume from.
+fn kept_in(dir: &std::path::Path) -> Kept {
+    match crate::checkpoint::latest(dir) {
+        Ok(Some(path)) if path.is_dir() => {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            Kept::Checkpoint(name.unwrap_or_default())
+        }
+        Ok(_) => Kept::Nothing,
+        Err(_) => Kept::Unknown,
+    }
 }
 
 /// How a run leaves before its last epoch is done: with the leader's summary, or `None` on the
@@ -539,7 +572,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         self.last_eval = evaluate(&eval_model, &self.test_loader, self.device)?;
         if let Some(m) = self.last_eval.iter().find(|m| !m.loss.is_finite()) {
             let what = format!("sub-net {}'s test loss ({}) is", m.subnet, m.loss);
-            return Err(TrainError::NonFiniteModel { epoch, what });
+            return Err(TrainError::NonFiniteModel {
+                epoch,
+                what,
+                kept: Kept::Unknown,
+            });
         }
         self.state.best_sparsest_top1 = self
             .state
@@ -717,6 +754,7 @@ fn read_back<B: Backend>(
                 epoch,
                 iteration: step.iteration,
                 subnet: step.subnet,
+                kept: Kept::Unknown,
             });
         }
         let (correct, samples) = (correct as usize, samples as usize);
@@ -759,7 +797,11 @@ fn check_finite<M: Module<B>, B: Backend>(model: &M, epoch: usize) -> Result<()>
                 1 => format!("weights of `{first}` are"),
                 n => format!("weights of {n} parameters (first `{first}`) are"),
             };
-            Err(TrainError::NonFiniteModel { epoch, what })
+            Err(TrainError::NonFiniteModel {
+                epoch,
+                what,
+                kept: Kept::Unknown,
+            })
         }
     }
 }

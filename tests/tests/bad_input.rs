@@ -634,7 +634,7 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     check_error(&case(
         "non-finite loss",
         &["run", "--resume", "--out", out.to_str().unwrap()],
-        "training stopped, the last good checkpoint is kept",
+        "training stopped, the last good checkpoint (epoch-000",
     ));
     // The run stopped before its end; the checkpoint `latest` names is complete and good.
     let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
@@ -665,6 +665,8 @@ fn a_diverged_model_is_an_error_never_a_result() {
         err.contains("the model diverged") || err.contains("loss became"),
         "{err}"
     );
+    // Nothing was checkpointed before: the message does not promise a checkpoint.
+    assert!(err.contains("no checkpoint had been written yet"), "{err}");
     assert!(!out.join("checkpoints/latest").exists());
     assert!(!out.join("summary.json").exists());
 
