@@ -39,7 +39,10 @@ pub struct ForwardPlan {
 #[derive(Debug, Clone)]
 pub struct ForwardScratch {
     geometry: ConvGeometry,
+    /// The padded input (and its stride phases) where the kernel copies it.
     padded: Vec<f32>,
+    /// The direct form's wide planes, the sparse form's keep mask (`keep_mask`), or the
+    /// im2col form's output before it is placed.
     wide: Vec<f32>,
     /// The input's interior when it comes in another border than the plan reads in place
     /// (sized at the first such call), or the subsample.
