@@ -45,6 +45,40 @@ pub struct StepBench {
     pub progress: bool,
 }
 
+impl StepBench {
+    /// Refuses sizes and a density no bench can run (before anything is allocated).
+    pub fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("batch", self.batch),
+            ("steps", self.steps),
+            ("subnets", self.subnets),
+        ] {
+            if value == 0 {
+                return Err(TrainError::Config {
+                    field,
+                    reason: "must be ≥ 1".into(),
+                });
+            }
+        }
+        if self.batch > MAX_BENCH_BATCH {
+            return Err(TrainError::Config {
+            field: "batch",
+            reason: format!(
+                "must be ≤ {MAX_BENCH_BATCH}, got {} (one step holds the whole batch's activations)",
+                self.batch
+            ),
+        });
+        }
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(TrainError::Config {
+                field: "density",
+                reason: format!("must lie in (0, 1], got {}", self.density),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Timings of [`StepBench`].
 #[derive(Debug, Clone, Serialize)]
 pub struct StepTiming {
@@ -86,33 +120,7 @@ pub fn step_throughput<B>(bench: &StepBench, device: &B::Device) -> Result<StepT
 where
     B: AutodiffBackend,
 {
-    for (field, value) in [
-        ("batch", bench.batch),
-        ("steps", bench.steps),
-        ("subnets", bench.subnets),
-    ] {
-        if value == 0 {
-            return Err(TrainError::Config {
-                field,
-                reason: "must be ≥ 1".into(),
-            });
-        }
-    }
-    if bench.batch > MAX_BENCH_BATCH {
-        return Err(TrainError::Config {
-            field: "batch",
-            reason: format!(
-                "must be ≤ {MAX_BENCH_BATCH}, got {} (one step holds the whole batch's activations)",
-                bench.batch
-            ),
-        });
-    }
-    if !(bench.density > 0.0 && bench.density <= 1.0) {
-        return Err(TrainError::Config {
-            field: "density",
-            reason: format!("must lie in (0, 1], got {}", bench.density),
-        });
-    }
+    bench.validate()?;
     let mut config = AstConfig::new(vec![SubnetTarget::Density(bench.density); bench.subnets]);
     config.correction = bench.correction;
     config.seed = bench.seed;

@@ -249,14 +249,34 @@ pub(crate) fn remove_file_if_present(path: &Path) -> Result<()> {
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = checkpoints_dir(run_dir).join("latest");
     match std::fs::read_to_string(&pointer) {
-        Ok(name) if name.trim().is_empty() || name.contains(['/', '\\']) => Err(corrupt(
-            &pointer,
-            "names no checkpoint directory: write the newest one's name there (e.g. epoch-0003)",
-        )),
+        Ok(name) if name.trim().is_empty() || name.contains(['/', '\\']) => {
+            let fix = match newest_on_disk(&checkpoints_dir(run_dir)) {
+                Some(newest) => format!(
+                    "write the newest one's name there (`echo {newest} > {}`)",
+                    pointer.display()
+                ),
+                None => "no checkpoint is left either: start the run again with --overwrite".into(),
+            };
+            Err(corrupt(
+                &pointer,
+                format!("names no checkpoint directory; {fix}"),
+            ))
+        }
         Ok(name) => Ok(Some(checkpoints_dir(run_dir).join(name.trim()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(TrainError::io(&pointer, e)),
     }
+}
+
+/// The greatest `epoch-…` name among the checkpoint directories in `root`, for messages.
+fn newest_on_disk(root: &Path) -> Option<String> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join(STATE_FILE).is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("epoch-"))
+        .max()
 }
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> TrainError {

@@ -419,6 +419,7 @@ pub fn prepare_run_dir(
         path: dir.clone(),
         reason: e.to_string(),
     };
+    check_out_path(dir)?;
     std::fs::create_dir_all(dir).map_err(unwritable)?;
     let lock = RunLock::acquire(dir)?;
     let ours = read_run_config(dir).is_ok();
@@ -440,6 +441,35 @@ pub fn prepare_run_dir(
         reason: e.to_string(),
     })?;
     Ok((config, lock))
+}
+
+/// Refuses an output path that exists but cannot be a directory: a dangling symbolic link (the
+/// OS would answer "File exists") or a file or device.
+fn check_out_path(dir: &Path) -> Result<()> {
+    let refuse = |reason: String| TrainError::Unwritable {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        if std::fs::metadata(dir).is_err() {
+            let target = std::fs::read_link(dir)
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            return Err(refuse(format!(
+                "it is a symbolic link to {target}, which does not exist; create that \
+                 directory or choose another --out"
+            )));
+        }
+    }
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Err(refuse(
+            "it exists and is not a directory (a file or a device); choose another --out".into(),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn to_tensors<B: Backend>(

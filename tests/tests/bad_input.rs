@@ -171,6 +171,9 @@ fn every_bad_input_is_one_clear_error() {
     let file = w.join("a_file");
     std::fs::write(&file, b"x").unwrap();
     let out = |n: &str| w.join("runs").join(n);
+    // An output path that is a symbolic link to nothing.
+    let dangling = w.join("dangling");
+    std::os::unix::fs::symlink(w.join("gone"), &dangling).unwrap();
 
     let cases = vec![
         with_args(
@@ -352,6 +355,21 @@ fn every_bad_input_is_one_clear_error() {
             quick(&good, &file.join("run"), &[]),
             "cannot write to output directory",
         ),
+        with_args(
+            "output that is a dangling symbolic link",
+            quick(&good, &dangling, &[]),
+            "which does not exist; create that directory or choose another --out",
+        ),
+        with_args(
+            "output that is a file",
+            quick(&good, &file, &[]),
+            "it exists and is not a directory (a file or a device)",
+        ),
+        with_args(
+            "output that is a device",
+            quick(&good, Path::new("/dev/null"), &[]),
+            "it exists and is not a directory (a file or a device)",
+        ),
         case(
             "resume without a run",
             &[
@@ -418,6 +436,16 @@ fn every_bad_input_is_one_clear_error() {
             "prune rate below the final one",
             quick(&good, &out("e2"), &["--prune-rate", "0"]),
             "`schedule.prune_rate` 0 is below schedule.final_prune_rate 0.005",
+        ),
+        case(
+            "bench: more sub-nets than memory holds",
+            &["bench", "--model", "resnet32", "--subnets", "100000"],
+            "available: lower --batch or --subnets",
+        ),
+        case(
+            "bench: a batch beyond memory",
+            &["bench", "--model", "resnet32", "--batch", "65536"],
+            "available: lower --batch or --subnets",
         ),
         case(
             "bench: density 0",

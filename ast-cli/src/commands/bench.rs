@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use crate::backend;
 use crate::cli::BackendArgs;
+use crate::BackendKind;
 
 /// Gradient correction in the timed step.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,9 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
     {
         eprintln!("{note}");
     }
+    if args.backend.backend != BackendKind::Cuda {
+        check_memory(&args, &job)?;
+    }
     let timing = backend::dispatch(&args.backend, backend::Bench(job))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
@@ -136,4 +140,120 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Refuses a bench whose step cannot fit in this machine's available memory, before the
+/// step allocates it (a failed allocation aborts the process).
+///
+/// The need is measured, not modelled: one step of the same model at batch 1 with one
+/// sub-net, then with two sub-nets, then at batch 3, each by how far it raises the process's
+/// peak resident memory (Linux's VmHWM, reset in between through `/proc/self/clear_refs`).
+/// Freed memory stays mapped (see `main`'s `MIMALLOC_PURGE_DELAY`), so each later probe grows
+/// the peak by what it needs beyond the earlier ones: the second by one sub-net, the third by
+/// two images. Where `/proc` cannot say, nothing is refused.
+const PROBE_BATCH: usize = 4;
+
+fn check_memory(args: &BenchArgs, job: &ast_train::bench::StepBench) -> Result<()> {
+    job.validate()?;
+    let Some(available) = proc_memory::available() else {
+        return Ok(());
+    };
+    let mut grown = [0u64; 3];
+    for (slot, (subnets, batch)) in
+        grown
+            .iter_mut()
+            .zip([(1, PROBE_BATCH), (2, PROBE_BATCH), (1, 4 * PROBE_BATCH)])
+    {
+        let probe = ast_train::bench::StepBench {
+            batch,
+            subnets,
+            steps: 1,
+            warmup: 0,
+            dense_steps: 0,
+            progress: false,
+            ..job.clone()
+        };
+        let Some(before) = proc_memory::reset_peak() else {
+            return Ok(());
+        };
+        backend::dispatch(&args.backend, backend::Bench(probe))?;
+        let Some(peak) = proc_memory::peak() else {
+            return Ok(());
+        };
+        *slot = peak.saturating_sub(before);
+    }
+    let [base, per_subnet, more_images] = grown;
+    let per_image = more_images / (3 * PROBE_BATCH) as u64;
+    let need = (base as f64)
+        + (job.subnets - 1) as f64 * per_subnet as f64
+        + job.batch.saturating_sub(PROBE_BATCH) as f64 * per_image as f64;
+    if need > available as f64 {
+        bail!(
+            "bench of {} at batch {} with {} sub-nets needs about {} (measured: {} at batch {PROBE_BATCH}, \
+             {} per image, {} per sub-net), this machine has {} available: lower --batch or \
+             --subnets",
+            job.model,
+            job.batch,
+            job.subnets,
+            proc_memory::human(need),
+            proc_memory::human(base as f64),
+            proc_memory::human(per_image as f64),
+            proc_memory::human(per_subnet as f64),
+            proc_memory::human(available as f64)
+        );
+    }
+    eprintln!(
+        "memory: about {} needed (measured: {} at batch {PROBE_BATCH}, {} per image, {} per sub-net), {} available",
+        proc_memory::human(need),
+        proc_memory::human(base as f64),
+        proc_memory::human(per_image as f64),
+        proc_memory::human(per_subnet as f64),
+        proc_memory::human(available as f64)
+    );
+    Ok(())
+}
+
+/// This process's memory as Linux reports it in `/proc` (`None` elsewhere).
+mod proc_memory {
+    fn status_kib(field: &str) -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/self/status").ok()?;
+        kib_field(&text, field)
+    }
+
+    fn kib_field(text: &str, field: &str) -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(field))?;
+        let kib: u64 = line[field.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Resets the peak resident memory to the current one and returns that, in bytes.
+    pub(super) fn reset_peak() -> Option<u64> {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        status_kib("VmRSS:")
+    }
+
+    /// The peak resident memory since the last reset, in bytes.
+    pub(super) fn peak() -> Option<u64> {
+        status_kib("VmHWM:")
+    }
+
+    /// The memory the kernel says new work can use without swapping, in bytes.
+    pub(super) fn available() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        kib_field(&text, "MemAvailable:")
+    }
+
+    pub(super) fn human(bytes: f64) -> String {
+        const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+        match bytes {
+            b if b >= 1024.0 * GIB => format!("{:.1} TiB", b / (1024.0 * GIB)),
+            b if b >= GIB => format!("{:.1} GiB", b / GIB),
+            b => format!("{:.0} MiB", b / (1024.0 * 1024.0)),
+        }
+    }
 }
