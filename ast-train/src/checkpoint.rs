@@ -340,12 +340,8 @@ fn read_sums(dir: &Path) -> Result<Option<BTreeMap<String, String>>> {
     Ok(Some(sums))
 }
 
-/// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
-pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
-    dir: &Path,
-    model: M,
-    ast: &mut AstStep<B>,
-) -> Result<(M, TrainerState)> {
+/// Checks every file of checkpoint `dir` against its recorded SHA-256 and returns its state.
+pub fn verify(dir: &Path) -> Result<TrainerState> {
     let state = read_state(dir)?;
     match read_sums(dir)? {
         Some(sums) => {
@@ -360,6 +356,16 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
             }
         }
     }
+    Ok(state)
+}
+
+/// Loads a checkpoint into `model` (built with the run's config) and `ast` (built for it).
+pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    model: M,
+    ast: &mut AstStep<B>,
+) -> Result<(M, TrainerState)> {
+    let state = verify(dir)?;
 
     let model_file = dir.join(MODEL_FILE);
     if !model_file.is_file() {

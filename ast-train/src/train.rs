@@ -404,6 +404,8 @@ pub fn prepare_run_dir(
         // A run killed after its last epoch's checkpoint but before its summary is finished
         // by the resume (summary, tidying); only a run with its summary is done.
         if done >= config.epochs && dir.join(SUMMARY_FILE).exists() {
+            // "Nothing changed" must not hide a damaged checkpoint.
+            checkpoint::verify(&latest)?;
             return Err(TrainError::RunFinished {
                 dir: dir.clone(),
                 epochs: done,

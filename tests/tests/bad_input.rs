@@ -859,6 +859,30 @@ fn resume_keeps_a_runs_settings_extends_it_on_request_and_leaves_a_finished_run_
 }
 
 #[test]
+fn a_finished_run_with_a_damaged_checkpoint_is_not_nothing_changed() {
+    let work = tempfile::tempdir().unwrap();
+    let out = finished_quick_run(work.path());
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let model = out
+        .join("checkpoints")
+        .join(latest.trim())
+        .join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let o = out.to_str().unwrap();
+    for args in [
+        &["run", "--resume", "--quiet", "--out", o][..],
+        &["eval", "--run", o][..],
+    ] {
+        check(&case(
+            "damaged checkpoint of a finished run",
+            args,
+            "its SHA-256 differs from the one SHA256SUMS recorded",
+        ));
+    }
+}
+
+#[test]
 fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
     let work = tempfile::tempdir().unwrap();
     let out = finished_quick_run(work.path());
