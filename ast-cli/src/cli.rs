@@ -28,6 +28,10 @@ pub(crate) enum Command {
     Eval(EvalArgs),
     /// Per-layer density of each sub-net and mask overlap between sub-nets.
     Stats(StatsArgs),
+    /// Plots of a run as SVG files: top-1 against density, per-epoch top-1, loss and
+    /// learning rate (other runs overlaid with --compare), density over iterations with the
+    /// mask events, per-layer density.
+    Plot(commands::plot::PlotArgs),
     /// List the shipped recipes.
     Recipes,
     /// Images/s of the AST training step (random inputs and masks; no run directory).

@@ -20,6 +20,7 @@ pub mod metrics;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod parallel;
+pub mod plot;
 pub mod train;
 mod trainer;
 

@@ -304,8 +304,8 @@ fn first_entry(dir: &Path) -> Result<Option<String>> {
     Ok(names.into_iter().next())
 }
 
-/// Removes what a run writes in `dir` besides its configuration: its metrics files and, in
-/// `checkpoints/`, its checkpoints (`epoch-…`, `.tmp-…`, `latest`). Anything else, in
+/// Removes what a run writes in `dir` besides its configuration: its metrics files, its plots
+/// and, in `checkpoints/`, its checkpoints (`epoch-…`, `.tmp-…`, `latest`). Anything else, in
 /// `checkpoints/` too, is not the run's and stays.
 fn remove_run_files(dir: &Path) -> Result<()> {
     for name in RUN_FILES.iter().filter(|&&n| n != CHECKPOINTS_DIR) {
@@ -313,6 +313,14 @@ fn remove_run_files(dir: &Path) -> Result<()> {
         if !path.is_dir() {
             remove_if_present(&path)?;
         }
+    }
+    // The plots a run draws; other files there stay.
+    let plots = dir.join(crate::plot::PLOTS_DIR);
+    if plots.is_dir() && !plots.is_symlink() {
+        for name in crate::plot::PLOT_FILES {
+            checkpoint::remove_file_if_present(&plots.join(name))?;
+        }
+        let _ = std::fs::remove_dir(&plots);
     }
     let checkpoints = dir.join(CHECKPOINTS_DIR);
     if !checkpoints.is_dir() || checkpoints.is_symlink() {

@@ -653,6 +653,14 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         tidy_run(&self.opts.dir)?;
         checkpoint::kill_point("run-tidied");
+        // The plots, before the summary that marks the run finished (a resume of a run killed
+        // in between draws them again). Plots that cannot be drawn do not fail the run.
+        let dir = &self.opts.dir;
+        let plotted = crate::plot::read_run(dir)
+            .and_then(|run| crate::plot::write_plots(&[run], &dir.join(crate::plot::PLOTS_DIR)));
+        if let Err(e) = plotted {
+            eprintln!("warning: the run's plots were not written: {e}");
+        }
         let summary = self.summary(self.config.epochs, false);
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&self.opts.dir.join(SUMMARY_FILE), &json)?;

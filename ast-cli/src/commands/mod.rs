@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod check;
 pub mod deploy;
+pub mod plot;
 pub mod run;
 pub mod schedule;
