@@ -32,6 +32,10 @@ pub(crate) enum Command {
     /// learning rate (other runs overlaid with --compare), density over iterations with the
     /// mask events, per-layer density.
     Plot(commands::plot::PlotArgs),
+    /// A run's report as one self-contained HTML page (plots inline, the sub-nets' last
+    /// evaluation, mask overlap, mask events, configuration); a run writes it after every
+    /// epoch, and the page of a running run reloads itself.
+    Report(commands::report::ReportArgs),
     /// List the shipped recipes.
     Recipes,
     /// Images/s of the AST training step (random inputs and masks; no run directory).

@@ -107,6 +107,7 @@ fn command(cli: Cli) -> Result<()> {
         Command::CheckBackend(args) => commands::check::check_backend(args),
         Command::Stats(args) => backend::stats(&args.run, args.csv.as_deref()),
         Command::Plot(args) => commands::plot::plot(args),
+        Command::Report(args) => commands::report::report(args),
         Command::Export(args) => backend::dispatch(&args.backend, commands::deploy::Export(&args)),
         Command::Infer(args) => commands::deploy::infer(&args),
         Command::BenchInfer(args) => commands::deploy::bench_infer(&args),

@@ -80,6 +80,12 @@ pub enum TrainError {
         /// One of its entries.
         example: String,
     },
+    /// A run directory without a finished epoch: nothing to plot.
+    #[error(
+        "{0} has no finished epoch yet (metrics.jsonl is missing or empty): plot once the run \
+         has evaluated its first epoch"
+    )]
+    NoEpochYet(PathBuf),
     /// The output directory cannot be created or written.
     #[error("cannot write to output directory {path}: {reason}")]
     Unwritable {

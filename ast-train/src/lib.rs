@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mpi;
 pub mod parallel;
 pub mod plot;
+pub mod report;
 pub mod train;
 mod trainer;
 

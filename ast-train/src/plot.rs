@@ -86,12 +86,7 @@ pub fn read_run(dir: &Path) -> Result<RunPlotData> {
     let metrics = dir.join(METRICS_FILE);
     let epochs: Vec<EpochRecord> = read_lines(&metrics, &mut notes)?;
     if epochs.is_empty() {
-        return Err(TrainError::Io {
-            path: metrics,
-            reason: "holds no finished epoch yet (missing or empty): plot once the run has \
-                     evaluated its first epoch"
-                .into(),
-        });
+        return Err(TrainError::NoEpochYet(dir.to_path_buf()));
     }
     let events = read_lines(&dir.join("events.jsonl"), &mut notes)?;
     let layers = match checkpoint::latest(dir)? {
@@ -628,7 +623,11 @@ where
                 .draw_series(DashedLineSeries::new(s.points.iter().copied(), 6, 4, style))
                 .map_err(err)?
                 .label(&s.label)
-                .legend(legend);
+                .legend(move |(x, y)| {
+                    EmptyElement::at((x, y))
+                        + PathElement::new(vec![(0, 0), (6, 0)], style)
+                        + PathElement::new(vec![(10, 0), (16, 0)], style)
+                });
         } else {
             chart
                 .draw_series(LineSeries::new(s.points.iter().copied(), style))

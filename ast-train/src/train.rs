@@ -314,7 +314,8 @@ fn remove_run_files(dir: &Path) -> Result<()> {
             remove_if_present(&path)?;
         }
     }
-    // The plots a run draws; other files there stay.
+    // The report and plots a run draws; other files there stay.
+    remove_if_present(&dir.join(crate::report::REPORT_FILE))?;
     let plots = dir.join(crate::plot::PLOTS_DIR);
     if plots.is_dir() && !plots.is_symlink() {
         for name in crate::plot::PLOT_FILES {

@@ -630,7 +630,18 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 });
             }
         }
+        if next < epochs {
+            self.refresh_report(false);
+        }
         Ok(ControlFlow::Continue(()))
+    }
+
+    /// Redraws the run's plots and report (the leader, after an epoch and at the end). A
+    /// report that cannot be written costs a warning, never the run.
+    fn refresh_report(&self, finished: bool) {
+        if let Err(e) = crate::report::write_report(&self.opts.dir, None, finished) {
+            eprintln!("warning: the run's plots and report were not written: {e}");
+        }
     }
 
     /// What the run did, after `epochs` epochs (interrupted by `stop_after` or not).
@@ -653,14 +664,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         tidy_run(&self.opts.dir)?;
         checkpoint::kill_point("run-tidied");
-        // The plots, before the summary that marks the run finished (a resume of a run killed
-        // in between draws them again). Plots that cannot be drawn do not fail the run.
-        let dir = &self.opts.dir;
-        let plotted = crate::plot::read_run(dir)
-            .and_then(|run| crate::plot::write_plots(&[run], &dir.join(crate::plot::PLOTS_DIR)));
-        if let Err(e) = plotted {
-            eprintln!("warning: the run's plots were not written: {e}");
-        }
+        // The plots and the report, before the summary that marks the run finished (a resume
+        // of a run killed in between draws them again).
+        self.refresh_report(true);
         let summary = self.summary(self.config.epochs, false);
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&self.opts.dir.join(SUMMARY_FILE), &json)?;

@@ -45,6 +45,27 @@ fn ranks_as(points: &[(f64, f64)], values: &[f64]) -> bool {
             .all(|i| (0..values.len()).all(|j| values[i] <= values[j] || points[i].1 < points[j].1))
 }
 
+/// A report page parsed as XML (it is written XHTML-clean: every element closed, text
+/// escaped), its `<!DOCTYPE html>` allowed.
+fn parse(text: &str) -> roxmltree::Document<'_> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    roxmltree::Document::parse_with_options(text, options)
+        .unwrap_or_else(|e| panic!("the report does not parse: {e}"))
+}
+
+/// A report page's text, checked to parse, and whether it reloads itself.
+fn report(path: &Path) -> (String, bool) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc = parse(&text);
+    let reloads = doc
+        .descendants()
+        .any(|n| n.has_tag_name("meta") && n.attribute("http-equiv") == Some("refresh"));
+    (text, reloads)
+}
+
 #[test]
 fn a_finished_run_draws_its_plots_with_its_series() {
     let root = tempfile::tempdir().unwrap();
@@ -114,6 +135,47 @@ fn a_finished_run_draws_its_plots_with_its_series() {
     assert_eq!(layers.len(), k);
     assert!(layers.iter().all(|l| l.len() == 4), "{layers:?}");
 
+    // The report: one XHTML-clean page with every plot inline and the last evaluation; a
+    // finished run's page does not reload.
+    let (doc_text, reloads) = report(&run.join("report.html"));
+    let doc = parse(&doc_text);
+    let figures: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("figure"))
+        .collect();
+    assert_eq!(figures.len(), 6);
+    assert!(figures
+        .iter()
+        .all(|f| f.children().any(|c| c.has_tag_name("svg"))));
+    let first_table = doc.descendants().find(|n| n.has_tag_name("table")).unwrap();
+    let rows = first_table
+        .children()
+        .filter(|n| n.has_tag_name("tr"))
+        .count();
+    assert_eq!(rows, k + 1, "a header and one row per sub-net");
+    let top1 = format!("{:.2} %", 100.0 * last[2]["top1"].as_f64().unwrap());
+    assert!(doc_text.contains(&top1), "{top1}");
+    assert!(doc_text.contains("Mask overlap") && doc_text.contains("100.0 %"));
+    assert!(!reloads, "a finished run's page reloads");
+    // A run that is going (no summary yet): its page reloads.
+    let summary = run.join("summary.json");
+    std::fs::rename(&summary, run.join("summary.kept")).unwrap();
+    let page = root.path().join("going.html");
+    let output = cli(&[
+        "report",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (text, reloads) = report(&page);
+    assert!(
+        reloads && text.contains("running: 3 of 3 epochs evaluated"),
+        "{text}"
+    );
+    std::fs::rename(run.join("summary.kept"), &summary).unwrap();
+
     // `plot` again with another run overlaid, into a directory of our choosing.
     let other = root.path().join("other");
     let mut args = parallel_run_args(&data, &other, &["--seed", "7"]);
@@ -175,11 +237,16 @@ fn runs_going_torn_or_foreign_are_plotted_partly_or_refused_in_one_line() {
         "line 2 is not a record this version of ast writes",
     );
 
-    // No finished epoch yet, and no run at all.
+    // No finished epoch yet, and no run at all: plot refuses, the report says so and waits.
     std::fs::write(&metrics, "").unwrap();
-    fail(&["plot", "--run", r], "holds no finished epoch yet");
+    fail(&["plot", "--run", r], "has no finished epoch yet");
+    let output = cli(&["report", "--run", r]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (text, _) = report(&run.join("report.html"));
+    assert!(text.contains("No epoch has been evaluated yet"), "{text}");
     let none = root.path().join("none");
     fail(&["plot", "--run", none.to_str().unwrap()], "holds no run");
+    fail(&["report", "--run", none.to_str().unwrap()], "holds no run");
     // Output onto a file.
     std::fs::write(&metrics, &whole).unwrap();
     let file = root.path().join("a_file");

@@ -4,5 +4,6 @@ pub mod bench;
 pub mod check;
 pub mod deploy;
 pub mod plot;
+pub mod report;
 pub mod run;
 pub mod schedule;
