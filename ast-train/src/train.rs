@@ -464,16 +464,14 @@ fn check_out_path(dir: &Path) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return Ok(());
     };
-    if meta.file_type().is_symlink() {
-        if std::fs::metadata(dir).is_err() {
-            let target = std::fs::read_link(dir)
-                .map(|t| t.display().to_string())
-                .unwrap_or_else(|_| "?".into());
-            return Err(refuse(format!(
-                "it is a symbolic link to {target}, which does not exist; create that \
-                 directory or choose another --out"
-            )));
-        }
+    if meta.file_type().is_symlink() && std::fs::metadata(dir).is_err() {
+        let target = std::fs::read_link(dir)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        return Err(refuse(format!(
+            "it is a symbolic link to {target}, which does not exist; create that directory \
+             or choose another --out"
+        )));
     }
     if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
         return Err(refuse(
