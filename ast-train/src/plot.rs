@@ -268,11 +268,14 @@ struct Frame<'a> {
     integer_x: bool,
 }
 
-/// Writes every plot of `runs` (the first is the main run) into `out` (created if missing);
-/// returns the files written.
+/// Writes every plot of `runs` (the first is the main run; runs without an epoch are left
+/// out) into `out` (created if missing); returns the files written (none without a run).
 pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
+    let runs: &[&RunPlotData] = &runs.iter().filter(|r| !r.epochs.is_empty()).collect::<Vec<_>>();
+    let Some(&main) = runs.first() else {
+        return Ok(Vec::new());
+    };
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    let main = &runs[0];
     let notes: Vec<&String> = runs.iter().flat_map(|r| &r.notes).collect();
     let note = match notes.is_empty() {
         true => String::new(),
@@ -295,10 +298,7 @@ pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
         .iter()
         .enumerate()
         .map(|(i, run)| {
-            let last = run
-                .epochs
-                .last()
-                .expect("read_run refuses a run without epochs");
+            let last = run.epochs.last().expect("runs without epochs were left out");
             let mut points: Vec<(f64, f64)> = (last.subnets.iter())
                 .map(|s| (s.density, 100.0 * s.top1))
                 .collect();
