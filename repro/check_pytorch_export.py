@@ -1,5 +1,6 @@
 """Loads a sub-net exported with `ast-cli export --format pytorch` into the original code's
-model definition (github.com/mengjian0502/AST, models/uspars_cifar_resnet.py, nspars=1) with
+model definition (github.com/mengjian0502/AST: models/uspars_cifar_resnet.py for ResNet-20/32/56,
+models/uspars_cifar_wide_resnet.py for the wide ResNet-32 (`--wide`); nspars=1) with
 `load_state_dict(strict=True)`, runs the check input stored in the file and compares the logits
 with ours (stored beside it). Exit status 1 when they differ by more than the tolerance.
 
@@ -7,6 +8,7 @@ with ours (stored beside it). Exit status 1 when they differ by more than the to
     git clone https://github.com/mengjian0502/AST /tmp/AST
     ast-cli export --run runs/r20 --format pytorch --subnets 2 --out r20-k2.safetensors
     .venv/bin/python repro/check_pytorch_export.py r20-k2.safetensors /tmp/AST --depth 20
+    .venv/bin/python repro/check_pytorch_export.py wrn32-k1.safetensors /tmp/AST --wide
 """
 import argparse
 import sys
@@ -18,18 +20,25 @@ p = argparse.ArgumentParser()
 p.add_argument("file")
 p.add_argument("original", help="a checkout of the original code")
 p.add_argument("--depth", type=int, default=20, choices=[20, 32, 56])
+p.add_argument("--wide", action="store_true", help="the wide ResNet-32")
 p.add_argument("--tolerance", type=float, default=1e-4)
 a = p.parse_args()
 
 # The original allocates its masks with `.cuda()`: on a CPU-only machine that is the identity.
 torch.Tensor.cuda = lambda self, *args, **kwargs: self
 sys.path.insert(0, a.original)
-from models.uspars_cifar_resnet import CifarResNet  # noqa: E402
 
 state = load_file(a.file)
 x = state.pop("__check__.input")
 ours = state.pop("__check__.logits")
-model = CifarResNet(a.depth, ours.shape[1], nspars=1, uspars=True)
+if a.wide:
+    from models.uspars_cifar_wide_resnet import BasicBlock, ResNet  # noqa: E402
+
+    model = ResNet(BasicBlock, [5] * 3, ours.shape[1], nspars=1, uspars=True)
+else:
+    from models.uspars_cifar_resnet import CifarResNet  # noqa: E402
+
+    model = CifarResNet(a.depth, ours.shape[1], nspars=1, uspars=True)
 model.load_state_dict(state, strict=True)
 model.eval()
 with torch.no_grad():

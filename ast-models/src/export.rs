@@ -457,12 +457,12 @@ pub enum StateTensor {
 }
 
 impl<B: Backend> CifarResNet<B> {
-    /// Sub-net `k` as a dense state dict of the original code's CIFAR ResNet
-    /// (`models/uspars_cifar_resnet.py`, `uresnet20/32/56`) built with `nspars=1`, in its key
-    /// names: weights `W ⊙ M_k`, masks `M_k` as `mask0`, sub-net `k`'s BatchNorms as `bn.0`,
-    /// the classifier transposed to PyTorch's `[out, in]`. `load_state_dict` of that model
-    /// takes it as it is (`repro/check_pytorch_export.py`). The wide ResNet-32, whose original
-    /// names its layers otherwise, is refused.
+    /// Sub-net `k` as a dense state dict of the original code's CIFAR ResNet built with
+    /// `nspars=1` (ResNet-20/32/56: `models/uspars_cifar_resnet.py`'s `CifarResNet`; the wide
+    /// ResNet-32: `models/uspars_cifar_wide_resnet.py`'s `ResNet`), in its key names: weights
+    /// `W ⊙ M_k`, masks `M_k` as `mask0`, sub-net `k`'s BatchNorms as `bn.0`, the classifier
+    /// transposed to PyTorch's `[out, in]`. `load_state_dict` of that model takes it as it is
+    /// (`repro/check_pytorch_export.py`).
     pub fn original_state_dict(&self, k: usize) -> Result<Vec<(String, StateTensor)>, String> {
         let params = params(self);
         let shapes: HashMap<String, Vec<usize>> = masked_layers(self)
@@ -515,57 +515,76 @@ impl<B: Backend> CifarResNet<B> {
             out.push((format!("{theirs}.mask0"), f32s(shape, bits)));
             Ok::<(), String>(())
         };
-        let stem = self.conv1.weight.shape().dims::<4>().to_vec();
+        // The wide ResNet-32 (switchable shortcut BatchNorms) is `uspars_cifar_wide_resnet.py`'s
+        // `ResNet`, the others `uspars_cifar_resnet.py`'s `CifarResNet`: other names.
+        let wide = self.blocks.iter().any(|b| {
+            matches!(
+                b.shortcut.as_ref().map(|s| &s.norm),
+                Some(Norm::Switchable(_))
+            )
+        });
+        let (stem, stem_norm, stage, [conv_a, bn_a, conv_b, bn_b]) = match wide {
+            true => ("conv1", "bn", "layer", ["conv1", "bn1", "conv2", "bn2"]),
+            false => (
+                "conv_1_3x3",
+                "bn_1",
+                "stage_",
+                ["conv_a", "bn_a", "conv_b", "bn_b"],
+            ),
+        };
+        let stem_shape = self.conv1.weight.shape().dims::<4>().to_vec();
         out.push((
-            "conv_1_3x3.weight".into(),
-            f32s(stem, float("conv1.weight")?),
+            format!("{stem}.weight"),
+            f32s(stem_shape, float("conv1.weight")?),
         ));
-        norm(&mut out, "bn1", "bn_1")?;
+        norm(&mut out, "bn1", stem_norm)?;
         let per_stage = self.blocks.len() / 3;
         for (i, block) in self.blocks.iter().enumerate() {
             let (ours, theirs) = (
                 format!("blocks.{i}"),
-                format!("stage_{}.{}", i / per_stage + 1, i % per_stage),
+                format!("{stage}{}.{}", i / per_stage + 1, i % per_stage),
             );
             masked(
                 &mut out,
                 &format!("{ours}.conv1"),
-                &format!("{theirs}.conv_a"),
+                &format!("{theirs}.{conv_a}"),
             )?;
             norm(
                 &mut out,
                 &format!("{ours}.bn1.norms.{k}"),
-                &format!("{theirs}.bn_a.bn.0"),
+                &format!("{theirs}.{bn_a}.bn.0"),
             )?;
             masked(
                 &mut out,
                 &format!("{ours}.conv2"),
-                &format!("{theirs}.conv_b"),
+                &format!("{theirs}.{conv_b}"),
             )?;
             norm(
                 &mut out,
                 &format!("{ours}.bn2.norms.{k}"),
-                &format!("{theirs}.bn_b.bn.0"),
+                &format!("{theirs}.{bn_b}.bn.0"),
             )?;
-            match block.shortcut.as_ref().map(|s| &s.norm) {
-                None => {}
-                Some(Norm::Shared(_)) => {
-                    let conv = format!("{ours}.shortcut.conv");
-                    masked(&mut out, &conv, &format!("{theirs}.downsample.0"))?;
+            let Some(shortcut) = &block.shortcut else {
+                continue;
+            };
+            let conv = format!("{ours}.shortcut.conv");
+            masked(&mut out, &conv, &format!("{theirs}.downsample.0"))?;
+            match &shortcut.norm {
+                Norm::Shared(_) => {
                     let bn = format!("{ours}.shortcut.norm.Shared");
                     norm(&mut out, &bn, &format!("{theirs}.downsample.1"))?;
                 }
-                Some(Norm::Switchable(_)) => {
-                    return Err("the wide ResNet-32's PyTorch export is not built (the \
-                                original's uwresnet32 names its layers otherwise)"
-                        .into())
+                Norm::Switchable(_) => {
+                    let bn = format!("{ours}.shortcut.norm.Switchable.norms.{k}");
+                    norm(&mut out, &bn, &format!("{theirs}.bn3.bn.0"))?;
                 }
             }
         }
         // The classifier: ours [d_in, d_out], PyTorch's [d_out, d_in].
         let [d_in, d_out] = self.linear.weight.shape().dims::<2>();
         let mut linear = Vec::new();
-        masked(&mut linear, "linear", "classifier")?;
+        let classifier = if wide { "linear" } else { "classifier" };
+        masked(&mut linear, "linear", classifier)?;
         for (name, tensor) in linear {
             let StateTensor::F32 { values, .. } = tensor else {
                 unreachable!("masked layers are f32")
@@ -576,7 +595,7 @@ impl<B: Backend> CifarResNet<B> {
             out.push((name, f32s(vec![d_out, d_in], transposed)));
         }
         let bias = float("linear.bias")?;
-        out.push(("classifier.bias".into(), f32s(vec![d_out], bias)));
+        out.push((format!("{classifier}.bias"), f32s(vec![d_out], bias)));
         Ok(out)
     }
 }
@@ -806,11 +825,41 @@ mod tests {
             .original_state_dict(2)
             .unwrap_err()
             .contains("sub-net 2 does not exist"));
-        let wide = CifarResNetConfig::wide_resnet32(10, 1).init::<TB>(&device());
-        assert!(wide
-            .original_state_dict(0)
-            .unwrap_err()
-            .contains("not built"));
+    }
+
+    #[test]
+    fn a_wide_resnet32_sub_net_in_the_original_code_s_names() {
+        // uspars_cifar_wide_resnet.py's ResNet with nspars=1: stem conv + plain BN `bn`, 15
+        // blocks (conv1/bn1/conv2/bn2), 2 shortcuts (downsample.0 + switchable `bn3`), a masked
+        // classifier `linear` with its bias.
+        let model = CifarResNetConfig::wide_resnet32(10, 2).init::<TB>(&device());
+        let model = random_masks(model, 2).map(&mut Perturb(5));
+        let state = model.original_state_dict(1).unwrap();
+        assert_eq!(state.len(), 1 + 5 + 15 * (2 * 2 + 2 * 5) + 2 * (2 + 5) + 3);
+        let get = |name: &str| match &state.iter().find(|(n, _)| n == name).unwrap().1 {
+            StateTensor::F32 { shape, values } => (shape.clone(), values.clone()),
+            StateTensor::I64 { .. } => panic!("{name} is not f32"),
+        };
+        let params = params(&model);
+        for name in [
+            "conv1.weight",
+            "bn.running_var",
+            "layer3.4.conv2.mask0",
+            "linear.bias",
+        ] {
+            assert!(state.iter().any(|(n, _)| n == name), "{name}");
+        }
+        // Sub-net 1's own shortcut BatchNorm, not sub-net 0's.
+        let (shape, var) = get("layer2.0.bn3.bn.0.running_var");
+        assert_eq!(shape, vec![64]);
+        assert_eq!(
+            var,
+            params.floats["blocks.5.shortcut.norm.Switchable.norms.1.running_var"]
+        );
+        let (shape, _) = get("layer2.0.downsample.0.weight");
+        assert_eq!(shape, vec![64, 32, 1, 1]);
+        let (shape, _) = get("linear.weight");
+        assert_eq!(shape, vec![10, 128]);
     }
 
     #[test]

@@ -271,7 +271,10 @@ struct Frame<'a> {
 /// Writes every plot of `runs` (the first is the main run; runs without an epoch are left
 /// out) into `out` (created if missing); returns the files written (none without a run).
 pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
-    let runs: &[&RunPlotData] = &runs.iter().filter(|r| !r.epochs.is_empty()).collect::<Vec<_>>();
+    let runs: &[&RunPlotData] = &runs
+        .iter()
+        .filter(|r| !r.epochs.is_empty())
+        .collect::<Vec<_>>();
     let Some(&main) = runs.first() else {
         return Ok(Vec::new());
     };
@@ -298,7 +301,10 @@ pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
         .iter()
         .enumerate()
         .map(|(i, run)| {
-            let last = run.epochs.last().expect("runs without epochs were left out");
+            let last = run
+                .epochs
+                .last()
+                .expect("runs without epochs were left out");
             let mut points: Vec<(f64, f64)> = (last.subnets.iter())
                 .map(|s| (s.density, 100.0 * s.top1))
                 .collect();

@@ -216,7 +216,7 @@ fn export_pytorch<B: Backend>(
     use ast_models::export::StateTensor;
     use safetensors::tensor::{Dtype, TensorView};
     let AstModel::CifarResNet(resnet) = model else {
-        bail!("--format pytorch covers the CIFAR ResNets (ResNet-20/32/56): export this model with --format ast");
+        bail!("--format pytorch covers the CIFAR ResNets (ResNet-20/32/56, wide ResNet-32): export this model with --format ast");
     };
     let mut tensors = resnet.original_state_dict(k).map_err(|e| anyhow!("{e}"))?;
     let device = Default::default();
