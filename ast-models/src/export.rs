@@ -780,6 +780,14 @@ mod tests {
         }
     }
 
+    /// Shape and values of the f32 tensor `name` of a state dict.
+    fn f32_tensor(state: &[(String, StateTensor)], name: &str) -> (Vec<usize>, Vec<f32>) {
+        match &state.iter().find(|(n, _)| n == name).unwrap().1 {
+            StateTensor::F32 { shape, values } => (shape.clone(), values.clone()),
+            StateTensor::I64 { .. } => panic!("{name} is not f32"),
+        }
+    }
+
     #[test]
     fn a_resnet20_sub_net_in_the_original_code_s_names() {
         // uspars_cifar_resnet.py with nspars=1: stem conv + BN, 9 blocks of two masked convs
@@ -787,10 +795,7 @@ mod tests {
         let model = random_masks(CifarResNetConfig::resnet20(10, 2).init::<TB>(&device()), 2);
         let state = model.original_state_dict(1).unwrap();
         assert_eq!(state.len(), 1 + 5 + 9 * (2 * 2 + 2 * 5) + 2 * (2 + 5) + 3);
-        let get = |name: &str| match &state.iter().find(|(n, _)| n == name).unwrap().1 {
-            StateTensor::F32 { shape, values } => (shape.clone(), values.clone()),
-            StateTensor::I64 { .. } => panic!("{name} is not f32"),
-        };
+        let get = |name: &str| f32_tensor(&state, name);
         let params = params(&model);
         let (shape, w) = get("stage_2.0.conv_a.weight");
         assert_eq!(shape, vec![32, 16, 3, 3]);
@@ -836,10 +841,7 @@ mod tests {
         let model = random_masks(model, 2).map(&mut Perturb(5));
         let state = model.original_state_dict(1).unwrap();
         assert_eq!(state.len(), 1 + 5 + 15 * (2 * 2 + 2 * 5) + 2 * (2 + 5) + 3);
-        let get = |name: &str| match &state.iter().find(|(n, _)| n == name).unwrap().1 {
-            StateTensor::F32 { shape, values } => (shape.clone(), values.clone()),
-            StateTensor::I64 { .. } => panic!("{name} is not f32"),
-        };
+        let get = |name: &str| f32_tensor(&state, name);
         let params = params(&model);
         for name in [
             "conv1.weight",

@@ -325,3 +325,19 @@ pub fn run_results(dir: &Path) -> (Vec<(String, String)>, Vec<serde_json::Value>
         .collect();
     (files, metrics)
 }
+
+/// The `AST_KILL_AT` points (`<point>:<n>`) of a 3-epoch run: every gap between the writes of
+/// the second checkpoint and of the second epoch's metrics, the first checkpoint's last one,
+/// and the gaps of the finish after the last iteration (the last checkpoint, then the summary).
+pub const KILL_POINTS: [&str; 10] = [
+    "epoch-metrics-written:2",
+    "checkpoint-started:2",
+    "checkpoint-model-written:2",
+    "checkpoint-optimizer-written:2",
+    "checkpoint-state-written:2",
+    "checkpoint-renamed:2",
+    "checkpoint-latest-written:1",
+    "checkpoint-renamed:3",
+    "checkpoint-latest-written:3",
+    "run-tidied:1",
+];

@@ -355,20 +355,8 @@ fn two_workers_killed_inside_every_checkpoint_write_resume_exactly() {
         names.sort();
         names
     };
-    let points = [
-        "epoch-metrics-written:2",
-        "checkpoint-started:2",
-        "checkpoint-model-written:2",
-        "checkpoint-optimizer-written:2",
-        "checkpoint-state-written:2",
-        "checkpoint-renamed:2",
-        "checkpoint-latest-written:1",
-        "checkpoint-renamed:3",
-        "checkpoint-latest-written:3",
-        "run-tidied:1",
-    ];
     for round in 0..4 {
-        for point in points {
+        for point in ast_tests::KILL_POINTS {
             let killed = work.path().join(format!("killed-{round}-{point}"));
             let args = parallel_run_args(&data, &killed, &["--devices", "0,1"]);
             let output = std::process::Command::new(ast_tests::cli_path())

@@ -66,14 +66,20 @@ fn report(path: &Path) -> (String, bool) {
     (text, reloads)
 }
 
-#[test]
-fn a_finished_run_draws_its_plots_with_its_series() {
-    let root = tempfile::tempdir().unwrap();
-    let data = tiny_idx_data(root.path(), 96, 40);
-    let run = root.path().join("run");
+/// A finished 3-epoch run of three sub-nets in `root/run`; returns its data and directory.
+fn finished_run(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = tiny_idx_data(root, 96, 40);
+    let run = root.join("run");
     let args = parallel_run_args(&data, &run, &[]);
     let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(output.status.success(), "{}", stderr(&output));
+    (data, run)
+}
+
+#[test]
+fn a_finished_run_draws_its_plots_with_its_series() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, run) = finished_run(root.path());
     let plots = run.join("plots");
     let metrics = records(&run.join("metrics.jsonl"));
     let last = &metrics.last().unwrap()["subnets"];
@@ -199,11 +205,7 @@ fn a_finished_run_draws_its_plots_with_its_series() {
 #[test]
 fn runs_going_torn_or_foreign_are_plotted_partly_or_refused_in_one_line() {
     let root = tempfile::tempdir().unwrap();
-    let data = tiny_idx_data(root.path(), 96, 40);
-    let run = root.path().join("run");
-    let args = parallel_run_args(&data, &run, &[]);
-    let output = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(output.status.success(), "{}", stderr(&output));
+    let (_, run) = finished_run(root.path());
     let r = run.to_str().unwrap();
     let metrics = run.join("metrics.jsonl");
     let whole = std::fs::read_to_string(&metrics).unwrap();

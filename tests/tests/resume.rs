@@ -214,23 +214,9 @@ fn killed_anywhere_even_inside_a_checkpoint_write_and_resumed_equals_uninterrupt
     let output = run(data.path(), &full, &[]);
     assert!(output.status.success(), "{}", stderr(&output));
     // Three iterations (6 per epoch) and, through the AST_KILL_AT hook (exit 137, no cleanup),
-    // every gap between the writes of the second checkpoint and of the second epoch's metrics,
-    // the first checkpoint's last one, and the gaps of the finish after the last iteration.
+    // every one of `KILL_POINTS`.
     let iterations = ["4", "9", "14"].map(|t| (None, Some(t)));
-    let hooks = [
-        "epoch-metrics-written:2",
-        "checkpoint-started:2",
-        "checkpoint-model-written:2",
-        "checkpoint-optimizer-written:2",
-        "checkpoint-state-written:2",
-        "checkpoint-renamed:2",
-        "checkpoint-latest-written:1",
-        // The finish: the last checkpoint, then the summary.
-        "checkpoint-renamed:3",
-        "checkpoint-latest-written:3",
-        "run-tidied:1",
-    ]
-    .map(|h| (Some(h), None));
+    let hooks = ast_tests::KILL_POINTS.map(|h| (Some(h), None));
     for (i, (hook, iteration)) in iterations.into_iter().chain(hooks).enumerate() {
         let killed = work.path().join(format!("killed-{i}"));
         let mut args = run_args(data.path(), &killed, &[]);
