@@ -269,8 +269,9 @@ struct Frame<'a> {
 }
 
 /// Writes every plot of `runs` (the first is the main run; runs without an epoch are left
-/// out) into `out` (created if missing); returns the files written (none without a run).
-pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
+/// out) into `out` (created if missing); returns each file written with its SVG document
+/// (none without a run).
+pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<(PathBuf, String)>> {
     let runs: &[&RunPlotData] = &runs
         .iter()
         .filter(|r| !r.epochs.is_empty())
@@ -481,7 +482,7 @@ pub fn write_plots(runs: &[RunPlotData], out: &Path) -> Result<Vec<PathBuf>> {
             reason,
         })?;
         write_atomic(&path, svg.as_bytes())?;
-        written.push(path);
+        written.push((path, svg));
     }
     Ok(written)
 }

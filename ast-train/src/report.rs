@@ -31,13 +31,13 @@ pub fn write_report(dir: &Path, out: Option<&Path>, finished: bool) -> Result<Pa
         Err(TrainError::NoEpochYet(_)) => None,
         Err(e) => return Err(e),
     };
-    let mut svgs = Vec::new();
-    if let Some(run) = &run {
-        for path in plot::write_plots(std::slice::from_ref(run), &dir.join(PLOTS_DIR))? {
-            let svg = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-            svgs.push(svg);
-        }
-    }
+    let svgs: Vec<String> = match &run {
+        Some(run) => plot::write_plots(std::slice::from_ref(run), &dir.join(PLOTS_DIR))?
+            .into_iter()
+            .map(|(_, svg)| svg)
+            .collect(),
+        None => Vec::new(),
+    };
     let overlap = match checkpoint::latest(dir)? {
         Some(latest) if latest.join(MASKS_FILE).is_file() => mask_overlap(&latest)?,
         _ => Vec::new(),

@@ -38,7 +38,7 @@ pub(crate) fn plot(args: PlotArgs) -> Result<()> {
             eprintln!("note: {}: {note}", run.name);
         }
     }
-    for path in ast_train::plot::write_plots(&runs, &out)? {
+    for (path, _) in ast_train::plot::write_plots(&runs, &out)? {
         println!("{}", path.display());
     }
     Ok(())
