@@ -59,6 +59,10 @@ pub(crate) enum Command {
     /// Times each sub-net of an exported file on this machine and stores the latencies in the
     /// file, for `infer --subnet auto` and the library's pick to read instead of measuring.
     Calibrate(commands::deploy::CalibrateArgs),
+    /// A training checkpoint of the original PyTorch code (CIFAR ResNets, every sub-net's
+    /// masks and BatchNorms) as a run directory that eval, stats, export and run --init-from
+    /// take.
+    Import(commands::import::ImportArgs),
 }
 
 /// Where to compute.

@@ -112,6 +112,7 @@ fn command(cli: Cli) -> Result<()> {
         Command::Infer(args) => commands::deploy::infer(&args),
         Command::BenchInfer(args) => commands::deploy::bench_infer(&args),
         Command::Calibrate(args) => commands::deploy::calibrate(&args),
+        Command::Import(args) => commands::import::import(args),
         Command::Recipes => {
             for (name, json, launch) in RECIPES {
                 let c: TrainConfig = serde_json::from_str(json).expect("shipped recipes parse");

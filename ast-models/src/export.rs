@@ -6,9 +6,7 @@
 //! ResNet-18/50, MobileNet-V1); the ImageNet ResNet-50 (its max-pooling stem is not in the
 //! runtime) is refused with a message naming it.
 
-use std::collections::HashMap;
-
-use ast_core::subnet::{mask_vec, masked_layers};
+use ast_core::subnet::mask_vec;
 use ast_core::{MaskedConv2d, MaskedLinear, SwitchableBatchNorm};
 use ast_infer::{ConvSpec, Graph, NormRef, Op, Params};
 use burn::module::{ModuleVisitor, Param};
@@ -437,171 +435,8 @@ pub fn params<B: Backend, M: Module<B>>(model: &M) -> Params {
     collector.params
 }
 
-/// One tensor of a PyTorch state dict.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StateTensor {
-    /// Weights, masks, BatchNorm parameters and statistics.
-    F32 {
-        /// Shape.
-        shape: Vec<usize>,
-        /// Row-major values.
-        values: Vec<f32>,
-    },
-    /// `num_batches_tracked` of a BatchNorm (a scalar, shape `[]`).
-    I64 {
-        /// Shape.
-        shape: Vec<usize>,
-        /// Values.
-        values: Vec<i64>,
-    },
-}
-
-impl<B: Backend> CifarResNet<B> {
-    /// Sub-net `k` as a dense state dict of the original code's CIFAR ResNet built with
-    /// `nspars=1` (ResNet-20/32/56: `models/uspars_cifar_resnet.py`'s `CifarResNet`; the wide
-    /// ResNet-32: `models/uspars_cifar_wide_resnet.py`'s `ResNet`), in its key names: weights
-    /// `W ⊙ M_k`, masks `M_k` as `mask0`, sub-net `k`'s BatchNorms as `bn.0`, the classifier
-    /// transposed to PyTorch's `[out, in]`. `load_state_dict` of that model takes it as it is
-    /// (`repro/check_pytorch_export.py`).
-    pub fn original_state_dict(&self, k: usize) -> Result<Vec<(String, StateTensor)>, String> {
-        let params = params(self);
-        let shapes: HashMap<String, Vec<usize>> = masked_layers(self)
-            .into_iter()
-            .map(|l| (l.path, l.shape))
-            .collect();
-        let float = |key: &str| {
-            params
-                .floats
-                .get(key)
-                .cloned()
-                .ok_or_else(|| format!("the model has no `{key}`"))
-        };
-        let mut out = Vec::new();
-        let f32s = |shape: Vec<usize>, values: Vec<f32>| StateTensor::F32 { shape, values };
-        let norm = |out: &mut Vec<(String, StateTensor)>, ours: &str, theirs: &str| {
-            for (from, to) in [
-                ("gamma", "weight"),
-                ("beta", "bias"),
-                ("running_mean", "running_mean"),
-                ("running_var", "running_var"),
-            ] {
-                let values = float(&format!("{ours}.{from}"))?;
-                out.push((format!("{theirs}.{to}"), f32s(vec![values.len()], values)));
-            }
-            let tracked = StateTensor::I64 {
-                shape: vec![],
-                values: vec![0],
-            };
-            out.push((format!("{theirs}.num_batches_tracked"), tracked));
-            Ok::<(), String>(())
-        };
-        let masked = |out: &mut Vec<(String, StateTensor)>, ours: &str, theirs: &str| {
-            let shape = shapes
-                .get(ours)
-                .cloned()
-                .ok_or_else(|| format!("no masked layer `{ours}`"))?;
-            let weight = float(&format!("{ours}.weight"))?;
-            let mask = params
-                .masks
-                .get(&format!("{ours}.masks.{k}"))
-                .ok_or_else(|| format!("sub-net {k} does not exist"))?;
-            let masked: Vec<f32> = weight
-                .iter()
-                .zip(mask)
-                .map(|(&w, &m)| if m { w } else { 0.0 })
-                .collect();
-            let bits: Vec<f32> = mask.iter().map(|&m| f32::from(u8::from(m))).collect();
-            out.push((format!("{theirs}.weight"), f32s(shape.clone(), masked)));
-            out.push((format!("{theirs}.mask0"), f32s(shape, bits)));
-            Ok::<(), String>(())
-        };
-        // The wide ResNet-32 (switchable shortcut BatchNorms) is `uspars_cifar_wide_resnet.py`'s
-        // `ResNet`, the others `uspars_cifar_resnet.py`'s `CifarResNet`: other names.
-        let wide = self.blocks.iter().any(|b| {
-            matches!(
-                b.shortcut.as_ref().map(|s| &s.norm),
-                Some(Norm::Switchable(_))
-            )
-        });
-        let (stem, stem_norm, stage, [conv_a, bn_a, conv_b, bn_b]) = match wide {
-            true => ("conv1", "bn", "layer", ["conv1", "bn1", "conv2", "bn2"]),
-            false => (
-                "conv_1_3x3",
-                "bn_1",
-                "stage_",
-                ["conv_a", "bn_a", "conv_b", "bn_b"],
-            ),
-        };
-        let stem_shape = self.conv1.weight.shape().dims::<4>().to_vec();
-        out.push((
-            format!("{stem}.weight"),
-            f32s(stem_shape, float("conv1.weight")?),
-        ));
-        norm(&mut out, "bn1", stem_norm)?;
-        let per_stage = self.blocks.len() / 3;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (ours, theirs) = (
-                format!("blocks.{i}"),
-                format!("{stage}{}.{}", i / per_stage + 1, i % per_stage),
-            );
-            masked(
-                &mut out,
-                &format!("{ours}.conv1"),
-                &format!("{theirs}.{conv_a}"),
-            )?;
-            norm(
-                &mut out,
-                &format!("{ours}.bn1.norms.{k}"),
-                &format!("{theirs}.{bn_a}.bn.0"),
-            )?;
-            masked(
-                &mut out,
-                &format!("{ours}.conv2"),
-                &format!("{theirs}.{conv_b}"),
-            )?;
-            norm(
-                &mut out,
-                &format!("{ours}.bn2.norms.{k}"),
-                &format!("{theirs}.{bn_b}.bn.0"),
-            )?;
-            let Some(shortcut) = &block.shortcut else {
-                continue;
-            };
-            let conv = format!("{ours}.shortcut.conv");
-            masked(&mut out, &conv, &format!("{theirs}.downsample.0"))?;
-            match &shortcut.norm {
-                Norm::Shared(_) => {
-                    let bn = format!("{ours}.shortcut.norm.Shared");
-                    norm(&mut out, &bn, &format!("{theirs}.downsample.1"))?;
-                }
-                Norm::Switchable(_) => {
-                    let bn = format!("{ours}.shortcut.norm.Switchable.norms.{k}");
-                    norm(&mut out, &bn, &format!("{theirs}.bn3.bn.0"))?;
-                }
-            }
-        }
-        // The classifier: ours [d_in, d_out], PyTorch's [d_out, d_in].
-        let [d_in, d_out] = self.linear.weight.shape().dims::<2>();
-        let mut linear = Vec::new();
-        let classifier = if wide { "linear" } else { "classifier" };
-        masked(&mut linear, "linear", classifier)?;
-        for (name, tensor) in linear {
-            let StateTensor::F32 { values, .. } = tensor else {
-                unreachable!("masked layers are f32")
-            };
-            let transposed = (0..d_out * d_in)
-                .map(|i| values[(i % d_in) * d_out + i / d_in])
-                .collect();
-            out.push((name, f32s(vec![d_out, d_in], transposed)));
-        }
-        let bias = float("linear.bias")?;
-        out.push((format!("{classifier}.bias"), f32s(vec![d_out], bias)));
-        Ok(out)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::mobilenet::MobileNetV1Config;
     use crate::resnet::ResNetConfig;
@@ -615,7 +450,7 @@ mod tests {
 
     /// Gives every 1-D float (BatchNorm γ, β, running statistics, biases) distinct positive
     /// values, so that folding the BatchNorms is tested on more than γ = 1, β = 0, μ = 0.
-    struct Perturb(u64);
+    pub(crate) struct Perturb(pub(crate) u64);
 
     impl<B: Backend> ModuleMapper<B> for Perturb {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
@@ -639,7 +474,7 @@ mod tests {
     }
 
     /// Sub-net `k` of `K` keeps about `1/(k + 2)` of every masked layer's weights.
-    fn random_masks<M: Module<TB>>(mut model: M, subnets: usize) -> M {
+    pub(crate) fn random_masks<M: Module<TB>>(mut model: M, subnets: usize) -> M {
         let mut state = 7u64;
         for k in 0..subnets {
             let masks = masked_layers(&model)
@@ -778,90 +613,6 @@ mod tests {
             let tolerance = if values == Values::F16 { 5e-3 } else { 3e-2 };
             assert_runtime_equals_model(AstModel::SmallCnn(model.clone()), 2, values, tolerance);
         }
-    }
-
-    /// Shape and values of the f32 tensor `name` of a state dict.
-    fn f32_tensor(state: &[(String, StateTensor)], name: &str) -> (Vec<usize>, Vec<f32>) {
-        match &state.iter().find(|(n, _)| n == name).unwrap().1 {
-            StateTensor::F32 { shape, values } => (shape.clone(), values.clone()),
-            StateTensor::I64 { .. } => panic!("{name} is not f32"),
-        }
-    }
-
-    #[test]
-    fn a_resnet20_sub_net_in_the_original_code_s_names() {
-        // uspars_cifar_resnet.py with nspars=1: stem conv + BN, 9 blocks of two masked convs
-        // (weight, mask0) and two BNs (5 tensors each), 2 shortcuts (conv + BN), classifier.
-        let model = random_masks(CifarResNetConfig::resnet20(10, 2).init::<TB>(&device()), 2);
-        let state = model.original_state_dict(1).unwrap();
-        assert_eq!(state.len(), 1 + 5 + 9 * (2 * 2 + 2 * 5) + 2 * (2 + 5) + 3);
-        let get = |name: &str| f32_tensor(&state, name);
-        let params = params(&model);
-        let (shape, w) = get("stage_2.0.conv_a.weight");
-        assert_eq!(shape, vec![32, 16, 3, 3]);
-        let (_, mask) = get("stage_2.0.conv_a.mask0");
-        let ours = &params.floats["blocks.3.conv1.weight"];
-        let bits = &params.masks["blocks.3.conv1.masks.1"];
-        for i in 0..w.len() {
-            assert_eq!(
-                (w[i], mask[i]),
-                if bits[i] { (ours[i], 1.0) } else { (0.0, 0.0) }
-            );
-        }
-        assert_eq!(get("stage_3.0.downsample.1.running_var").0, vec![64]);
-        assert_eq!(
-            get("stage_2.1.bn_b.bn.0.weight").1,
-            params.floats["blocks.4.bn2.norms.1.gamma"]
-        );
-        // The classifier transposed: theirs [10, 64] at (o, i) is ours [64, 10] at (i, o).
-        let (shape, fc) = get("classifier.weight");
-        assert_eq!(shape, vec![10, 64]);
-        let (ours, bits) = (
-            &params.floats["linear.weight"],
-            &params.masks["linear.masks.1"],
-        );
-        let expected = if bits[5 * 10 + 3] {
-            ours[5 * 10 + 3]
-        } else {
-            0.0
-        };
-        assert_eq!(fc[3 * 64 + 5], expected);
-        assert!(model
-            .original_state_dict(2)
-            .unwrap_err()
-            .contains("sub-net 2 does not exist"));
-    }
-
-    #[test]
-    fn a_wide_resnet32_sub_net_in_the_original_code_s_names() {
-        // uspars_cifar_wide_resnet.py's ResNet with nspars=1: stem conv + plain BN `bn`, 15
-        // blocks (conv1/bn1/conv2/bn2), 2 shortcuts (downsample.0 + switchable `bn3`), a masked
-        // classifier `linear` with its bias.
-        let model = CifarResNetConfig::wide_resnet32(10, 2).init::<TB>(&device());
-        let model = random_masks(model, 2).map(&mut Perturb(5));
-        let state = model.original_state_dict(1).unwrap();
-        assert_eq!(state.len(), 1 + 5 + 15 * (2 * 2 + 2 * 5) + 2 * (2 + 5) + 3);
-        let get = |name: &str| f32_tensor(&state, name);
-        let params = params(&model);
-        for name in [
-            "conv1.weight",
-            "bn.running_var",
-            "layer3.4.conv2.mask0",
-            "linear.bias",
-        ] {
-            assert!(state.iter().any(|(n, _)| n == name), "{name}");
-        }
-        // Sub-net 1's own shortcut BatchNorm, not sub-net 0's.
-        let (shape, var) = get("layer2.0.bn3.bn.0.running_var");
-        assert_eq!(shape, vec![64]);
-        assert_eq!(
-            var,
-            params.floats["blocks.5.shortcut.norm.Switchable.norms.1.running_var"]
-        );
-        let (shape, _) = get("layer2.0.downsample.0.weight");
-        assert_eq!(shape, vec![64, 32, 1, 1]);
-        let (shape, _) = get("linear.weight");
-        assert_eq!(shape, vec![10, 128]);
     }
 
     #[test]

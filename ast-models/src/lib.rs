@@ -26,6 +26,7 @@
 mod build;
 pub mod export;
 pub mod mobilenet;
+pub mod original;
 pub mod resnet;
 pub mod resnet_cifar;
 pub mod small_cnn;

@@ -102,6 +102,14 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A checkpoint of the original code cannot be imported.
+    #[error("cannot import {path}: {reason}")]
+    Import {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The loss stopped being a finite number.
     #[error(
         "loss became {value} at epoch {epoch}, iteration {iteration} (sub-net {subnet}); \

@@ -14,6 +14,7 @@ pub mod config;
 pub mod consistency;
 pub mod data;
 pub mod error;
+pub mod import;
 pub mod latency;
 pub mod lock;
 pub mod metrics;

@@ -910,7 +910,7 @@ where
     Ok((config, model, state.next_epoch))
 }
 
-fn checkpoint_classes(config: &TrainConfig) -> Result<usize> {
+pub(crate) fn checkpoint_classes(config: &TrainConfig) -> Result<usize> {
     Ok(match config.data.kind {
         DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
         DatasetKind::Cifar100 => 100,

@@ -213,12 +213,14 @@ fn export_pytorch<B: Backend>(
     side: usize,
     out: &Path,
 ) -> Result<()> {
-    use ast_models::export::StateTensor;
+    use ast_models::original::{OriginalSubnets, StateTensor};
     use safetensors::tensor::{Dtype, TensorView};
     let AstModel::CifarResNet(resnet) = model else {
         bail!("--format pytorch covers the CIFAR ResNets (ResNet-20/32/56, wide ResNet-32): export this model with --format ast");
     };
-    let mut tensors = resnet.original_state_dict(k).map_err(|e| anyhow!("{e}"))?;
+    let mut tensors = resnet
+        .original_state_dict(OriginalSubnets::One(k))
+        .map_err(|e| anyhow!("{e}"))?;
     let device = Default::default();
     B::seed(&device, 7);
     let x = burn::tensor::Tensor::<B, 4>::random(

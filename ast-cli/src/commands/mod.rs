@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod check;
 pub mod deploy;
+pub mod import;
 pub mod plot;
 pub mod report;
 pub mod run;
