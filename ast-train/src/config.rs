@@ -181,6 +181,13 @@ pub struct TrainConfig {
     /// normalises its own shard), so a resumed run keeps them unless told otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<usize>>,
+    /// Start from the weights, masks and BatchNorms of this run directory's last checkpoint
+    /// (same model, classes and number of sub-nets: fine-tuning, or going on from `ast-cli
+    /// import`) instead of the seeded initialisation; the optimizer, the schedules and the data
+    /// order start afresh. The masks change only at the configuration's mask events, and the
+    /// sub-nets need not reach their targets through them (they start there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// The most epochs a run may have.

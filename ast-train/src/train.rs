@@ -611,7 +611,7 @@ where
     let started = Instant::now();
     check_spec(&config, spec)?;
     let sources = load_data(&config, spec)?;
-    let initial = initial_weights::<B, S>(&config, spec, sources.classes, device);
+    let initial = starting_weights::<B, S>(&config, spec, sources.classes, opts, device)?;
     let worker = Worker::<B, S> {
         config,
         spec,
@@ -698,12 +698,13 @@ where
     let subnets = config.ast.subnets.len();
     let drawn = spec
         .build::<B>(sources.classes, subnets, &devices[0])
-        .load_record(initial_weights::<B, S>(
+        .load_record(starting_weights::<B, S>(
             &config,
             spec,
             sources.classes,
+            opts,
             &devices[0],
-        ));
+        )?);
     let (tx, rx) = std::sync::mpsc::channel();
     // Each worker waits for the word to register: `register` waits for all of them, so a
     // worker whose thread could not start would leave the others waiting there for ever.
@@ -815,6 +816,64 @@ where
     B::seed(device, config.seed);
     spec.build::<B>(classes, config.ast.subnets.len(), device)
         .into_record()
+}
+
+/// The weights a new run starts from: [`initial_weights`], or the last checkpoint of the run
+/// [`TrainConfig::init_from`] names, checked to be of the same model, classes and sub-net count
+/// (a resumed run loads its own checkpoint instead).
+fn starting_weights<B, S>(
+    config: &TrainConfig,
+    spec: &S,
+    classes: usize,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<<S::Model<B> as Module<B>>::Record>
+where
+    B: AutodiffBackend,
+    S: ModelSpec,
+    S::Model<B>: AutodiffModule<B>,
+{
+    let Some(dir) = config.init_from.as_ref().filter(|_| !opts.resume) else {
+        return Ok(initial_weights::<B, S>(config, spec, classes, device));
+    };
+    let source = read_run_config(dir)?;
+    let misfit = |what: &str, theirs: String, ours: String, fix: String| {
+        TrainError::config(
+            "init_from",
+            format!(
+                "the run in {} has {what} {theirs}, this run {ours}: {fix}",
+                dir.display()
+            ),
+        )
+    };
+    if source.model != config.model {
+        return Err(misfit(
+            "model",
+            source.model.clone(),
+            config.model.clone(),
+            format!("give --model {}", source.model),
+        ));
+    }
+    let (theirs, ours) = (source.ast.subnets.len(), config.ast.subnets.len());
+    if theirs != ours {
+        return Err(misfit(
+            "sub-nets:",
+            theirs.to_string(),
+            ours.to_string(),
+            format!("give {theirs} targets (--densities or --nm)"),
+        ));
+    }
+    let source_classes = checkpoint_classes(&source)?;
+    if source_classes != classes {
+        return Err(misfit(
+            "classes:",
+            source_classes.to_string(),
+            classes.to_string(),
+            format!("train on a dataset of {source_classes} classes"),
+        ));
+    }
+    let (_, model, _) = load_run_model::<B, S>(spec, dir, device)?;
+    Ok(model.into_record())
 }
 
 /// Errors unless `spec` builds the model the run's configuration names.

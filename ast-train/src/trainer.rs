@@ -184,8 +184,15 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 SubnetTarget::Nm { .. } => true,
             })
             .collect();
-        check_reaches_final_density(schedule, subnets, &pruned, steps_per_epoch, total_steps)?;
-        let model = ast.init_masks(model);
+        // A run started from another run's checkpoint starts with its sub-nets' masks.
+        if config.init_from.is_none() {
+            check_reaches_final_density(schedule, subnets, &pruned, steps_per_epoch, total_steps)?;
+        }
+        // A run started from another run's checkpoint keeps its masks.
+        let model = match config.init_from.is_some() {
+            true => model,
+            false => ast.init_masks(model),
+        };
         let mut loss_fn = CrossEntropyLossConfig::new();
         if config.label_smoothing > 0.0 {
             loss_fn = loss_fn.with_smoothing(Some(config.label_smoothing as f32));

@@ -207,3 +207,88 @@ fn files_that_are_not_an_original_checkpoint_are_refused_and_nothing_is_written(
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_run_started_from_an_imported_checkpoint_keeps_its_masks_and_trains_its_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    std::fs::create_dir_all(&data).unwrap();
+    write_cifar10(&data, 20);
+    let imported = tmp.path().join("imported");
+    assert!(import(&checkpoint(tmp.path()), &imported, &data, &[])
+        .status
+        .success());
+    let tuned = tmp.path().join("tuned");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--init-from",
+            imported.to_str().unwrap(),
+            "--recipe",
+            "cifar-unstructured",
+            "--data-path",
+            data.to_str().unwrap(),
+            "--out",
+            tuned.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--train-subset",
+            "40",
+            "--test-subset",
+            "20",
+            "--batch-size",
+            "20",
+            // The ramp is over: no mask event.
+            "--final-prune-epoch",
+            "0",
+            "--quiet",
+        ];
+        if !extra.contains(&"--model") {
+            args.extend(["--model", "resnet20"]);
+        }
+        if !extra.contains(&"--densities") {
+            args.extend(["--densities", "0.3,0.15,0.05"]);
+        }
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let latest = |dir: &Path| {
+        let name = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+        dir.join("checkpoints").join(name.trim())
+    };
+    let (before, after) = (latest(&imported), latest(&tuned));
+    let read = |dir: &Path, file: &str| std::fs::read(dir.join(file)).unwrap();
+    assert_eq!(
+        read(&before, "masks.safetensors"),
+        read(&after, "masks.safetensors"),
+        "the masks changed"
+    );
+    assert_ne!(
+        read(&before, "model.safetensors"),
+        read(&after, "model.safetensors"),
+        "the weights did not train"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tuned.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["init_from"].as_str(), imported.to_str());
+
+    // Another model or sub-net count than the run started from: one line naming it.
+    for (extra, expected) in [
+        (
+            vec!["--model", "resnet32", "--overwrite"],
+            "has model resnet20, this run resnet32: give --model resnet20",
+        ),
+        (
+            vec!["--densities", "0.1,0.05", "--overwrite"],
+            "has sub-nets: 3, this run 2",
+        ),
+    ] {
+        let out = run(&extra);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

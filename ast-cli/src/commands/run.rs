@@ -28,6 +28,11 @@ pub(crate) struct RunArgs {
     /// Replace a run already in --out.
     #[arg(long)]
     pub(crate) overwrite: bool,
+    /// Start from the weights, masks and BatchNorms of this run directory's last checkpoint
+    /// (fine-tuning; a run of `ast-cli import`), with the same model, classes and number of
+    /// sub-nets; the optimizer, the schedules and the data order start afresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub(crate) init_from: Option<PathBuf>,
     /// No progress output.
     #[arg(long)]
     pub(crate) quiet: bool,
@@ -216,6 +221,9 @@ pub(crate) fn run(args: RunArgs) -> Result<()> {
             note_devices(listed, c.devices.as_ref(), chosen.as_ref());
         }
         c.devices = chosen.clone();
+        if !args.resume {
+            c.init_from = args.init_from.clone();
+        }
     }
     let (first_step_note, first_step_marker) = match &config {
         Some(c) => backend::first_step_note(&args.backend, &c.model.to_string(), c.batch_size),
