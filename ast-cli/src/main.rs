@@ -55,6 +55,7 @@ fn keep_freed_memory_mapped() {
 fn main() -> ExitCode {
     #[cfg(unix)]
     keep_freed_memory_mapped();
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     if let Err(e) = limit_simd_from_env() {
         return finish(Err(e));
@@ -145,6 +146,23 @@ fn limit_simd_from_env() -> Result<()> {
             value.to_string_lossy()
         ),
     }
+}
+
+/// `ast-cli stats --run R | head`: once the reader has gone, printing fails with a broken pipe,
+/// which `println!` turns into a panic (Rust ignores SIGPIPE). The process ends instead as one
+/// that SIGPIPE killed would: silently, status 141.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = (payload.downcast_ref::<String>().map(String::as_str))
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn finish(result: Result<()>) -> ExitCode {

@@ -908,3 +908,27 @@ fn a_checkpoint_of_another_model_is_one_line_naming_the_cause() {
         "tensors the run's model does not have",
     ));
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_without_a_panic() {
+    // `ast-cli stats --run R | head -1`: the reader closes its end while stats loads the
+    // checkpoint, so every line stats prints meets a broken pipe.
+    let tmp = tempfile::tempdir().unwrap();
+    let run = finished_quick_run(tmp.path());
+    let mut child = std::process::Command::new(ast_tests::cli_path())
+        .args(["stats", "--run", run.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    // 141 as a process SIGPIPE ended; 0 only if stats printed before the reader went away.
+    assert!(
+        matches!(out.status.code(), Some(141) | Some(0)),
+        "{:?}: {err}",
+        out.status
+    );
+}
