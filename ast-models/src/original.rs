@@ -13,8 +13,9 @@ use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 
 use crate::export::params;
-use crate::resnet::Norm;
+use crate::resnet::{Block, Norm, ResNet, Stem};
 use crate::resnet_cifar::CifarResNet;
+use crate::AstModel;
 
 /// One tensor of a PyTorch state dict.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,82 +107,7 @@ impl<B: Backend> CifarResNet<B> {
     /// Every tensor of the original's state dict of this model holding `subnets`, in the order
     /// its `state_dict()` lists them, with where each lives in ours.
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
-        let layers = masked_layers(self);
-        let count = layers.first().map_or(0, |l| l.mask_ids.len());
-        // (ours, theirs) sub-net indices.
-        let pairs: Vec<(usize, usize)> = match subnets {
-            OriginalSubnets::One(k) if k < count => vec![(k, 0)],
-            OriginalSubnets::One(k) => return Err(format!("sub-net {k} does not exist")),
-            OriginalSubnets::All => (0..count).map(|k| (k, k)).collect(),
-        };
-        let masked_by = match subnets {
-            OriginalSubnets::One(k) => Some(k),
-            OriginalSubnets::All => None,
-        };
-        let shapes: HashMap<String, Vec<usize>> =
-            layers.into_iter().map(|l| (l.path, l.shape)).collect();
-        let floats = params(self).floats;
-        let mut out = Vec::new();
-        let tensor = |name: String, shape: Vec<usize>, source| OriginalTensor {
-            name,
-            shape,
-            source,
-        };
-        let norm = |out: &mut Vec<OriginalTensor>, ours: &str, theirs: &str| {
-            let len = floats
-                .get(&format!("{ours}.gamma"))
-                .ok_or_else(|| format!("the model has no BatchNorm `{ours}`"))?
-                .len();
-            for (from, to) in [
-                ("gamma", "weight"),
-                ("beta", "bias"),
-                ("running_mean", "running_mean"),
-                ("running_var", "running_var"),
-            ] {
-                let source = Source::Float(format!("{ours}.{from}"));
-                out.push(tensor(format!("{theirs}.{to}"), vec![len], source));
-            }
-            out.push(tensor(
-                format!("{theirs}.num_batches_tracked"),
-                vec![],
-                Source::Tracked,
-            ));
-            Ok::<(), String>(())
-        };
-        let masked = |out: &mut Vec<OriginalTensor>, ours: &str, theirs: &str| {
-            let mut shape = shapes
-                .get(ours)
-                .cloned()
-                .ok_or_else(|| format!("no masked layer `{ours}`"))?;
-            let transposed = shape.len() == 2;
-            if transposed {
-                shape.reverse();
-            }
-            let weight = Source::Weight {
-                layer: ours.into(),
-                masked_by,
-                transposed,
-            };
-            out.push(tensor(format!("{theirs}.weight"), shape.clone(), weight));
-            for &(k, j) in &pairs {
-                let mask = Source::Mask {
-                    layer: ours.into(),
-                    subnet: k,
-                    transposed,
-                };
-                out.push(tensor(format!("{theirs}.mask{j}"), shape.clone(), mask));
-            }
-            Ok::<(), String>(())
-        };
-        let switchable = |out: &mut Vec<OriginalTensor>, ours: &str, theirs: &str| {
-            pairs.iter().try_for_each(|&(k, j)| {
-                norm(
-                    out,
-                    &format!("{ours}.norms.{k}"),
-                    &format!("{theirs}.bn.{j}"),
-                )
-            })
-        };
+        let mut t = LayoutBuilder::new(self, subnets)?;
         let wide = self.is_wide();
         let (stem, stem_norm, stage, [conv_a, bn_a, conv_b, bn_b]) = match wide {
             true => ("conv1", "bn", "layer", ["conv1", "bn1", "conv2", "bn2"]),
@@ -193,57 +119,38 @@ impl<B: Backend> CifarResNet<B> {
             ),
         };
         let stem_shape = self.conv1.weight.shape().dims::<4>().to_vec();
-        let stem_weight = Source::Float("conv1.weight".into());
-        out.push(tensor(format!("{stem}.weight"), stem_shape, stem_weight));
-        norm(&mut out, "bn1", stem_norm)?;
+        t.float(&format!("{stem}.weight"), stem_shape, "conv1.weight");
+        t.norm("bn1", stem_norm)?;
         let per_stage = self.blocks.len() / 3;
         for (i, block) in self.blocks.iter().enumerate() {
             let ours = format!("blocks.{i}");
             let theirs = format!("{stage}{}.{}", i / per_stage + 1, i % per_stage);
-            masked(
-                &mut out,
-                &format!("{ours}.conv1"),
-                &format!("{theirs}.{conv_a}"),
-            )?;
-            switchable(
-                &mut out,
-                &format!("{ours}.bn1"),
-                &format!("{theirs}.{bn_a}"),
-            )?;
-            masked(
-                &mut out,
-                &format!("{ours}.conv2"),
-                &format!("{theirs}.{conv_b}"),
-            )?;
-            switchable(
-                &mut out,
-                &format!("{ours}.bn2"),
-                &format!("{theirs}.{bn_b}"),
-            )?;
+            t.masked(&format!("{ours}.conv1"), &format!("{theirs}.{conv_a}"))?;
+            t.switchable(&format!("{ours}.bn1"), &format!("{theirs}.{bn_a}"))?;
+            t.masked(&format!("{ours}.conv2"), &format!("{theirs}.{conv_b}"))?;
+            t.switchable(&format!("{ours}.bn2"), &format!("{theirs}.{bn_b}"))?;
             let Some(shortcut) = &block.shortcut else {
                 continue;
             };
-            let conv = format!("{ours}.shortcut.conv");
-            masked(&mut out, &conv, &format!("{theirs}.downsample.0"))?;
+            t.masked(
+                &format!("{ours}.shortcut.conv"),
+                &format!("{theirs}.downsample.0"),
+            )?;
             match &shortcut.norm {
-                Norm::Shared(_) => norm(
-                    &mut out,
+                Norm::Shared(_) => t.norm(
                     &format!("{ours}.shortcut.norm.Shared"),
                     &format!("{theirs}.downsample.1"),
                 )?,
-                Norm::Switchable(_) => switchable(
-                    &mut out,
+                Norm::Switchable(_) => t.switchable(
                     &format!("{ours}.shortcut.norm.Switchable"),
                     &format!("{theirs}.bn3"),
                 )?,
             }
         }
         let classifier = if wide { "linear" } else { "classifier" };
-        masked(&mut out, "linear", classifier)?;
-        let classes = self.linear.weight.shape().dims::<2>()[1];
-        let bias = Source::Float("linear.bias".into());
-        out.push(tensor(format!("{classifier}.bias"), vec![classes], bias));
-        Ok(out)
+        t.masked("linear", classifier)?;
+        t.bias(&format!("{classifier}.bias"), "linear.bias")?;
+        Ok(t.out)
     }
 
     /// The state dict of the original code's CIFAR ResNet (ResNet-20/32/56:
@@ -255,66 +162,7 @@ impl<B: Backend> CifarResNet<B> {
         &self,
         subnets: OriginalSubnets,
     ) -> Result<Vec<(String, StateTensor)>, String> {
-        let layout = self.original_layout(subnets)?;
-        let params = params(self);
-        let float = |key: &str| {
-            params
-                .floats
-                .get(key)
-                .ok_or_else(|| format!("the model has no `{key}`"))
-        };
-        let mask = |layer: &str, k: usize| {
-            params
-                .masks
-                .get(&format!("{layer}.masks.{k}"))
-                .ok_or_else(|| format!("sub-net {k} does not exist"))
-        };
-        let mut out = Vec::with_capacity(layout.len());
-        for OriginalTensor {
-            name,
-            shape,
-            source,
-        } in layout
-        {
-            let (values, transposed) = match source {
-                Source::Float(path) => (float(&path)?.clone(), false),
-                Source::Weight {
-                    layer,
-                    masked_by,
-                    transposed,
-                } => {
-                    let weight = float(&format!("{layer}.weight"))?;
-                    let values = match masked_by {
-                        Some(k) => (weight.iter().zip(mask(&layer, k)?))
-                            .map(|(&w, &m)| if m { w } else { 0.0 })
-                            .collect(),
-                        None => weight.clone(),
-                    };
-                    (values, transposed)
-                }
-                Source::Mask {
-                    layer,
-                    subnet,
-                    transposed,
-                } => {
-                    let bits = mask(&layer, subnet)?;
-                    let values = bits.iter().map(|&m| f32::from(u8::from(m))).collect();
-                    (values, transposed)
-                }
-                Source::Tracked => {
-                    let values = vec![0];
-                    out.push((name, StateTensor::I64 { shape, values }));
-                    continue;
-                }
-            };
-            let values = match transposed {
-                // Ours [rows, cols] = theirs' shape reversed.
-                true => transpose(&values, shape[1], shape[0]),
-                false => values,
-            };
-            out.push((name, StateTensor::F32 { shape, values }));
-        }
-        Ok(out)
+        state_dict(self, self.original_layout(subnets)?)
     }
 
     /// This model (built with the checkpoint's `K` sub-nets) with the weights, masks and
@@ -325,70 +173,346 @@ impl<B: Backend> CifarResNet<B> {
     /// `K`, another model).
     pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
         let layout = self.original_layout(OriginalSubnets::All)?;
-        let known: HashSet<&str> = layout.iter().map(|t| t.name.as_str()).collect();
-        let mut extra: Vec<&String> = (tensors.keys())
-            .filter(|k| !known.contains(k.as_str()))
-            .collect();
-        extra.sort();
-        if let Some(first) = extra.first() {
-            return Err(format!(
-                "it holds {} tensors the model does not have (e.g. `{first}`)",
-                extra.len()
-            ));
+        load(self, layout, tensors)
+    }
+}
+
+impl<B: Backend> ResNet<B> {
+    /// Every tensor of the original's state dict of this model (ResNet-18/50 with the CIFAR
+    /// stem: `models/uspars_resnet.py`'s `ResNet`) holding `subnets`, in the order its
+    /// `state_dict()` lists them, with where each lives in ours. The ImageNet ResNet-50
+    /// (`uspars_resnet_imagenet.py`) is refused.
+    pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
+        if self.stem != Stem::Cifar {
+            return Err(
+                "the ImageNet ResNet-50 has no mapping to the original's names yet (the CIFAR \
+                 ResNet-18/50 have)"
+                    .into(),
+            );
         }
-        let mut assign = Assign::default();
-        for OriginalTensor {
+        let mut t = LayoutBuilder::new(self, subnets)?;
+        let stem_shape = self.conv1.weight.shape().dims::<4>().to_vec();
+        t.float("conv1.weight", stem_shape, "conv1.weight");
+        t.norm("bn1", "bn1")?;
+        // A block with a projection shortcut after the first starts a stage.
+        let (mut stage, mut j) = (1, 0);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (variant, convs, shortcut) = match block {
+                Block::Basic(b) => ("Basic", 2, b.shortcut.is_some()),
+                Block::Bottleneck(b) => ("Bottleneck", 3, b.shortcut.is_some()),
+            };
+            if i > 0 && shortcut {
+                (stage, j) = (stage + 1, 0);
+            }
+            let ours = format!("blocks.{i}.{variant}");
+            let theirs = format!("layer{stage}.{j}");
+            for c in 1..=convs {
+                t.masked(&format!("{ours}.conv{c}"), &format!("{theirs}.conv{c}"))?;
+                t.switchable(&format!("{ours}.bn{c}"), &format!("{theirs}.bn{c}"))?;
+            }
+            if shortcut {
+                t.masked(
+                    &format!("{ours}.shortcut.conv"),
+                    &format!("{theirs}.shortcut.0"),
+                )?;
+                t.switchable(
+                    &format!("{ours}.shortcut.norm.Switchable"),
+                    &format!("{theirs}.shortcut.1"),
+                )?;
+            }
+            j += 1;
+        }
+        t.masked("fc.Masked", "linear")?;
+        t.bias("linear.bias", "fc.Masked.bias")?;
+        Ok(t.out)
+    }
+
+    /// [`CifarResNet::original_state_dict`] of ResNet-18/50 (`models/uspars_resnet.py`).
+    pub fn original_state_dict(
+        &self,
+        subnets: OriginalSubnets,
+    ) -> Result<Vec<(String, StateTensor)>, String> {
+        state_dict(self, self.original_layout(subnets)?)
+    }
+
+    /// [`CifarResNet::load_original`] of ResNet-18/50 (`models/uspars_resnet.py`).
+    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
+        let layout = self.original_layout(OriginalSubnets::All)?;
+        load(self, layout, tensors)
+    }
+}
+
+const NOT_MAPPED: &str = "the original's names are mapped for its CIFAR ResNets (resnet20, \
+     resnet32, resnet56, wide-resnet32) and ResNet-18/50 (resnet18, resnet50)";
+
+impl<B: Backend> AstModel<B> {
+    /// The original's state dict holding `subnets` ([`CifarResNet::original_state_dict`],
+    /// [`ResNet::original_state_dict`]); other models are refused.
+    pub fn original_state_dict(
+        &self,
+        subnets: OriginalSubnets,
+    ) -> Result<Vec<(String, StateTensor)>, String> {
+        match self {
+            AstModel::CifarResNet(m) => m.original_state_dict(subnets),
+            AstModel::ResNet(m) => m.original_state_dict(subnets),
+            _ => Err(NOT_MAPPED.into()),
+        }
+    }
+
+    /// This model with a state dict of the original's ([`CifarResNet::load_original`],
+    /// [`ResNet::load_original`]); other models are refused.
+    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
+        match self {
+            AstModel::CifarResNet(m) => m.load_original(tensors).map(AstModel::CifarResNet),
+            AstModel::ResNet(m) => m.load_original(tensors).map(AstModel::ResNet),
+            _ => Err(NOT_MAPPED.into()),
+        }
+    }
+}
+
+/// Builds a layout: the tensors of the original's state dict in its order.
+struct LayoutBuilder {
+    /// (ours, theirs) sub-net indices.
+    pairs: Vec<(usize, usize)>,
+    masked_by: Option<usize>,
+    shapes: HashMap<String, Vec<usize>>,
+    floats: HashMap<String, Vec<f32>>,
+    out: Vec<OriginalTensor>,
+}
+
+impl LayoutBuilder {
+    fn new<B: Backend, M: Module<B>>(model: &M, subnets: OriginalSubnets) -> Result<Self, String> {
+        let layers = masked_layers(model);
+        let count = layers.first().map_or(0, |l| l.mask_ids.len());
+        let (pairs, masked_by) = match subnets {
+            OriginalSubnets::One(k) if k < count => (vec![(k, 0)], Some(k)),
+            OriginalSubnets::One(k) => return Err(format!("sub-net {k} does not exist")),
+            OriginalSubnets::All => ((0..count).map(|k| (k, k)).collect(), None),
+        };
+        Ok(Self {
+            pairs,
+            masked_by,
+            shapes: layers.into_iter().map(|l| (l.path, l.shape)).collect(),
+            floats: params(model).floats,
+            out: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>, source: Source) {
+        self.out.push(OriginalTensor {
             name,
             shape,
             source,
-        } in layout
-        {
-            if source == Source::Tracked {
+        });
+    }
+
+    /// A float tensor of ours as it is.
+    fn float(&mut self, theirs: &str, shape: Vec<usize>, ours: &str) {
+        self.push(theirs.into(), shape, Source::Float(ours.into()));
+    }
+
+    /// A bias (1-D) of ours.
+    fn bias(&mut self, theirs: &str, ours: &str) -> Result<(), String> {
+        let len = (self.floats.get(ours))
+            .ok_or_else(|| format!("the model has no `{ours}`"))?
+            .len();
+        self.float(theirs, vec![len], ours);
+        Ok(())
+    }
+
+    /// A plain BatchNorm: ours `gamma`/`beta`/statistics, theirs `weight`/`bias`/statistics and
+    /// `num_batches_tracked`.
+    fn norm(&mut self, ours: &str, theirs: &str) -> Result<(), String> {
+        let len = (self.floats.get(&format!("{ours}.gamma")))
+            .ok_or_else(|| format!("the model has no BatchNorm `{ours}`"))?
+            .len();
+        for (from, to) in [
+            ("gamma", "weight"),
+            ("beta", "bias"),
+            ("running_mean", "running_mean"),
+            ("running_var", "running_var"),
+        ] {
+            self.float(
+                &format!("{theirs}.{to}"),
+                vec![len],
+                &format!("{ours}.{from}"),
+            );
+        }
+        let tracked = format!("{theirs}.num_batches_tracked");
+        self.push(tracked, vec![], Source::Tracked);
+        Ok(())
+    }
+
+    /// A switchable BatchNorm: ours `norms.{k}`, theirs `bn.{j}` (`SwitchBatchNorm2d`).
+    fn switchable(&mut self, ours: &str, theirs: &str) -> Result<(), String> {
+        for (k, j) in self.pairs.clone() {
+            self.norm(&format!("{ours}.norms.{k}"), &format!("{theirs}.bn.{j}"))?;
+        }
+        Ok(())
+    }
+
+    /// A masked layer: its weight and one `mask{j}` per sub-net (`SparsConv2d`,
+    /// `SparsLinear`; the linear one transposed).
+    fn masked(&mut self, ours: &str, theirs: &str) -> Result<(), String> {
+        let mut shape =
+            (self.shapes.get(ours).cloned()).ok_or_else(|| format!("no masked layer `{ours}`"))?;
+        let transposed = shape.len() == 2;
+        if transposed {
+            shape.reverse();
+        }
+        let weight = Source::Weight {
+            layer: ours.into(),
+            masked_by: self.masked_by,
+            transposed,
+        };
+        self.push(format!("{theirs}.weight"), shape.clone(), weight);
+        for (k, j) in self.pairs.clone() {
+            let mask = Source::Mask {
+                layer: ours.into(),
+                subnet: k,
+                transposed,
+            };
+            self.push(format!("{theirs}.mask{j}"), shape.clone(), mask);
+        }
+        Ok(())
+    }
+}
+
+/// The state dict of `layout` with `model`'s values.
+fn state_dict<B: Backend, M: Module<B>>(
+    model: &M,
+    layout: Vec<OriginalTensor>,
+) -> Result<Vec<(String, StateTensor)>, String> {
+    let params = params(model);
+    let float = |key: &str| {
+        params
+            .floats
+            .get(key)
+            .ok_or_else(|| format!("the model has no `{key}`"))
+    };
+    let mask = |layer: &str, k: usize| {
+        params
+            .masks
+            .get(&format!("{layer}.masks.{k}"))
+            .ok_or_else(|| format!("sub-net {k} does not exist"))
+    };
+    let mut out = Vec::with_capacity(layout.len());
+    for OriginalTensor {
+        name,
+        shape,
+        source,
+    } in layout
+    {
+        let (values, transposed) = match source {
+            Source::Float(path) => (float(&path)?.clone(), false),
+            Source::Weight {
+                layer,
+                masked_by,
+                transposed,
+            } => {
+                let weight = float(&format!("{layer}.weight"))?;
+                let values = match masked_by {
+                    Some(k) => (weight.iter().zip(mask(&layer, k)?))
+                        .map(|(&w, &m)| if m { w } else { 0.0 })
+                        .collect(),
+                    None => weight.clone(),
+                };
+                (values, transposed)
+            }
+            Source::Mask {
+                layer,
+                subnet,
+                transposed,
+            } => {
+                let bits = mask(&layer, subnet)?;
+                let values = bits.iter().map(|&m| f32::from(u8::from(m))).collect();
+                (values, transposed)
+            }
+            Source::Tracked => {
+                let values = vec![0];
+                out.push((name, StateTensor::I64 { shape, values }));
                 continue;
             }
-            let (theirs, values) = tensors
-                .get(&name)
-                .ok_or_else(|| format!("it has no `{name}`"))?;
-            if *theirs != shape {
-                return Err(format!(
-                    "`{name}` has shape {theirs:?}, the model's is {shape:?}"
-                ));
-            }
-            let ours = |transposed: bool| match transposed {
-                true => transpose(values, shape[0], shape[1]),
-                false => values.clone(),
-            };
-            match source {
-                Source::Float(path) => {
-                    assign.floats.insert(path, values.clone());
-                }
-                Source::Weight {
-                    layer, transposed, ..
-                } => {
-                    assign
-                        .floats
-                        .insert(format!("{layer}.weight"), ours(transposed));
-                }
-                Source::Mask {
-                    layer,
-                    subnet,
-                    transposed,
-                } => {
-                    let values = ours(transposed);
-                    if let Some(v) = values.iter().find(|&&v| v != 0.0 && v != 1.0) {
-                        return Err(format!("mask `{name}` holds {v}, not only 0 and 1"));
-                    }
-                    let bits = values.iter().map(|&v| v == 1.0).collect();
-                    assign.masks.insert(format!("{layer}.masks.{subnet}"), bits);
-                }
-                Source::Tracked => {}
-            }
+        };
+        let values = match transposed {
+            // Ours [rows, cols] = theirs' shape reversed.
+            true => transpose(&values, shape[1], shape[0]),
+            false => values,
+        };
+        out.push((name, StateTensor::F32 { shape, values }));
+    }
+    Ok(out)
+}
+
+/// `model` with the tensors of `layout` read from `tensors`.
+fn load<B: Backend, M: Module<B>>(
+    model: M,
+    layout: Vec<OriginalTensor>,
+    tensors: &StateDict,
+) -> Result<M, String> {
+    let known: HashSet<&str> = layout.iter().map(|t| t.name.as_str()).collect();
+    let mut extra: Vec<&String> = (tensors.keys())
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(format!(
+            "it holds {} tensors the model does not have (e.g. `{first}`)",
+            extra.len()
+        ));
+    }
+    let mut assign = Assign::default();
+    for OriginalTensor {
+        name,
+        shape,
+        source,
+    } in layout
+    {
+        if source == Source::Tracked {
+            continue;
         }
-        let model = self.map(&mut assign);
-        match assign.unassigned().first() {
-            Some(path) => Err(format!("nothing was read into `{path}`")),
-            None => Ok(model),
+        let (theirs, values) = tensors
+            .get(&name)
+            .ok_or_else(|| format!("it has no `{name}`"))?;
+        if *theirs != shape {
+            return Err(format!(
+                "`{name}` has shape {theirs:?}, the model's is {shape:?}"
+            ));
         }
+        let ours = |transposed: bool| match transposed {
+            true => transpose(values, shape[0], shape[1]),
+            false => values.clone(),
+        };
+        match source {
+            Source::Float(path) => {
+                assign.floats.insert(path, values.clone());
+            }
+            Source::Weight {
+                layer, transposed, ..
+            } => {
+                assign
+                    .floats
+                    .insert(format!("{layer}.weight"), ours(transposed));
+            }
+            Source::Mask {
+                layer,
+                subnet,
+                transposed,
+            } => {
+                let values = ours(transposed);
+                if let Some(v) = values.iter().find(|&&v| v != 0.0 && v != 1.0) {
+                    return Err(format!("mask `{name}` holds {v}, not only 0 and 1"));
+                }
+                let bits = values.iter().map(|&v| v == 1.0).collect();
+                assign.masks.insert(format!("{layer}.masks.{subnet}"), bits);
+            }
+            Source::Tracked => {}
+        }
+    }
+    let model = model.map(&mut assign);
+    match assign.unassigned().first() {
+        Some(path) => Err(format!("nothing was read into `{path}`")),
+        None => Ok(model),
     }
 }
 
@@ -453,6 +577,7 @@ mod tests {
     use crate::export::tests::{random_masks, Perturb};
     use crate::resnet_cifar::CifarResNetConfig;
     use crate::tests::{device, TB};
+    use crate::ModelKind;
 
     /// Shape and values of the f32 tensor `name` of a state dict.
     fn f32_tensor(state: &[(String, StateTensor)], name: &str) -> (Vec<usize>, Vec<f32>) {
@@ -553,21 +678,24 @@ mod tests {
 
     #[test]
     fn a_checkpoint_of_every_sub_net_loads_back_into_a_fresh_model() {
-        for config in [
-            CifarResNetConfig::resnet20(10, 3),
-            CifarResNetConfig::wide_resnet32(10, 3),
+        for kind in [
+            ModelKind::Resnet20,
+            ModelKind::WideResnet32,
+            ModelKind::Resnet18,
+            ModelKind::Resnet50,
         ] {
-            let source = random_masks(config.init::<TB>(&device()), 3).map(&mut Perturb(11));
+            let build = || AstModel::<TB>::new(kind, 10, 3, &device());
+            let source = random_masks(build(), 3).map(&mut Perturb(11));
             let state = source.original_state_dict(OriginalSubnets::All).unwrap();
             let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
             for name in ["mask0", "mask1", "mask2", "bn.2.running_var"] {
                 assert!(names.iter().any(|n| n.ends_with(name)), "{name}");
             }
             // A fresh model (other weights, dense masks) takes every tensor of the source.
-            let fresh = config.init::<TB>(&device());
-            assert_ne!(params(&fresh).floats, params(&source).floats);
+            let fresh = build();
+            assert_ne!(fresh.export_params().floats, source.export_params().floats);
             let loaded = fresh.load_original(&by_key(state)).unwrap();
-            let (ours, theirs) = (params(&loaded), params(&source));
+            let (ours, theirs) = (loaded.export_params(), source.export_params());
             assert_eq!(ours.floats, theirs.floats);
             assert_eq!(ours.masks, theirs.masks);
         }

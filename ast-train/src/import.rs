@@ -1,11 +1,11 @@
 //! Import of the original code's training checkpoints (github.com/mengjian0502/AST,
-//! `torch.save({'state_dict': model.state_dict(), 'epoch': …, 'acc': …})` of a CIFAR ResNet
-//! built with `nspars=K, uspars=True`) into a run directory that `eval`, `stats`, `export`,
+//! `torch.save({'state_dict': model.state_dict(), 'epoch': …, 'acc': …})` of a CIFAR ResNet or
+//! ResNet-18/50 built with `nspars=K, uspars=True`) into a run directory that `eval`, `stats`, `export`,
 //! `run --resume` and `run --init-from` take.
 //!
 //! The file is read with burn-store's PyTorch reader, which parses the pickle without running
 //! any of it; the names and mask buffers are mapped by
-//! [`CifarResNet::load_original`](ast_models::CifarResNet::load_original). The run directory
+//! [`AstModel::load_original`](ast_models::AstModel::load_original). The run directory
 //! holds the configuration given (its sub-nets' targets from the masks) and one checkpoint at
 //! the end of the epoch the file stores, with a fresh optimizer.
 //! Everything is checked before anything is written.
@@ -110,7 +110,8 @@ fn stored_number(path: &Path, key: &str) -> Option<f64> {
 }
 
 /// Imports the original's checkpoint `from` into the run directory `opts.dir`, as a run of
-/// `config` (its model must be a CIFAR ResNet: ResNet-20/32/56 or the wide ResNet-32). The
+/// `config` (its model: a CIFAR ResNet — ResNet-20/32/56, the wide ResNet-32 — or ResNet-18/50
+/// with the CIFAR stem). The
 /// sub-nets' targets become `densities` when given (one per sub-net of the checkpoint) or the
 /// densities their masks keep (to four decimals). The run counts the checkpoint's `epoch + 1`
 /// epochs as done (all of `config.epochs` when it stores none), so that `run --resume` goes on
@@ -166,24 +167,15 @@ pub fn import_original<B: AutodiffBackend>(
             ),
         ));
     }
-    let model = match AstModel::<B>::new(kind, classes, subnets, device) {
-        AstModel::CifarResNet(m) => m,
-        _ => {
-            return Err(TrainError::config(
-                "model",
-                format!(
-                    "importing {kind} is not built: the original's CIFAR ResNets are \
-                     (resnet20, resnet32, resnet56, wide-resnet32)"
-                ),
-            ))
-        }
-    };
-    let model = (model.load_original(&tensors)).map_err(|reason| {
-        refuse(
-            from,
-            format!("{reason}: not a checkpoint of {kind} as the original defines it"),
-        )
-    })?;
+    let model = AstModel::<B>::new(kind, classes, subnets, device)
+        .load_original(&tensors)
+        .map_err(|reason| match reason.starts_with("the original's names") {
+            true => TrainError::config("model", format!("cannot import {kind}: {reason}")),
+            false => refuse(
+                from,
+                format!("{reason}: not a checkpoint of {kind} as the original defines it"),
+            ),
+        })?;
     let achieved: Vec<f64> = (0..subnets)
         .map(|j| {
             let (kept, all) = tensors
@@ -229,7 +221,6 @@ pub fn import_original<B: AutodiffBackend>(
     let total = total_iterations(steps_per_epoch, config.epochs)?;
 
     let (config, _lock) = prepare_run_dir(Some(config), opts)?;
-    let model = AstModel::CifarResNet(model);
     let switch = model.switch().clone();
     let ast = AstStep::<B>::new(config.ast.clone(), &model, &switch, steps_per_epoch, total)?;
     let state = TrainerState {

@@ -169,7 +169,12 @@ fn files_that_are_not_an_original_checkpoint_are_refused_and_nothing_is_written(
         (
             from.clone(),
             vec!["--model", "resnet18"],
-            "importing resnet18 is not built",
+            "tensors the model does not have",
+        ),
+        (
+            from.clone(),
+            vec!["--model", "mobilenetv1"],
+            "cannot import mobilenetv1: the original's names are mapped for",
         ),
         (
             from.clone(),

@@ -205,7 +205,7 @@ impl BackendJob for Export<'_> {
     }
 }
 
-/// Sub-net `k` of a CIFAR ResNet as the original code's state dict, with a check input (two
+/// Sub-net `k` of a CIFAR ResNet or ResNet-18/50 as the original code's state dict, with a check input (two
 /// seeded images) and our logits for it, into `out`.
 fn export_pytorch<B: Backend>(
     model: &AstModel<B>,
@@ -215,12 +215,8 @@ fn export_pytorch<B: Backend>(
 ) -> Result<()> {
     use ast_models::original::{OriginalSubnets, StateTensor};
     use safetensors::tensor::{Dtype, TensorView};
-    let AstModel::CifarResNet(resnet) = model else {
-        bail!("--format pytorch covers the CIFAR ResNets (ResNet-20/32/56, wide ResNet-32): export this model with --format ast");
-    };
-    let mut tensors = resnet
-        .original_state_dict(OriginalSubnets::One(k))
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut tensors = (model.original_state_dict(OriginalSubnets::One(k)))
+        .map_err(|e| anyhow!("--format pytorch: {e}; export this model with --format ast"))?;
     let device = Default::default();
     B::seed(&device, 7);
     let x = burn::tensor::Tensor::<B, 4>::random(
@@ -263,7 +259,7 @@ fn export_pytorch<B: Backend>(
     let bytes = safetensors::serialize(views, None)?;
     ast_train::metrics::write_atomic(out, &bytes)?;
     println!(
-        "sub-net {k} as a state dict of the original code's CIFAR ResNet (nspars=1): {} tensors, \
+        "sub-net {k} as a state dict of the original code's model (nspars=1): {} tensors, \
          written to {}",
         encoded.len() - 2,
         out.display()
