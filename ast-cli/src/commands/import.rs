@@ -6,13 +6,17 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ast_models::ModelKind;
 use ast_train::{DatasetKind, RunOptions};
-use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 
+use crate::backend::{self, BackendJob};
+use crate::cli::BackendArgs;
 use crate::recipes::{apply_overrides, load_recipe, Overrides};
 
 #[derive(Args, Debug)]
 pub(crate) struct ImportArgs {
+    #[command(flatten)]
+    pub(crate) backend: BackendArgs,
     /// The original's checkpoint (`checkpoint.pth.tar`, `model_best.pth.tar`: its
     /// `state_dict`, or a bare state dict). Read without running any of its pickle.
     #[arg(long)]
@@ -43,35 +47,50 @@ pub(crate) struct ImportArgs {
 }
 
 pub(crate) fn import(args: ImportArgs) -> Result<()> {
-    let overrides = Overrides {
-        model: Some(args.model),
-        dataset: Some(args.dataset),
-        data_path: args.data_path,
-        ..Default::default()
-    };
-    let config = apply_overrides(load_recipe(&args.recipe)?, overrides)?;
-    let opts = RunOptions {
-        dir: args.out.clone(),
-        overwrite: args.overwrite,
-        ..Default::default()
-    };
-    let imported = ast_train::import::import_original::<Autodiff<Flex>>(
-        &args.from,
-        config,
-        args.densities.as_deref(),
-        &opts,
-        &Default::default(),
-    )?;
-    let densities: Vec<String> = (imported.densities.iter())
-        .map(|d| format!("{d:.4}"))
-        .collect();
-    println!(
-        "{} tensors, {} sub-nets (densities {}), {} epochs done: written to {}",
-        imported.tensors,
-        imported.subnets,
-        densities.join(" / "),
-        imported.epochs,
-        args.out.display()
-    );
-    Ok(())
+    backend::dispatch(&args.backend, Import(&args))
+}
+
+/// Builds the model on the chosen backend and writes the run directory.
+struct Import<'a>(&'a ImportArgs);
+
+impl BackendJob for Import<'_> {
+    type Output = ();
+
+    fn run<B>(self, device: &B::Device) -> Result<()>
+    where
+        B: AutodiffBackend,
+    {
+        let args = self.0;
+        let overrides = Overrides {
+            model: Some(args.model),
+            dataset: Some(args.dataset),
+            data_path: args.data_path.clone(),
+            ..Default::default()
+        };
+        let config = apply_overrides(load_recipe(&args.recipe)?, overrides)?;
+        let opts = RunOptions {
+            dir: args.out.clone(),
+            overwrite: args.overwrite,
+            ..Default::default()
+        };
+        let imported = ast_train::import::import_original::<B>(
+            &args.from,
+            config,
+            args.densities.as_deref(),
+            &opts,
+            device,
+        )?;
+        let densities: Vec<String> = (imported.densities.iter())
+            .map(|d| format!("{d:.4}"))
+            .collect();
+        println!(
+            "{} tensors, {} sub-nets (densities {}), {} epochs done: written to {}",
+            imported.tensors,
+            imported.subnets,
+            densities.join(" / "),
+            imported.epochs,
+            args.out.display()
+        );
+        Ok(())
+    }
 }
