@@ -31,5 +31,5 @@ pub use error::{Kept, Result, TrainError};
 pub use lock::RunLock;
 pub use train::{
     discard_unstarted_run, evaluate, load_data, prepare_run_dir, read_run_config, train,
-    train_data_parallel, RunOptions, RunSummary,
+    train_data_parallel, train_on, DataSources, RunOptions, RunSummary,
 };

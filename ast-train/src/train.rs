@@ -18,7 +18,8 @@ use crate::checkpoint;
 use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
-    FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader, SampleSource,
+    DatasetSource, FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader,
+    SampleSource,
 };
 use crate::error::{Result, TrainError};
 use crate::lock::{RunLock, LOCK_FILE};
@@ -34,6 +35,29 @@ pub struct DataSources {
     pub test: Arc<dyn SampleSource>,
     /// Number of classes.
     pub classes: usize,
+}
+
+impl DataSources {
+    /// Training and test sources from two burn datasets of
+    /// [`ImageItem`](crate::data::ImageItem)s of `classes` classes, each through its transform
+    /// (e.g. [`CifarTransform::cifar`]`(true)` and `(false)`).
+    pub fn from_datasets<Train, Test>(
+        train: Train,
+        test: Test,
+        classes: usize,
+        train_transform: CifarTransform,
+        test_transform: CifarTransform,
+    ) -> Self
+    where
+        Train: burn_dataset::Dataset<crate::data::ImageItem> + 'static,
+        Test: burn_dataset::Dataset<crate::data::ImageItem> + 'static,
+    {
+        DataSources {
+            train: Arc::new(DatasetSource::new(train, train_transform, classes)),
+            test: Arc::new(DatasetSource::new(test, test_transform, classes)),
+            classes,
+        }
+    }
 }
 
 impl std::fmt::Debug for DataSources {
@@ -611,12 +635,65 @@ where
     let started = Instant::now();
     check_spec(&config, spec)?;
     let sources = load_data(&config, spec)?;
+    train_from(config, spec, &sources, opts, device, started)
+}
+
+/// [`train`] on data of your own: any burn datasets of [`ImageItem`](crate::data::ImageItem)s
+/// ([`DataSources::from_datasets`]) or other [`SampleSource`]s instead of the dataset that
+/// `config.data` names (its subsets and augmentation setting are not applied: the sources are
+/// taken as given). Resuming needs the same sources again.
+pub fn train_on<B, S>(
+    config: TrainConfig,
+    spec: &S,
+    sources: &DataSources,
+    opts: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary>
+where
+    B: AutodiffBackend,
+    S: ModelSpec,
+    S::Model<B>: AutodiffModule<B>,
+    <S::Model<B> as AutodiffModule<B>>::InnerModule: AstModule<B::InnerBackend>,
+{
+    let started = Instant::now();
+    check_spec(&config, spec)?;
+    let side = spec.image_size();
+    for (which, source) in [("training", &sources.train), ("test", &sources.test)] {
+        let shape = source.sample_shape();
+        if shape != [3, side, side] {
+            return Err(TrainError::config(
+                "data",
+                format!(
+                    "the {which} samples are {shape:?}; {} takes [3, {side}, {side}]: give the \
+                     transform that output shape",
+                    config.model
+                ),
+            ));
+        }
+    }
+    train_from(config, spec, sources, opts, device, started)
+}
+
+fn train_from<B, S>(
+    config: TrainConfig,
+    spec: &S,
+    sources: &DataSources,
+    opts: &RunOptions,
+    device: &B::Device,
+    started: Instant,
+) -> Result<RunSummary>
+where
+    B: AutodiffBackend,
+    S: ModelSpec,
+    S::Model<B>: AutodiffModule<B>,
+    <S::Model<B> as AutodiffModule<B>>::InnerModule: AstModule<B::InnerBackend>,
+{
     let initial = starting_weights::<B, S>(&config, spec, sources.classes, opts, device)?;
     let worker = Worker::<B, S> {
         config,
         spec,
         opts,
-        sources: &sources,
+        sources,
         device,
         team: None,
         initial: Some(initial),

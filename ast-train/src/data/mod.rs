@@ -10,12 +10,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub mod cifar;
+pub mod dataset;
 pub mod folder;
 pub mod idx;
 pub mod loader;
 pub mod transform;
 
 pub use cifar::{read_cifar10, read_cifar100, Cifar100Labels};
+pub use dataset::{DatasetSource, ImageItem};
 pub use folder::ImageFolder;
 pub use idx::{read_idx_images, read_idx_labels, read_mnist_dir};
 pub use loader::{CifarSource, FolderSource, HostBatch, Loader, SampleSource};
@@ -236,6 +238,14 @@ pub enum DataError {
         classes: usize,
         /// The file it came from.
         path: PathBuf,
+    },
+    /// An item of a burn dataset that is not an image this pipeline takes.
+    #[error("item {index} of the dataset: {reason}")]
+    BadItem {
+        /// Its index.
+        index: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// A sample or batch index past the end.
     #[error("{what} index {index} out of range for {len} {what}s")]
