@@ -31,7 +31,7 @@ impl Mapper<ImageItem, (Vec<f32>, i64)> for Sample {
 #[test]
 fn burns_dataset_transforms_over_our_reader_give_our_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, test) = read_mnist_dir(&tiny_idx_data(tmp.path(), 8, 23)).unwrap();
+    let (_, test) = read_mnist_dir(tiny_idx_data(tmp.path(), 8, 23)).unwrap();
     let transform = CifarTransform::fashion_mnist(false, 3);
     let ours = Loader::new(
         Arc::new(CifarSource::new(Arc::new(test.clone()), transform.clone())),
