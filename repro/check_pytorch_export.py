@@ -1,7 +1,8 @@
 """Loads a sub-net exported with `ast-cli export --format pytorch` into the original code's
 model definition (github.com/mengjian0502/AST: models/uspars_cifar_resnet.py for ResNet-20/32/56,
 models/uspars_cifar_wide_resnet.py for the wide ResNet-32 (`--wide`), models/uspars_resnet.py for
-ResNet-18/50 (`--resnet 18|50`); nspars=1) with
+ResNet-18/50 (`--resnet 18|50`), models/uspars_mobilenet.py for MobileNet-V1 (`--mobilenet`);
+nspars=1) with
 `load_state_dict(strict=True)`, runs the check input stored in the file and compares the logits
 with ours (stored beside it). Exit status 1 when they differ by more than the tolerance.
 
@@ -24,6 +25,7 @@ p.add_argument("original", help="a checkout of the original code")
 p.add_argument("--depth", type=int, default=20, choices=[20, 32, 56])
 p.add_argument("--wide", action="store_true", help="the wide ResNet-32")
 p.add_argument("--resnet", type=int, choices=[18, 50], help="ResNet-18/50 (CIFAR stem)")
+p.add_argument("--mobilenet", action="store_true", help="MobileNet-V1")
 p.add_argument("--tolerance", type=float, default=1e-4)
 a = p.parse_args()
 
@@ -34,7 +36,11 @@ sys.path.insert(0, a.original)
 state = load_file(a.file)
 x = state.pop("__check__.input")
 ours = state.pop("__check__.logits")
-if a.resnet:
+if a.mobilenet:
+    from models.uspars_mobilenet import Net  # noqa: E402
+
+    model = Net(num_classes=ours.shape[1], nspars=1, uspars=True)
+elif a.resnet:
     from models.uspars_resnet import BasicBlock, Bottleneck, ResNet  # noqa: E402
 
     block, blocks = (BasicBlock, [2, 2, 2, 2]) if a.resnet == 18 else (Bottleneck, [3, 4, 6, 3])

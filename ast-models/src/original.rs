@@ -13,6 +13,7 @@ use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 
 use crate::export::params;
+use crate::mobilenet::MobileNetV1;
 use crate::resnet::{Block, Norm, ResNet, Stem};
 use crate::resnet_cifar::CifarResNet;
 use crate::AstModel;
@@ -185,8 +186,8 @@ impl<B: Backend> ResNet<B> {
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         if self.stem != Stem::Cifar {
             return Err(
-                "the ImageNet ResNet-50 has no mapping to the original's names yet (the CIFAR \
-                 ResNet-18/50 have)"
+                "the original's names are not mapped for the ImageNet ResNet-50 yet (its \
+                 CIFAR models are)"
                     .into(),
             );
         }
@@ -242,8 +243,45 @@ impl<B: Backend> ResNet<B> {
     }
 }
 
-const NOT_MAPPED: &str = "the original's names are mapped for its CIFAR ResNets (resnet20, \
-     resnet32, resnet56, wide-resnet32) and ResNet-18/50 (resnet18, resnet50)";
+impl<B: Backend> MobileNetV1<B> {
+    /// Every tensor of the original's state dict of this model (`models/uspars_mobilenet.py`'s
+    /// `Net`: `model.0` the stem conv + BN, `model.{i}` for depth-wise block `i` with its
+    /// depth-wise conv `.0`, BN `.1`, point-wise conv `.3`, BN `.4`; `fc`) holding `subnets`,
+    /// in the order its `state_dict()` lists them, with where each lives in ours.
+    pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
+        let mut t = LayoutBuilder::new(self, subnets)?;
+        t.masked("conv1", "model.0.0")?;
+        t.switchable("bn1", "model.0.1")?;
+        for i in 0..self.blocks.len() {
+            let (ours, theirs) = (format!("blocks.{i}"), format!("model.{}", i + 1));
+            t.masked(&format!("{ours}.depthwise"), &format!("{theirs}.0"))?;
+            t.switchable(&format!("{ours}.bn1"), &format!("{theirs}.1"))?;
+            t.masked(&format!("{ours}.pointwise"), &format!("{theirs}.3"))?;
+            t.switchable(&format!("{ours}.bn2"), &format!("{theirs}.4"))?;
+        }
+        t.masked("linear", "fc")?;
+        t.bias("fc.bias", "linear.bias")?;
+        Ok(t.out)
+    }
+
+    /// [`CifarResNet::original_state_dict`] of MobileNet-V1 (`models/uspars_mobilenet.py`).
+    pub fn original_state_dict(
+        &self,
+        subnets: OriginalSubnets,
+    ) -> Result<Vec<(String, StateTensor)>, String> {
+        state_dict(self, self.original_layout(subnets)?)
+    }
+
+    /// [`CifarResNet::load_original`] of MobileNet-V1 (`models/uspars_mobilenet.py`).
+    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
+        let layout = self.original_layout(OriginalSubnets::All)?;
+        load(self, layout, tensors)
+    }
+}
+
+const NOT_MAPPED: &str = "the original's names are mapped for its CIFAR models (resnet20, \
+     resnet32, resnet56, wide-resnet32, resnet18, resnet50, mobilenetv1), not for the small CNN \
+     (not the original's)";
 
 impl<B: Backend> AstModel<B> {
     /// The original's state dict holding `subnets` ([`CifarResNet::original_state_dict`],
@@ -255,7 +293,8 @@ impl<B: Backend> AstModel<B> {
         match self {
             AstModel::CifarResNet(m) => m.original_state_dict(subnets),
             AstModel::ResNet(m) => m.original_state_dict(subnets),
-            _ => Err(NOT_MAPPED.into()),
+            AstModel::MobileNet(m) => m.original_state_dict(subnets),
+            AstModel::SmallCnn(_) => Err(NOT_MAPPED.into()),
         }
     }
 
@@ -265,7 +304,8 @@ impl<B: Backend> AstModel<B> {
         match self {
             AstModel::CifarResNet(m) => m.load_original(tensors).map(AstModel::CifarResNet),
             AstModel::ResNet(m) => m.load_original(tensors).map(AstModel::ResNet),
-            _ => Err(NOT_MAPPED.into()),
+            AstModel::MobileNet(m) => m.load_original(tensors).map(AstModel::MobileNet),
+            AstModel::SmallCnn(_) => Err(NOT_MAPPED.into()),
         }
     }
 }
@@ -683,6 +723,7 @@ mod tests {
             ModelKind::WideResnet32,
             ModelKind::Resnet18,
             ModelKind::Resnet50,
+            ModelKind::Mobilenetv1,
         ] {
             let build = || AstModel::<TB>::new(kind, 10, 3, &device());
             let source = random_masks(build(), 3).map(&mut Perturb(11));

@@ -363,7 +363,7 @@ fn run_eval_and_stats_on_real_fashion_mnist() {
         ),
         (
             vec!["--subnets", "1"],
-            "--format pytorch: the original's names are mapped for its CIFAR ResNets",
+            "--format pytorch: the original's names are mapped for its CIFAR models",
         ),
     ] {
         let mut args = vec![

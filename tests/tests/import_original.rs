@@ -174,7 +174,12 @@ fn files_that_are_not_an_original_checkpoint_are_refused_and_nothing_is_written(
         (
             from.clone(),
             vec!["--model", "mobilenetv1"],
-            "cannot import mobilenetv1: the original's names are mapped for",
+            "tensors the model does not have",
+        ),
+        (
+            from.clone(),
+            vec!["--model", "small-cnn"],
+            "cannot import small-cnn: the original's names are mapped for its CIFAR models",
         ),
         (
             from.clone(),
