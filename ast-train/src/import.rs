@@ -1,7 +1,8 @@
 //! Import of the original code's training checkpoints (github.com/mengjian0502/AST,
-//! `torch.save({'state_dict': model.state_dict(), 'epoch': …, 'acc': …})` of a CIFAR ResNet or
-//! ResNet-18/50 built with `nspars=K, uspars=True`) into a run directory that `eval`, `stats`, `export`,
-//! `run --resume` and `run --init-from` take.
+//! `torch.save({'state_dict': model.state_dict(), 'epoch': …, 'acc': …})` of one of its CIFAR
+//! models — ResNet-20/32/56, the wide ResNet-32, ResNet-18/50, MobileNet-V1 — built with
+//! `nspars=K, uspars=True`) into a run directory that `eval`, `stats`, `export`, `run --resume`
+//! and `run --init-from` take.
 //!
 //! The file is read with burn-store's PyTorch reader, which parses the pickle without running
 //! any of it; the names and mask buffers are mapped by
@@ -110,9 +111,7 @@ fn stored_number(path: &Path, key: &str) -> Option<f64> {
 }
 
 /// Imports the original's checkpoint `from` into the run directory `opts.dir`, as a run of
-/// `config` (its model: a CIFAR ResNet — ResNet-20/32/56, the wide ResNet-32 — or ResNet-18/50
-/// with the CIFAR stem). The
-/// sub-nets' targets become `densities` when given (one per sub-net of the checkpoint) or the
+/// `config` (its model one of the original's CIFAR models). The sub-nets' targets become `densities` when given (one per sub-net of the checkpoint) or the
 /// densities their masks keep (to four decimals). The run counts the checkpoint's `epoch + 1`
 /// epochs as done (all of `config.epochs` when it stores none), so that `run --resume` goes on
 /// with the rest of the schedule (with a fresh optimizer).
@@ -143,15 +142,15 @@ pub fn import_original<B: AutodiffBackend>(
             format!("its masks are numbered {found:?}, not 0 to K − 1"),
         ));
     }
-    let classifier = ["classifier.weight", "linear.weight"]
+    let classifier = ["classifier.weight", "linear.weight", "fc.weight"]
         .iter()
         .find_map(|k| tensors.get(*k))
         .ok_or_else(|| {
             refuse(
                 from,
                 format!(
-                    "it has no classifier (`classifier.weight` or `linear.weight`): not a state \
-                     dict of the original's {kind}"
+                    "it has no classifier (`classifier.weight`, `linear.weight` or \
+                     `fc.weight`): not a state dict of the original's {kind}"
                 ),
             )
         })?;
@@ -230,7 +229,11 @@ pub fn import_original<B: AutodiffBackend>(
         sha256: Default::default(),
         partial: None,
     };
-    checkpoint::save(&opts.dir, &model, &ast, &state)?;
+    if let Err(e) = checkpoint::save(&opts.dir, &model, &ast, &state) {
+        // Nothing half-written stays behind (the configuration alone is no run).
+        crate::train::discard_unstarted_run(&opts.dir)?;
+        return Err(e);
+    }
     Ok(Imported {
         subnets,
         densities: achieved,
