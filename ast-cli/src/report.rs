@@ -1,7 +1,7 @@
 //! Tables printed by the CLI.
 
 use anyhow::Result;
-use ast_core::subnet::{layer_densities, overlap};
+use ast_core::subnet::{layer_densities, overlap, LayerDensity};
 use ast_core::SubnetTarget;
 use ast_train::metrics::SubnetMetrics;
 use ast_train::{RunSummary, TrainConfig};
@@ -91,5 +91,49 @@ pub fn stats<B: Backend, M: Module<B>>(model: &M, k: usize) -> Result<String> {
         println!("{line}");
         csv.push('\n');
     }
+    for note in empty_layers(&per_subnet) {
+        eprintln!("note: {note}");
+    }
     Ok(csv)
+}
+
+/// The layers a sub-net keeps no weight of (its output there does not depend on the input):
+/// global magnitude pruning empties a layer whose weights are all smaller than the others'.
+fn empty_layers(per_subnet: &[Vec<LayerDensity>]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (k, layers) in per_subnet.iter().enumerate() {
+        for layer in layers.iter().filter(|l| l.active == 0) {
+            notes.push(format!(
+                "sub-net {k} keeps none of the {} weights of {}: its output there is a \
+                 constant; a slower ramp (later final_prune_epoch) or a higher density keeps \
+                 some",
+                layer.total, layer.path
+            ));
+        }
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sub_net_without_a_layer_is_named() {
+        let layer = |path: &str, active| LayerDensity {
+            path: path.into(),
+            active,
+            total: 10,
+        };
+        let per_subnet = vec![
+            vec![layer("conv", 3), layer("linear", 2)],
+            vec![layer("conv", 1), layer("linear", 0)],
+        ];
+        let notes = empty_layers(&per_subnet);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("sub-net 1 keeps none of the 10 weights of linear:"),
+            "{notes:?}"
+        );
+    }
 }
