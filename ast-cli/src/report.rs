@@ -104,9 +104,8 @@ fn empty_layers(per_subnet: &[Vec<LayerDensity>]) -> Vec<String> {
     for (k, layers) in per_subnet.iter().enumerate() {
         for layer in layers.iter().filter(|l| l.active == 0) {
             notes.push(format!(
-                "sub-net {k} keeps none of the {} weights of {}: its output there is a \
-                 constant; a slower ramp (later final_prune_epoch) or a higher density keeps \
-                 some",
+                "sub-net {k} keeps none of the {} weights of {}: its output there does not \
+                 depend on the input (the global magnitude threshold of the ramp emptied it)",
                 layer.total, layer.path
             ));
         }
