@@ -105,8 +105,8 @@ impl<B: Backend> CifarResNet<B> {
         })
     }
 
-    /// Every tensor of the original's state dict of this model holding `subnets`, in the order
-    /// its `state_dict()` lists them, with where each lives in ours.
+    /// Every tensor of the original's state dict of this model holding `subnets`, with where
+    /// each lives in ours.
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         let mut t = LayoutBuilder::new(self, subnets)?;
         let wide = self.is_wide();
@@ -180,8 +180,8 @@ impl<B: Backend> CifarResNet<B> {
 
 impl<B: Backend> ResNet<B> {
     /// Every tensor of the original's state dict of this model (ResNet-18/50 with the CIFAR
-    /// stem: `models/uspars_resnet.py`'s `ResNet`) holding `subnets`, in the order its
-    /// `state_dict()` lists them, with where each lives in ours. The ImageNet ResNet-50
+    /// stem: `models/uspars_resnet.py`'s `ResNet`) holding `subnets`, with where each lives in
+    /// ours. The ImageNet ResNet-50
     /// (`uspars_resnet_imagenet.py`) is refused.
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         if self.stem != Stem::Cifar {
@@ -247,7 +247,7 @@ impl<B: Backend> MobileNetV1<B> {
     /// Every tensor of the original's state dict of this model (`models/uspars_mobilenet.py`'s
     /// `Net`: `model.0` the stem conv + BN, `model.{i}` for depth-wise block `i` with its
     /// depth-wise conv `.0`, BN `.1`, point-wise conv `.3`, BN `.4`; `fc`) holding `subnets`,
-    /// in the order its `state_dict()` lists them, with where each lives in ours.
+    /// with where each lives in ours.
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         let mut t = LayoutBuilder::new(self, subnets)?;
         t.masked("conv1", "model.0.0")?;
@@ -310,7 +310,7 @@ impl<B: Backend> AstModel<B> {
     }
 }
 
-/// Builds a layout: the tensors of the original's state dict in its order.
+/// Builds a layout: the tensors of the original's state dict.
 struct LayoutBuilder {
     /// (ours, theirs) sub-net indices.
     pairs: Vec<(usize, usize)>,
