@@ -181,8 +181,7 @@ impl<B: Backend> CifarResNet<B> {
 impl<B: Backend> ResNet<B> {
     /// Every tensor of the original's state dict of this model (ResNet-18/50 with the CIFAR
     /// stem: `models/uspars_resnet.py`'s `ResNet`) holding `subnets`, with where each lives in
-    /// ours. The ImageNet ResNet-50
-    /// (`uspars_resnet_imagenet.py`) is refused.
+    /// ours. The ImageNet ResNet-50 (`uspars_resnet_imagenet.py`) is refused.
     pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         if self.stem != Stem::Cifar {
             return Err(
