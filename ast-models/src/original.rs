@@ -1,10 +1,10 @@
-//! The original code's PyTorch state dicts (github.com/mengjian0502/AST) of the CIFAR ResNets,
+//! The original code's PyTorch state dicts (github.com/mengjian0502/AST) of its CIFAR models,
 //! both ways: one sub-net out as a dense state dict of its model built with `nspars=1`
-//! ([`CifarResNet::original_state_dict`]), and a trained checkpoint of all `K` sub-nets in
-//! ([`CifarResNet::load_original`]).
+//! ([`OriginalModel::original_state_dict`]), and a trained checkpoint of all `K` sub-nets in
+//! ([`OriginalModel::load_original`]).
 //!
-//! One table, [`CifarResNet::original_layout`], says where each of the original's tensors lives
-//! in our model; both directions read it.
+//! One table per model, [`OriginalModel::original_layout`], says where each of the original's
+//! tensors lives in our model; both directions read it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -92,6 +92,36 @@ pub struct OriginalTensor {
     pub source: Source,
 }
 
+/// A model the original code defines: where each tensor of its state dict lives in ours, and
+/// from that the state dict both ways.
+pub trait OriginalModel<B: Backend>: Module<B> {
+    /// Every tensor of the original's state dict of this model holding `subnets`, with where
+    /// each lives in ours.
+    fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String>;
+
+    /// The original's state dict of this model holding `subnets`, in its key names
+    /// ([`OriginalSubnets`]), the classifier transposed to PyTorch's `[out, in]`:
+    /// `load_state_dict` of the original's model takes it as it is
+    /// (`repro/check_pytorch_export.py`).
+    fn original_state_dict(
+        &self,
+        subnets: OriginalSubnets,
+    ) -> Result<Vec<(String, StateTensor)>, String> {
+        state_dict(self, self.original_layout(subnets)?)
+    }
+
+    /// This model (built with the checkpoint's `K` sub-nets) with the weights, masks and
+    /// BatchNorms of a state dict of the original code's model trained with `nspars=K`
+    /// (`tensors`: every f32 tensor by key, with its shape; `num_batches_tracked` may be left
+    /// out). Refused, naming the first, when a tensor is missing, has another shape, a mask holds
+    /// a value other than 0 and 1, or the state dict holds a tensor the model has not (another
+    /// `K`, another model).
+    fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
+        let layout = self.original_layout(OriginalSubnets::All)?;
+        load(self, layout, tensors)
+    }
+}
+
 impl<B: Backend> CifarResNet<B> {
     /// Whether this is the wide ResNet-32 (switchable shortcut BatchNorms), which the original
     /// defines in `uspars_cifar_wide_resnet.py` (`ResNet`) under other names than ResNet-20/32/56
@@ -104,10 +134,12 @@ impl<B: Backend> CifarResNet<B> {
             )
         })
     }
+}
 
-    /// Every tensor of the original's state dict of this model holding `subnets`, with where
-    /// each lives in ours.
-    pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
+/// ResNet-20/32/56 (`models/uspars_cifar_resnet.py`'s `CifarResNet`) and the wide ResNet-32
+/// (`models/uspars_cifar_wide_resnet.py`'s `ResNet`).
+impl<B: Backend> OriginalModel<B> for CifarResNet<B> {
+    fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         let mut t = LayoutBuilder::new(self, subnets)?;
         let wide = self.is_wide();
         let (stem, stem_norm, stage, [conv_a, bn_a, conv_b, bn_b]) = match wide {
@@ -153,36 +185,12 @@ impl<B: Backend> CifarResNet<B> {
         t.bias(&format!("{classifier}.bias"), "linear.bias")?;
         Ok(t.out)
     }
-
-    /// The state dict of the original code's CIFAR ResNet (ResNet-20/32/56:
-    /// `models/uspars_cifar_resnet.py`'s `CifarResNet`; the wide ResNet-32:
-    /// `models/uspars_cifar_wide_resnet.py`'s `ResNet`) holding `subnets`, in its key names
-    /// ([`OriginalSubnets`]), the classifier transposed to PyTorch's `[out, in]`.
-    /// `load_state_dict` of that model takes it as it is (`repro/check_pytorch_export.py`).
-    pub fn original_state_dict(
-        &self,
-        subnets: OriginalSubnets,
-    ) -> Result<Vec<(String, StateTensor)>, String> {
-        state_dict(self, self.original_layout(subnets)?)
-    }
-
-    /// This model (built with the checkpoint's `K` sub-nets) with the weights, masks and
-    /// BatchNorms of a state dict of the original code's model trained with `nspars=K`
-    /// (`tensors`: every f32 tensor by key, with its shape; `num_batches_tracked` may be left
-    /// out). Refused, naming the first, when a tensor is missing, has another shape, a mask holds
-    /// a value other than 0 and 1, or the state dict holds a tensor the model has not (another
-    /// `K`, another model).
-    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
-        let layout = self.original_layout(OriginalSubnets::All)?;
-        load(self, layout, tensors)
-    }
 }
 
-impl<B: Backend> ResNet<B> {
-    /// Every tensor of the original's state dict of this model (ResNet-18/50 with the CIFAR
-    /// stem: `models/uspars_resnet.py`'s `ResNet`) holding `subnets`, with where each lives in
-    /// ours. The ImageNet ResNet-50 (`uspars_resnet_imagenet.py`) is refused.
-    pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
+/// ResNet-18/50 with the CIFAR stem (`models/uspars_resnet.py`'s `ResNet`); the ImageNet
+/// ResNet-50 (`uspars_resnet_imagenet.py`) is refused.
+impl<B: Backend> OriginalModel<B> for ResNet<B> {
+    fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         if self.stem != Stem::Cifar {
             return Err(
                 "the original's names are not mapped for the ImageNet ResNet-50 yet (its \
@@ -226,28 +234,13 @@ impl<B: Backend> ResNet<B> {
         t.bias("linear.bias", "fc.Masked.bias")?;
         Ok(t.out)
     }
-
-    /// [`CifarResNet::original_state_dict`] of ResNet-18/50 (`models/uspars_resnet.py`).
-    pub fn original_state_dict(
-        &self,
-        subnets: OriginalSubnets,
-    ) -> Result<Vec<(String, StateTensor)>, String> {
-        state_dict(self, self.original_layout(subnets)?)
-    }
-
-    /// [`CifarResNet::load_original`] of ResNet-18/50 (`models/uspars_resnet.py`).
-    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
-        let layout = self.original_layout(OriginalSubnets::All)?;
-        load(self, layout, tensors)
-    }
 }
 
-impl<B: Backend> MobileNetV1<B> {
-    /// Every tensor of the original's state dict of this model (`models/uspars_mobilenet.py`'s
-    /// `Net`: `model.0` the stem conv + BN, `model.{i}` for depth-wise block `i` with its
-    /// depth-wise conv `.0`, BN `.1`, point-wise conv `.3`, BN `.4`; `fc`) holding `subnets`,
-    /// with where each lives in ours.
-    pub fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
+/// MobileNet-V1 (`models/uspars_mobilenet.py`'s `Net`: `model.0` the stem conv + BN,
+/// `model.{i}` for depth-wise block `i` with its depth-wise conv `.0`, BN `.1`, point-wise conv
+/// `.3`, BN `.4`; `fc`).
+impl<B: Backend> OriginalModel<B> for MobileNetV1<B> {
+    fn original_layout(&self, subnets: OriginalSubnets) -> Result<Vec<OriginalTensor>, String> {
         let mut t = LayoutBuilder::new(self, subnets)?;
         t.masked("conv1", "model.0.0")?;
         t.switchable("bn1", "model.0.1")?;
@@ -262,20 +255,6 @@ impl<B: Backend> MobileNetV1<B> {
         t.bias("fc.bias", "linear.bias")?;
         Ok(t.out)
     }
-
-    /// [`CifarResNet::original_state_dict`] of MobileNet-V1 (`models/uspars_mobilenet.py`).
-    pub fn original_state_dict(
-        &self,
-        subnets: OriginalSubnets,
-    ) -> Result<Vec<(String, StateTensor)>, String> {
-        state_dict(self, self.original_layout(subnets)?)
-    }
-
-    /// [`CifarResNet::load_original`] of MobileNet-V1 (`models/uspars_mobilenet.py`).
-    pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
-        let layout = self.original_layout(OriginalSubnets::All)?;
-        load(self, layout, tensors)
-    }
 }
 
 const NOT_MAPPED: &str = "the original's names are mapped for its CIFAR models (resnet20, \
@@ -283,8 +262,8 @@ const NOT_MAPPED: &str = "the original's names are mapped for its CIFAR models (
      (not the original's)";
 
 impl<B: Backend> AstModel<B> {
-    /// The original's state dict holding `subnets` ([`CifarResNet::original_state_dict`],
-    /// [`ResNet::original_state_dict`]); other models are refused.
+    /// The original's state dict holding `subnets` ([`OriginalModel::original_state_dict`]);
+    /// other models are refused.
     pub fn original_state_dict(
         &self,
         subnets: OriginalSubnets,
@@ -297,8 +276,8 @@ impl<B: Backend> AstModel<B> {
         }
     }
 
-    /// This model with a state dict of the original's ([`CifarResNet::load_original`],
-    /// [`ResNet::load_original`]); other models are refused.
+    /// This model with a state dict of the original's ([`OriginalModel::load_original`]); other
+    /// models are refused.
     pub fn load_original(self, tensors: &StateDict) -> Result<Self, String> {
         match self {
             AstModel::CifarResNet(m) => m.load_original(tensors).map(AstModel::CifarResNet),

@@ -123,6 +123,18 @@ fn items_that_do_not_fit_are_named() {
     let _alone = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let data = tiny_idx_data(tmp.path(), 96, 32);
+    // The error of a run on `sources`.
+    let refusal = |sources: &DataSources| {
+        let opts = RunOptions {
+            dir: tmp.path().join("run"),
+            overwrite: true,
+            ..RunOptions::default()
+        };
+        let (config, _lock) = prepare_run_dir(Some(tiny_config(&data)), &opts).unwrap();
+        let device = Default::default();
+        let refused = train_on::<B, _>(config, &ModelKind::SmallCnn, sources, &opts, &device);
+        refused.unwrap_err().to_string()
+    };
     let bent = |shape: [usize; 3], label: usize, len: usize| {
         InMemDataset::new(vec![
             ImageItem {
@@ -153,21 +165,7 @@ fn items_that_do_not_fit_are_named() {
             CifarTransform::fashion_mnist(false, 3),
             CifarTransform::fashion_mnist(false, 3),
         );
-        let opts = RunOptions {
-            dir: tmp.path().join("run"),
-            overwrite: true,
-            ..RunOptions::default()
-        };
-        let (config, _lock) = prepare_run_dir(Some(tiny_config(&data)), &opts).unwrap();
-        let err = train_on::<B, _>(
-            config,
-            &ModelKind::SmallCnn,
-            &sources,
-            &opts,
-            &Default::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refusal(&sources);
         assert!(err.contains(expected), "{err}");
     }
     // A transform whose output the model does not take.
@@ -175,21 +173,7 @@ fn items_that_do_not_fit_are_named() {
     let one_channel = CifarTransform::fashion_mnist(false, 1);
     let sources =
         DataSources::from_datasets(train_set, test_set, 10, one_channel.clone(), one_channel);
-    let opts = RunOptions {
-        dir: tmp.path().join("run"),
-        overwrite: true,
-        ..RunOptions::default()
-    };
-    let (config, _lock) = prepare_run_dir(Some(tiny_config(&data)), &opts).unwrap();
-    let err = train_on::<B, _>(
-        config,
-        &ModelKind::SmallCnn,
-        &sources,
-        &opts,
-        &Default::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = refusal(&sources);
     assert!(
         err.contains("the training samples are [1, 32, 32]; small-cnn takes [3, 32, 32]"),
         "{err}"
