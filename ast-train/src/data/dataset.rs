@@ -13,7 +13,7 @@
 use burn_dataset::Dataset;
 use serde::{Deserialize, Serialize};
 
-use super::loader::SampleSource;
+use super::loader::{sample_out_of_range, SampleSource};
 use super::{CifarTransform, DataError, ImageDataset, ImageFolder};
 use ast_core::rng::MaskRng;
 
@@ -108,13 +108,7 @@ impl<D: Dataset<ImageItem>> SampleSource for DatasetSource<D> {
         let bad = |reason: String| DataError::BadItem { index, reason };
         let item = match self.dataset.get(index) {
             Some(item) => item,
-            None if index >= len => {
-                return Err(DataError::IndexOutOfRange {
-                    what: "sample",
-                    index,
-                    len,
-                })
-            }
+            None if index >= len => return Err(sample_out_of_range(index, len)),
             None => return Err(bad("the dataset gave none".into())),
         };
         let [c, h, w] = item.shape;

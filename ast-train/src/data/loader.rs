@@ -38,7 +38,7 @@ pub trait SampleSource: Send + Sync {
 }
 
 /// The error for a sample index past the end.
-fn sample_out_of_range(index: usize, len: usize) -> DataError {
+pub(super) fn sample_out_of_range(index: usize, len: usize) -> DataError {
     DataError::IndexOutOfRange {
         what: "sample",
         index,
