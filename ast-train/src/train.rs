@@ -18,7 +18,7 @@ use crate::checkpoint;
 use crate::config::{Augment, DatasetKind, TrainConfig};
 use crate::data::{
     read_cifar10, read_cifar100, read_mnist_dir, Cifar100Labels, CifarSource, CifarTransform,
-    DatasetSource, FolderSource, HostBatch, ImageDataset, ImageFolder, ImagenetTransform, Loader,
+    DatasetSource, FolderSource, ImageDataset, ImageFolder, ImagenetTransform, Loader,
     SampleSource,
 };
 use crate::error::{Result, TrainError};
@@ -505,17 +505,6 @@ fn check_out_path(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn to_tensors<B: Backend>(
-    batch: HostBatch,
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
-    let n = batch.labels.len();
-    (
-        Tensor::from_data(TensorData::new(batch.images, batch.shape), device),
-        Tensor::from_data(TensorData::new(batch.labels, [n]), device),
-    )
-}
-
 pub(crate) fn data_threads(config: &TrainConfig) -> usize {
     config.data_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -540,7 +529,7 @@ pub fn evaluate<B: Backend, M: AstModule<B>>(
     for batch in loader.epoch(0, 0) {
         let batch = batch?;
         let labels = batch.labels.clone();
-        let (x, y) = to_tensors::<B>(batch, device);
+        let (x, y) = batch.into_tensors::<B>(device);
         seen += labels.len();
         for (s, sum) in sums.iter_mut().enumerate() {
             switch.set(s);
@@ -598,7 +587,7 @@ pub fn recalibrate_batch_norms<B: AutodiffBackend, M: AstModule<B>>(
     for k in 0..subnets {
         switch.set(k);
         for b in 0..batches.min(loader.batches_per_epoch()) {
-            let (x, _) = to_tensors::<B>(loader.batch(epoch, b)?, device);
+            let (x, _) = loader.batch(epoch, b)?.into_tensors::<B>(device);
             let _ = model.forward(x);
         }
     }

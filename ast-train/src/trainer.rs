@@ -29,7 +29,7 @@ use crate::metrics::{
 use crate::parallel::Team;
 use crate::train::{
     data_threads, evaluate, read_run_config, recalibrate_batch_norms, sparsest, tidy_run,
-    to_tensors, DataSources, RunOptions, RunSummary, CONFIG_FILE, SUMMARY_FILE,
+    DataSources, RunOptions, RunSummary, CONFIG_FILE, SUMMARY_FILE,
 };
 use crate::TrainConfig;
 
@@ -433,7 +433,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let t = self.ast.iteration();
         let labels = batch.labels.clone();
         let shard = labels.len();
-        let (x, y) = to_tensors::<B>(batch, self.device);
+        let (x, y) = batch.into_tensors::<B>(self.device);
         let iteration = self.ast.begin();
         let subnet = iteration.subnet();
         let logits = model.forward(x);

@@ -1,6 +1,7 @@
 //! burn's `Dataset` for our readers: burn's dataset transforms over our IDX reader give the
-//! samples our own loader gives, and the training loop trains on any burn dataset of images
-//! (here burn's `InMemDataset`) exactly as on our reader.
+//! samples our own loader gives, burn's `DataLoaderBuilder` with our `ImageBatcher` gives our
+//! loader's batches, and the training loop trains on any burn dataset of images (here burn's
+//! `InMemDataset`) exactly as on our reader.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,8 +10,11 @@ use ast_core::rng::MaskRng;
 use ast_models::ModelKind;
 use ast_tests::{run_results, tiny_idx_data};
 use ast_train::data::{read_mnist_dir, CifarSource, CifarTransform, ImageItem, Loader};
+use ast_train::data::{ImageBatch, ImageBatcher};
 use ast_train::{prepare_run_dir, train, train_on, DataSources, RunOptions, TrainConfig};
 use burn::backend::{Autodiff, Flex};
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::DataLoaderBuilder;
 use burn_dataset::transform::{Mapper, MapperDataset};
 use burn_dataset::{Dataset, InMemDataset};
 
@@ -55,6 +59,71 @@ fn burns_dataset_transforms_over_our_reader_give_our_samples() {
     assert_eq!(item.image, test.image(7));
     assert_eq!(item.label, usize::from(test.labels[7]));
     assert!(Dataset::get(&test, 23).is_none());
+}
+
+#[test]
+fn burns_data_loader_with_our_batcher_gives_our_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, test) = read_mnist_dir(tiny_idx_data(tmp.path(), 8, 23)).unwrap();
+    let transform = CifarTransform::fashion_mnist(false, 3);
+    let ours = Loader::new(
+        Arc::new(CifarSource::new(Arc::new(test.clone()), transform.clone())),
+        5,
+        0,
+        false,
+    );
+    let batcher = ImageBatcher {
+        transform,
+        classes: 10,
+    };
+    // burn's loader in order, on two worker threads and without.
+    for workers in [0, 2] {
+        let mut builder = DataLoaderBuilder::new(batcher.clone()).batch_size(5);
+        if workers > 0 {
+            builder = builder.num_workers(workers);
+        }
+        let theirs: Vec<ImageBatch<Flex>> = builder.build(test.clone()).iter().collect();
+        assert_eq!(theirs.len(), 5, "23 images in batches of 5");
+        let mut theirs: Vec<(Vec<i64>, Vec<f32>, Vec<usize>)> = theirs
+            .into_iter()
+            .map(|b| {
+                let labels = b.labels.into_data().convert::<i64>().to_vec().unwrap();
+                let dims = b.images.dims().to_vec();
+                (labels, b.images.into_data().to_vec().unwrap(), dims)
+            })
+            .collect();
+        // Workers hand batches over as they finish them: compare as sets.
+        let mut direct: Vec<(Vec<i64>, Vec<f32>, Vec<usize>)> = (0..5)
+            .map(|i| {
+                let b = ours.batch(0, i).unwrap();
+                (b.labels, b.images, b.shape.to_vec())
+            })
+            .collect();
+        if workers > 0 {
+            let key = |b: &(Vec<i64>, Vec<f32>, Vec<usize>)| {
+                b.1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            theirs.sort_by_key(key);
+            direct.sort_by_key(key);
+        }
+        assert_eq!(theirs, direct, "{workers} workers");
+    }
+    // An item that does not fit is named (burn's `Batcher` cannot return an error).
+    let bent = ImageItem {
+        image: vec![0; 700],
+        shape: [1, 28, 28],
+        label: 1,
+    };
+    let device = Default::default();
+    let panic = std::panic::catch_unwind(|| {
+        Batcher::<Flex, _, ImageBatch<Flex>>::batch(&batcher, vec![bent], &device)
+    })
+    .unwrap_err();
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(
+        message.contains("item 0 of the batch does not fit: 700 pixels for shape [1, 28, 28]"),
+        "{message}"
+    );
 }
 
 /// Held while a test trains: burn seeds and draws the initial weights from one process-wide

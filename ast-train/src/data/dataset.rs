@@ -8,12 +8,16 @@
 //! [`CifarTransform`] becomes a [`SampleSource`] of the seeded, multi-threaded [`Loader`]
 //! that training uses (`DataSources::from_datasets`, `train::train_on`).
 //!
+//! [`ImageBatcher`] is burn's `Batcher` of [`ImageItem`]s, for burn's own `DataLoaderBuilder`.
+//!
 //! [`Loader`]: super::Loader
 
+use burn::data::dataloader::batcher::Batcher;
+use burn::prelude::{Backend, Int, Tensor};
 use burn_dataset::Dataset;
 use serde::{Deserialize, Serialize};
 
-use super::loader::{sample_out_of_range, SampleSource};
+use super::loader::{sample_out_of_range, HostBatch, SampleSource};
 use super::{CifarTransform, DataError, ImageDataset, ImageFolder};
 use ast_core::rng::MaskRng;
 
@@ -111,21 +115,7 @@ impl<D: Dataset<ImageItem>> SampleSource for DatasetSource<D> {
             None if index >= len => return Err(sample_out_of_range(index, len)),
             None => return Err(bad("the dataset gave none".into())),
         };
-        let [c, h, w] = item.shape;
-        if c != 1 && c != 3 {
-            return Err(bad(format!("{c} channels: give 1 (grey) or 3 (RGB)")));
-        }
-        if item.image.len() != c * h * w {
-            return Err(bad(format!(
-                "{} pixels for shape {:?}",
-                item.image.len(),
-                item.shape
-            )));
-        }
-        let label = u16::try_from(item.label)
-            .ok()
-            .filter(|&l| usize::from(l) < self.classes)
-            .ok_or_else(|| bad(format!("label {} of {} classes", item.label, self.classes)))?;
+        let label = check_item(&item, self.classes).map_err(bad)?;
         self.transform.apply_with(
             train && self.transform.train,
             &item.image,
@@ -134,5 +124,79 @@ impl<D: Dataset<ImageItem>> SampleSource for DatasetSource<D> {
             out,
         );
         Ok(label)
+    }
+}
+
+/// The item's label, once its channels, pixel count and label fit; else why not.
+fn check_item(item: &ImageItem, classes: usize) -> Result<u16, String> {
+    let [c, h, w] = item.shape;
+    if c != 1 && c != 3 {
+        return Err(format!("{c} channels: give 1 (grey) or 3 (RGB)"));
+    }
+    if item.image.len() != c * h * w {
+        return Err(format!(
+            "{} pixels for shape {:?}",
+            item.image.len(),
+            item.shape
+        ));
+    }
+    u16::try_from(item.label)
+        .ok()
+        .filter(|&l| usize::from(l) < classes)
+        .ok_or_else(|| format!("label {} of {classes} classes", item.label))
+}
+
+/// burn's [`Batcher`] of [`ImageItem`]s, for burn's `DataLoaderBuilder`: each item through
+/// `transform` without augmentation (evaluation, inference; the crops and flips of training
+/// come from the seeded [`Loader`](super::Loader), whose order and draws do not depend on
+/// threads), as the tensors our own loader gives for the same items.
+#[derive(Debug, Clone)]
+pub struct ImageBatcher {
+    /// What makes each item a sample (its `train` flag is not looked at).
+    pub transform: CifarTransform,
+    /// Labels must be below it.
+    pub classes: usize,
+}
+
+/// A batch of [`ImageBatcher`]: samples `[N, C, H, W]` and their labels `[N]`.
+#[derive(Debug, Clone)]
+pub struct ImageBatch<B: Backend> {
+    /// The samples.
+    pub images: Tensor<B, 4>,
+    /// One class per sample.
+    pub labels: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Batcher<B, ImageItem, ImageBatch<B>> for ImageBatcher {
+    /// # Panics
+    /// On an item with other than 1 or 3 channels, pixels that do not fill its shape or a label
+    /// not below `classes` (burn's `Batcher` cannot return an error; a [`DatasetSource`] in our
+    /// loader reports these as errors instead).
+    fn batch(&self, items: Vec<ImageItem>, device: &B::Device) -> ImageBatch<B> {
+        let [c, h, w] = self.transform.out_shape();
+        let mut images = vec![0.0; items.len() * c * h * w];
+        let mut labels = Vec::with_capacity(items.len());
+        // Not drawn from: no augmentation.
+        let mut rng = MaskRng::new(0, 0);
+        for (i, (item, out)) in items
+            .iter()
+            .zip(images.chunks_exact_mut(c * h * w))
+            .enumerate()
+        {
+            let label = check_item(item, self.classes).unwrap_or_else(|reason| {
+                panic!("ImageBatcher: item {i} of the batch does not fit: {reason}")
+            });
+            self.transform
+                .apply_with(false, &item.image, item.shape, &mut rng, out);
+            labels.push(i64::from(label));
+        }
+        let shape = [labels.len(), c, h, w];
+        let (images, labels) = HostBatch {
+            images,
+            labels,
+            shape,
+        }
+        .into_tensors(device);
+        ImageBatch { images, labels }
     }
 }

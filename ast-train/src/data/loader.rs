@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use ast_core::rng::MaskRng;
+use burn::prelude::{Backend, Int, Tensor, TensorData};
 
 use super::{CifarTransform, DataError, ImageDataset, ImageFolder, ImagenetTransform};
 
@@ -156,6 +157,15 @@ impl HostBatch {
     /// Whether the batch holds no sample.
     pub fn is_empty(&self) -> bool {
         self.shape[0] == 0
+    }
+
+    /// The samples `[N, C, H, W]` and labels `[N]` on `device`.
+    pub fn into_tensors<B: Backend>(self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+        let n = self.labels.len();
+        (
+            Tensor::from_data(TensorData::new(self.images, self.shape), device),
+            Tensor::from_data(TensorData::new(self.labels, [n]), device),
+        )
     }
 }
 

@@ -17,7 +17,7 @@ pub mod loader;
 pub mod transform;
 
 pub use cifar::{read_cifar10, read_cifar100, Cifar100Labels};
-pub use dataset::{DatasetSource, ImageItem};
+pub use dataset::{DatasetSource, ImageBatch, ImageBatcher, ImageItem};
 pub use folder::ImageFolder;
 pub use idx::{read_idx_images, read_idx_labels, read_mnist_dir};
 pub use loader::{CifarSource, FolderSource, HostBatch, Loader, SampleSource};
