@@ -289,7 +289,7 @@ fn print_export_report(header: &ast_infer::Header, file_bytes: usize) {
             s.trained_index, s.target, s.density
         );
     }
-    println!("  layer                              weights   union  density / form per sub-net");
+    println!("  layer                              weights  union (stored as)  density / form per sub-net");
     for l in &header.report {
         let per: Vec<String> = l
             .density
@@ -297,11 +297,12 @@ fn print_export_report(header: &ast_infer::Header, file_bytes: usize) {
             .zip(&l.form)
             .map(|(d, f)| format!("{d:.3} {f}"))
             .collect();
+        let union = format!("{} ({})", l.union, l.union_encoding);
         println!(
-            "  {:<32} {:>8} {:>7}  {}",
+            "  {:<32} {:>8}  {:<17}  {}",
             l.layer,
             l.weights,
-            l.union,
+            union,
             per.join(", ")
         );
     }

@@ -24,13 +24,13 @@ pub enum InferError {
     Foreign,
     /// A file of another format version.
     #[error(
-        "format version {found} of ast's sub-net files; this build reads version {supported}: \
-         export the run again with this build"
+        "format version {found} of ast's sub-net files; this build reads versions 1 to \
+         {supported}: export the run again with this build"
     )]
     Version {
         /// The file's version.
         found: u32,
-        /// The version this build reads.
+        /// The newest version this build reads.
         supported: u32,
     },
     /// The tensors do not match the checksum written with them.

@@ -6,6 +6,10 @@
 //!   weight, position `p` at bit `p mod 8` of byte `p / 8`) or, where smaller, `L.union_gaps`
 //!   (u8: per kept position the count of positions skipped before it, 255 skipping 255 and
 //!   keeping none), and per sub-net `j` either
+//!   keeping none), or, for N:M sub-nets where smaller, `L.union_nm` (u8: each N:M group's
+//!   in-group indices, ⌈log2 M⌉ bits each) with `L.union_nm_pattern` (u32 `[N, M, A, C, B]`:
+//!   the pattern and the weight viewed as `[A, C, B]`, groups along `C`), and per sub-net `j`
+//!   either
 //!   `L.subnet.j.bits` (u8: packed bits over the union's positions) or `L.subnet.j.index`
 //!   (u32: the union positions it keeps), whichever is smaller; `L.bias` (f32) if any;
 //! - a plain layer (dense for every sub-net): `L.weight`, and `L.bias` if any;
@@ -27,14 +31,16 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::bits::{gaps, pack, ungap, unpack};
+use crate::bits::{gaps, pack, pack_in_group, ungap, unpack, unpack_in_group, GroupView};
 use crate::error::{corrupt, InferError, Result};
 use crate::graph::{ConvSpec, Graph, NormRef, Op};
 
 /// The `format` of the header.
 pub const FORMAT: &str = "ast-subnets";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The newest format version, which this build reads with every older one. Version 2 added
+/// in-group indices (`L.union_nm`); a file without them is written as version 1, so that
+/// builds before it read it.
+pub const VERSION: u32 = 2;
 /// The one `__metadata__` key.
 pub const METADATA_KEY: &str = "ast";
 
@@ -123,6 +129,9 @@ pub struct LayerReport {
     pub weights: usize,
     /// Positions in the union of the sub-nets' masks.
     pub union: usize,
+    /// How the union is stored: `"bits"`, `"gaps"` or in-group indices (`"2:4"`).
+    #[serde(default)]
+    pub union_encoding: String,
     /// Per sub-net: its density in this layer.
     pub density: Vec<f64>,
     /// Per sub-net: `"bits"` or `"index"` (how its positions are stored).
@@ -326,8 +335,11 @@ pub fn export(
     let mut tensors: BTreeMap<String, Owned> = BTreeMap::new();
     let mut report = Vec::new();
     let (mut active, mut total) = (vec![0usize; subnets.len()], 0usize);
+    // 1 unless in-group indices are stored.
+    let mut version = 1;
     for op in &graph.ops {
-        let (layer, masked, len, bias_len, conv, norm) = match op {
+        // The weight as `[A, C, B]` with its input channels as `C` (for N:M groups).
+        let (layer, masked, view, bias_len, conv, norm) = match op {
             Op::Conv {
                 layer,
                 masked,
@@ -337,7 +349,11 @@ pub fn export(
             } => (
                 layer,
                 *masked,
-                conv.weight_len(),
+                [
+                    conv.c_out,
+                    conv.c_in / conv.groups.max(1),
+                    conv.kernel[0] * conv.kernel[1],
+                ],
                 conv.bias.then_some(conv.c_out),
                 Some(conv),
                 norm.as_ref(),
@@ -352,13 +368,14 @@ pub fn export(
             } => (
                 layer,
                 *masked,
-                d_in * d_out,
+                [1, *d_in, *d_out],
                 bias.then_some(*d_out),
                 None,
                 None,
             ),
             Op::GlobalAvgPool { .. } => continue,
         };
+        let len = view.iter().product();
         let weight = params.floats(&format!("{layer}.weight"), len)?;
         let mut bytes = 0;
         if let Some(n) = bias_len {
@@ -393,14 +410,48 @@ pub fn export(
         };
         bytes += stored.data.len();
         tensors.insert(format!("{layer}.values"), stored);
-        let (union_key, union_bytes) = {
-            let (bits, gaps) = (pack(union.iter().copied()), gaps(&positions));
-            match gaps.len() < bits.len() {
-                true => ("union_gaps", gaps),
-                false => ("union", bits),
+        // The smallest of bits, gaps and (N:M sub-nets) in-group indices; ties: the first.
+        let mut encodings = vec![
+            ("bits", pack(union.iter().copied()), None),
+            ("gaps", gaps(&positions), None),
+        ];
+        for m in nm_group_sizes(&subnets) {
+            let Some(groups) = GroupView::new(view, m) else {
+                continue;
+            };
+            if let Some((n, packed)) = pack_in_group(&union, groups) {
+                encodings.push(("nm", packed, Some([n, m])));
+            }
+        }
+        let (encoding, union_bytes, pattern) = encodings
+            .into_iter()
+            .min_by_key(|(_, b, p)| b.len() + if p.is_some() { 20 } else { 0 })
+            .expect("bits and gaps");
+        bytes += union_bytes.len();
+        let union_encoding = match pattern {
+            None => encoding.to_string(),
+            Some([n, m]) => {
+                let pattern = [n, m, view[0], view[1], view[2]];
+                let data: Vec<u8> = pattern
+                    .iter()
+                    .flat_map(|&x| (x as u32).to_le_bytes())
+                    .collect();
+                bytes += data.len();
+                let t = Owned {
+                    dtype: Dtype::U32,
+                    shape: vec![5],
+                    data,
+                };
+                tensors.insert(format!("{layer}.union_nm_pattern"), t);
+                version = VERSION;
+                format!("{n}:{m}")
             }
         };
-        bytes += union_bytes.len();
+        let union_key = match encoding {
+            "bits" => "union",
+            "gaps" => "union_gaps",
+            _ => "union_nm",
+        };
         tensors.insert(format!("{layer}.{union_key}"), u8_tensor(union_bytes));
         total += len;
         let (mut density, mut encoding, mut form) = (Vec::new(), Vec::new(), Vec::new());
@@ -441,6 +492,7 @@ pub fn export(
             layer: layer.clone(),
             weights: len,
             union: positions.len(),
+            union_encoding,
             density,
             encoding,
             form,
@@ -456,7 +508,7 @@ pub fn export(
     }
     let header = Header {
         format: FORMAT.into(),
-        version: VERSION,
+        version,
         model: model.into(),
         values,
         graph: graph.clone(),
@@ -476,6 +528,17 @@ pub fn export(
         safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
             .map_err(|e| InferError::Export(e.to_string()))?;
     Ok((bytes, header))
+}
+
+/// The distinct `M` of the N:M sub-nets among `subnets` (targets `"N:M"`), ascending.
+fn nm_group_sizes(subnets: &[SubnetInfo]) -> Vec<usize> {
+    let mut ms: Vec<usize> = subnets
+        .iter()
+        .filter_map(|s| s.target.split_once(':')?.1.parse().ok())
+        .collect();
+    ms.sort_unstable();
+    ms.dedup();
+    ms
 }
 
 /// `N.subnet.j.scale|shift` (switchable) or `N.scale|shift` (shared):
@@ -543,7 +606,7 @@ impl<'a> ModelFile<'a> {
             return Err(InferError::Foreign);
         }
         let found = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        if found != VERSION {
+        if !(1..=VERSION).contains(&found) {
             return Err(InferError::Version {
                 found,
                 supported: VERSION,
@@ -619,16 +682,18 @@ impl<'a> ModelFile<'a> {
         unpack(bytes, len).ok_or_else(|| corrupt(format!("`{key}` sets bits past {len}")))
     }
 
-    /// A u32 tensor (its length read from the file).
-    pub fn indices(&self, key: &str) -> Result<Vec<u32>> {
-        let len = self
-            .tensors
-            .tensor(key)
-            .map_err(|_| corrupt(format!("no tensor `{key}`")))?
+    /// The element count of tensor `key`.
+    fn len_of(&self, key: &str) -> Result<usize> {
+        let t = self.tensors.tensor(key);
+        Ok(t.map_err(|_| corrupt(format!("no tensor `{key}`")))?
             .shape()
             .iter()
-            .product();
-        let bytes = self.tensor(key, Dtype::U32, len)?;
+            .product())
+    }
+
+    /// A u32 tensor (its length read from the file).
+    pub fn indices(&self, key: &str) -> Result<Vec<u32>> {
+        let bytes = self.tensor(key, Dtype::U32, self.len_of(key)?)?;
         Ok(bytes
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -668,8 +733,29 @@ impl<'a> ModelFile<'a> {
     }
 
     /// The union positions of masked layer `layer` (`len` weights), ascending: from
-    /// `layer.union` (bits) or `layer.union_gaps` (gap bytes).
+    /// `layer.union` (bits), `layer.union_gaps` (gap bytes) or `layer.union_nm` (in-group
+    /// indices).
     pub fn union(&self, layer: &str, len: usize) -> Result<Vec<usize>> {
+        let key = format!("{layer}.union_nm");
+        if self.has(&key) {
+            let pattern = self.indices(&format!("{layer}.union_nm_pattern"))?;
+            let bad = || {
+                corrupt(format!(
+                    "`{layer}.union_nm_pattern` does not fit {len} weights"
+                ))
+            };
+            let &[n, m, a, c, b] = pattern.as_slice() else {
+                return Err(bad());
+            };
+            let [n, m, a, c, b] = [n, m, a, c, b].map(|x| x as usize);
+            let fits = a.checked_mul(c).and_then(|x| x.checked_mul(b)) == Some(len) && n < m;
+            let view = GroupView::new([a, c, b], m)
+                .filter(|_| fits)
+                .ok_or_else(bad)?;
+            let bytes = self.tensor(&key, Dtype::U8, self.len_of(&key)?)?;
+            return unpack_in_group(bytes, view, n)
+                .ok_or_else(|| corrupt(format!("`{key}` is not {n}:{m} in-group indices")));
+        }
         let key = format!("{layer}.union_gaps");
         if !self.has(&key) {
             let union = self.bits(&format!("{layer}.union"), len)?;

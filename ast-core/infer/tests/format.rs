@@ -138,6 +138,83 @@ fn bit(bytes: &[u8], p: usize) -> bool {
     bytes[p / 8] >> (p % 8) & 1 == 1
 }
 
+/// Sub-net `j`'s dense weight of masked layer `layer` (`len` weights), rebuilt as
+/// docs/model-format.md says, with the `safetensors` crate alone.
+fn rebuild(st: &SafeTensors<'_>, layer: &str, len: usize, j: usize) -> Vec<f32> {
+    let u8s = |key: &str| {
+        st.tensor(&format!("{layer}.{key}"))
+            .map(|t| t.data().to_vec())
+    };
+    let u32s = |t: TensorView<'_>| -> Vec<usize> {
+        assert_eq!(t.dtype(), Dtype::U32);
+        t.data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
+            .collect()
+    };
+    let positions: Vec<usize> = if let Ok(union) = u8s("union") {
+        (0..len).filter(|&q| bit(&union, q)).collect()
+    } else if let Ok(gaps) = u8s("union_gaps") {
+        // Gap bytes: skip that many positions, keep the next; 255 skips 255.
+        let (mut next, mut kept) = (0, Vec::new());
+        for b in gaps {
+            if b == 255 {
+                next += 255;
+            } else {
+                kept.push(next + b as usize);
+                next += b as usize + 1;
+            }
+        }
+        kept
+    } else {
+        // In-group indices: N per group of M along C of the weight viewed as [A, C, B],
+        // groups in (a, c / M, b) order, ⌈log2 M⌉ bits each.
+        let stream = u8s("union_nm").unwrap();
+        let pattern = u32s(st.tensor(&format!("{layer}.union_nm_pattern")).unwrap());
+        let [n, m, a, c, b] = pattern[..] else {
+            panic!("{pattern:?}")
+        };
+        assert_eq!(a * c * b, len);
+        let width = (m as f64).log2().ceil() as usize;
+        let (mut q, mut kept) = (0, Vec::new());
+        for ai in 0..a {
+            for g in 0..c / m {
+                for bi in 0..b {
+                    for _ in 0..n {
+                        let i: usize = (0..width)
+                            .map(|t| usize::from(bit(&stream, q + t)) << t)
+                            .sum();
+                        q += width;
+                        kept.push((ai * c + g * m + i) * b + bi);
+                    }
+                }
+            }
+        }
+        kept.sort();
+        kept
+    };
+    let values = f32s(&st.tensor(&format!("{layer}.values")).unwrap());
+    assert_eq!(values.len(), positions.len());
+    let keep: Vec<bool> = match u8s(&format!("subnet.{j}.bits")) {
+        Ok(bits) => (0..positions.len()).map(|i| bit(&bits, i)).collect(),
+        Err(_) => {
+            let index = st.tensor(&format!("{layer}.subnet.{j}.index")).unwrap();
+            let mut keep = vec![false; positions.len()];
+            for i in u32s(index) {
+                keep[i] = true;
+            }
+            keep
+        }
+    };
+    let mut rebuilt = vec![0.0f32; len];
+    for ((&q, &v), &k) in positions.iter().zip(&values).zip(&keep) {
+        if k {
+            rebuilt[q] = v;
+        }
+    }
+    rebuilt
+}
+
 #[test]
 fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
     // Sub-nets 2 and 0 of the run, in that order: file index j = 0 is run sub-net 2.
@@ -151,43 +228,8 @@ fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
     assert_eq!(header["subnets"][0]["trained_index"], 2);
     let p = params();
     for (layer, len) in [("conv", 54), ("fc", 6)] {
-        let positions: Vec<usize> = match st.tensor(&format!("{layer}.union")) {
-            Ok(union) => (0..len).filter(|&q| bit(union.data(), q)).collect(),
-            Err(_) => {
-                // Gap bytes: skip that many positions, keep the next; 255 skips 255.
-                let (mut next, mut kept) = (0, Vec::new());
-                for &b in st.tensor(&format!("{layer}.union_gaps")).unwrap().data() {
-                    if b == 255 {
-                        next += 255;
-                    } else {
-                        kept.push(next + b as usize);
-                        next += b as usize + 1;
-                    }
-                }
-                kept
-            }
-        };
-        let values = f32s(&st.tensor(&format!("{layer}.values")).unwrap());
-        assert_eq!(values.len(), positions.len());
         for (j, k) in [2, 0].into_iter().enumerate() {
-            let keep: Vec<bool> = match st.tensor(&format!("{layer}.subnet.{j}.bits")) {
-                Ok(bits) => (0..positions.len()).map(|i| bit(bits.data(), i)).collect(),
-                Err(_) => {
-                    let index = st.tensor(&format!("{layer}.subnet.{j}.index")).unwrap();
-                    assert_eq!(index.dtype(), Dtype::U32);
-                    let mut keep = vec![false; positions.len()];
-                    for b in index.data().chunks_exact(4) {
-                        keep[u32::from_le_bytes(b.try_into().unwrap()) as usize] = true;
-                    }
-                    keep
-                }
-            };
-            let mut rebuilt = vec![0.0f32; len];
-            for ((&q, &v), &k) in positions.iter().zip(&values).zip(&keep) {
-                if k {
-                    rebuilt[q] = v;
-                }
-            }
+            let rebuilt = rebuild(&st, layer, len, j);
             let (w, m) = (
                 &p.floats[&format!("{layer}.weight")],
                 &p.masks[&format!("{layer}.masks.{k}")],
@@ -237,6 +279,158 @@ fn a_sparse_union_is_stored_as_gaps_and_rebuilds() {
     assert_eq!(model.forward(&[1.0; 32], 1).unwrap().len(), 2);
 }
 
+/// The tiny model with 32 input channels, and its parameters: run sub-net 0 is 1:8 and 1 is
+/// 2:8 in the conv (its 3·32·9 weights are 108 groups of 8 input channels), targets `1:8` and
+/// `2:8` (or `0.125` and `0.25` when `nm` is false); the fc is as in `params`.
+fn nm_model(nm: bool) -> (Graph, Params, Vec<SubnetInfo>) {
+    let mut graph = graph();
+    graph.input = [32, 4, 4];
+    if let Op::Conv { conv, .. } = &mut graph.ops[0] {
+        conv.c_in = 32;
+    }
+    let mut p = params();
+    let len = 3 * 32 * 9;
+    let weight = (0..len).map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0);
+    p.floats.insert("conv.weight".into(), weight.collect());
+    for (k, keep) in [[0, 0], [0, 3]].into_iter().enumerate() {
+        // Group (o, c / 8, r) keeps input channels (o + r + keep) mod 8 of its eight.
+        let mask = (0..len).map(|q| {
+            let (o, c, r) = (q / (32 * 9), q / 9 % 32, q % 9);
+            keep.iter().any(|t| c % 8 == (o + r + t) % 8)
+        });
+        p.masks.insert(format!("conv.masks.{k}"), mask.collect());
+    }
+    let mut infos = subnets(&[0, 1]);
+    let targets = if nm {
+        ["1:8", "2:8"]
+    } else {
+        ["0.125", "0.25"]
+    };
+    for (info, target) in infos.iter_mut().zip(targets) {
+        info.target = target.into();
+    }
+    (graph, p, infos)
+}
+
+fn export_nm(nm: bool, chosen: &[usize]) -> (Vec<u8>, Header) {
+    let (graph, p, infos) = nm_model(nm);
+    let infos = chosen.iter().map(|&k| infos[k].clone()).collect();
+    export(
+        "tiny",
+        &graph,
+        &p,
+        infos,
+        Values::F32,
+        serde_json::Value::Null,
+    )
+    .unwrap()
+}
+
+#[test]
+fn n_m_sub_nets_are_stored_as_in_group_indices_and_rebuild() {
+    let (_, p, _) = nm_model(true);
+    let len = 3 * 32 * 9;
+    // Both: the union is 2:8 (108 groups × 2 × 3 bits = 81 bytes and a 20-byte pattern
+    // against 108 bytes of bits); the 1:8 one alone: 41 + 20 bytes.
+    for (chosen, n, bytes) in [(vec![0, 1], 2, 81), (vec![0], 1, 41)] {
+        let (file, header) = export_nm(true, &chosen);
+        assert_eq!(header.version, 2, "in-group indices: version 2");
+        assert_eq!(header.report[0].union_encoding, format!("{n}:8"));
+        assert_eq!(
+            header.report[1].union_encoding, "bits",
+            "d_in 3: not groups of 8"
+        );
+        let st = SafeTensors::deserialize(&file).unwrap();
+        assert_eq!(st.tensor("conv.union_nm").unwrap().data().len(), bytes);
+        let pattern: Vec<u8> = [n, 8, 3, 32, 9]
+            .iter()
+            .flat_map(|&x| (x as u32).to_le_bytes())
+            .collect();
+        assert_eq!(st.tensor("conv.union_nm_pattern").unwrap().data(), pattern);
+        assert!(st.tensor("conv.union").is_err() && st.tensor("conv.union_gaps").is_err());
+        for (j, &k) in chosen.iter().enumerate() {
+            let expected: Vec<f32> = p.floats["conv.weight"]
+                .iter()
+                .zip(&p.masks[&format!("conv.masks.{k}")])
+                .map(|(&w, &m)| if m { w } else { 0.0 })
+                .collect();
+            assert_eq!(rebuild(&st, "conv", len, j), expected, "sub-net {k}");
+        }
+    }
+    // The runtime gives the same logits as from the same model stored as bits.
+    let (nm, _) = export_nm(true, &[0, 1]);
+    let (plain, header) = export_nm(false, &[0, 1]);
+    assert_eq!(header.version, 1, "no in-group indices: version 1");
+    assert_eq!(header.report[0].union_encoding, "bits");
+    let (mut nm, mut plain) = (
+        InferenceModel::from_bytes(&nm).unwrap(),
+        InferenceModel::from_bytes(&plain).unwrap(),
+    );
+    let image: Vec<f32> = (0..32 * 16).map(|i| (i % 7) as f32 - 3.0).collect();
+    for k in 0..2 {
+        nm.set_subnet(k).unwrap();
+        plain.set_subnet(k).unwrap();
+        assert_eq!(
+            nm.forward(&image, 1).unwrap(),
+            plain.forward(&image, 1).unwrap()
+        );
+    }
+}
+
+/// `bytes` with tensor `key`'s data replaced by `data` and the checksum made to match.
+fn with_tensor(bytes: &[u8], key: &str, data: &[u8]) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+    let mut header: Header =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["ast"]).unwrap();
+    let mut tensors: Vec<(String, TensorView<'_>)> = st.tensors();
+    for (name, t) in &mut tensors {
+        if name == key {
+            *t = TensorView::new(t.dtype(), vec![data.len() * 8 / t.dtype().bitsize()], data)
+                .unwrap();
+        }
+    }
+    header.checksum = ast_infer::format::checksum(
+        tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.dtype(), t.shape(), t.data())),
+    );
+    let json = serde_json::to_string(&header).unwrap();
+    safetensors::serialize(tensors, Some(HashMap::from([("ast".to_string(), json)]))).unwrap()
+}
+
+#[test]
+fn damaged_in_group_indices_are_refused() {
+    let (file, _) = export_nm(true, &[0]);
+    let st = SafeTensors::deserialize(&file).unwrap();
+    let stream = st.tensor("conv.union_nm").unwrap().data().to_vec();
+    let corrupt = |bytes: Vec<u8>| match error_of(&bytes) {
+        InferError::Corrupt(why) => why,
+        e => panic!("{e}"),
+    };
+    // A pattern whose view is not the layer's 864 weights.
+    let pattern: Vec<u8> = [1u32, 8, 3, 32, 8]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let why = corrupt(with_tensor(&file, "conv.union_nm_pattern", &pattern));
+    assert_eq!(why, "`conv.union_nm_pattern` does not fit 864 weights");
+    // One index byte short; a bit set past the stream (108 × 3 = 324 bits: byte 40 holds 4).
+    let why = corrupt(with_tensor(&file, "conv.union_nm", &stream[1..]));
+    assert_eq!(why, "`conv.union_nm` is not 1:8 in-group indices");
+    let mut past = stream.clone();
+    past[40] |= 0x80;
+    corrupt(with_tensor(&file, "conv.union_nm", &past));
+    // 2:8 whose two indices in a group are not ascending: the first group's (3 bits each)
+    // written as 5 then 2.
+    let (file, _) = export_nm(true, &[0, 1]);
+    let st = SafeTensors::deserialize(&file).unwrap();
+    let mut stream = st.tensor("conv.union_nm").unwrap().data().to_vec();
+    stream[0] = (stream[0] & !0b11_1111) | 0b010_101;
+    let why = corrupt(with_tensor(&file, "conv.union_nm", &stream));
+    assert_eq!(why, "`conv.union_nm` is not 2:8 in-group indices");
+}
+
 #[test]
 fn a_sparse_enough_sub_net_is_stored_as_indices() {
     let mut p = params();
@@ -281,26 +475,26 @@ fn bad_files_are_refused_each_with_its_own_error() {
     let view = TensorView::new(Dtype::F32, vec![1], &data).unwrap();
     let foreign = safetensors::serialize([("w", view)], None).unwrap();
     assert_eq!(error_of(&foreign), InferError::Foreign);
-    // Another format version: the same tensors under a header saying version 2.
+    // A newer format version: the same tensors under a header saying version 3.
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let json = meta.metadata().as_ref().unwrap()["ast"].replace("\"version\":1", "\"version\":2");
+    let json = meta.metadata().as_ref().unwrap()["ast"].replace("\"version\":1", "\"version\":3");
     let tensors: Vec<(String, TensorView<'_>)> = st.tensors();
     let newer =
         safetensors::serialize(tensors, Some(HashMap::from([("ast".to_string(), json)]))).unwrap();
     assert_eq!(
         error_of(&newer),
         InferError::Version {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         }
     );
     for e in [
         InferError::Checksum,
         InferError::Foreign,
         InferError::Version {
-            found: 2,
-            supported: 1,
+            found: 3,
+            supported: 2,
         },
     ] {
         let text = e.to_string();
