@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ast_core::density::{erk_densities, random_masks};
+use ast_core::mask::nm::{nm_mask, GroupLayout};
 use ast_core::rng::MaskRng;
-use ast_core::subnet::{masked_layers, replace_masks};
+use ast_core::subnet::{masked_layers, read_params, replace_masks};
 use ast_core::SubnetTarget;
 use ast_infer::{InferenceModel, Latency, SubnetInfo, Values};
 use ast_models::{AstModel, ModelKind};
@@ -688,12 +689,16 @@ pub struct BenchInferArgs {
     )]
     pub model: Option<PathBuf>,
     /// Instead of a file: this model with random weights and one sub-net per --densities,
-    /// each with seeded ERK-allocated masks (as training and `ast-cli bench` draw them).
-    #[arg(long, value_name = "MODEL", requires = "densities")]
+    /// each with seeded ERK-allocated masks (as training and `ast-cli bench` draw them), then
+    /// one per --nm (each group's N largest weights, as training keeps them after the ramp).
+    #[arg(long, value_name = "MODEL")]
     pub synthetic: Option<ModelKind>,
-    /// The sub-nets' densities of --synthetic.
+    /// The unstructured sub-nets' densities of --synthetic.
     #[arg(long, value_delimiter = ',', value_parser = parse_density)]
     pub densities: Option<Vec<f64>>,
+    /// N:M sub-nets of --synthetic, comma-separated (e.g. 2:4,1:8).
+    #[arg(long, value_delimiter = ',', value_parser = parse_nm_flag)]
+    pub nm: Option<Vec<SubnetTarget>>,
     /// Seed of --synthetic's weights and masks.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -742,6 +747,10 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+fn parse_nm_flag(text: &str) -> std::result::Result<SubnetTarget, String> {
+    crate::recipes::parse_nm(text).map_err(|e| e.to_string())
+}
+
 fn parse_density(text: &str) -> std::result::Result<f64, String> {
     match text.parse::<f64>() {
         Ok(d) if d > 0.0 && d <= 1.0 => Ok(d),
@@ -751,15 +760,16 @@ fn parse_density(text: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// A model with random weights and one sub-net per density, each with seeded ERK masks.
-struct Synthetic<'a> {
+/// A model with random weights and one sub-net per target: seeded ERK masks for a density,
+/// each group's N largest weights for N:M.
+struct Synthetic {
     kind: ModelKind,
-    densities: &'a [f64],
+    targets: Vec<SubnetTarget>,
     seed: u64,
     values: Values,
 }
 
-impl BackendJob for Synthetic<'_> {
+impl BackendJob for Synthetic {
     type Output = Vec<u8>;
 
     fn run<B>(self, device: &B::Device) -> Result<Vec<u8>>
@@ -767,14 +777,35 @@ impl BackendJob for Synthetic<'_> {
         B: AutodiffBackend,
     {
         B::seed(device, self.seed);
-        let model = AstModel::<B::InnerBackend>::new(self.kind, 10, self.densities.len(), device);
+        let model = AstModel::<B::InnerBackend>::new(self.kind, 10, self.targets.len(), device);
         let layers = masked_layers(&model);
         let shapes: Vec<Vec<usize>> = layers.iter().map(|l| l.shape.clone()).collect();
         let sizes: Vec<usize> = layers.iter().map(|l| l.numel()).collect();
+        let ids: Vec<_> = layers.iter().map(|l| l.weight_id).collect();
+        let weights: Vec<Vec<f32>> = read_params(&model, &ids)
+            .into_iter()
+            .map(|w| w.convert::<f32>().to_vec().expect("f32 weights"))
+            .collect();
         let mut model = model;
-        for (k, &d) in self.densities.iter().enumerate() {
-            let densities = erk_densities(&shapes, d, 1.0);
-            let masks = random_masks(&sizes, &densities, &mut MaskRng::new(self.seed, k as u64));
+        for (k, &target) in self.targets.iter().enumerate() {
+            let masks = match target {
+                SubnetTarget::Density(d) => {
+                    let densities = erk_densities(&shapes, d, 1.0);
+                    random_masks(&sizes, &densities, &mut MaskRng::new(self.seed, k as u64))
+                }
+                SubnetTarget::Nm { n, m } => layers
+                    .iter()
+                    .zip(&weights)
+                    .map(|(l, weight)| {
+                        let layout =
+                            GroupLayout::new(&l.shape, l.input_axis(), m).ok_or_else(|| {
+                                let input = l.shape[l.input_axis()];
+                                anyhow!("--nm {n}:{m}: layer `{}` has {input} input channels, not a multiple of {m}", l.path)
+                            })?;
+                        Ok(nm_mask(weight, &layout, n, &vec![false; layout.group_count()]))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            };
             let data = masks
                 .into_iter()
                 .zip(&shapes)
@@ -786,10 +817,10 @@ impl BackendJob for Synthetic<'_> {
         let graph = model
             .inference_graph([side, side])
             .map_err(|e| anyhow!("{e}"))?;
-        let subnets = (0..self.densities.len())
+        let subnets = (0..self.targets.len())
             .map(|k| SubnetInfo {
                 trained_index: k,
-                target: format!("{}", self.densities[k]),
+                target: target_name(&self.targets[k]),
                 density: 0.0,
                 top1: None,
                 top5: None,
@@ -819,17 +850,29 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
             path.display().to_string(),
         ),
         (None, Some(kind)) => {
-            let densities = args.densities.as_deref().unwrap_or_default();
+            let densities = args.densities.iter().flatten();
+            let mut targets: Vec<SubnetTarget> =
+                densities.map(|&d| SubnetTarget::Density(d)).collect();
+            targets.extend(args.nm.iter().flatten());
+            if let Some(SubnetTarget::Nm { n, m }) = targets
+                .iter()
+                .find(|t| matches!(t, SubnetTarget::Nm { n, m } if *n == 0 || n > m))
+            {
+                bail!("--nm {n}:{m}: N must be 1 to M");
+            }
+            if targets.is_empty() {
+                bail!("--synthetic needs its sub-nets: give --densities (e.g. 0.1,0.05) or --nm (e.g. 1:8)");
+            }
             let job = Synthetic {
                 kind,
-                densities,
+                targets,
                 seed: args.seed,
                 values: args.values.into(),
             };
             let bytes = crate::backend::dispatch(&crate::BackendArgs::cpu(), job)?;
-            (bytes, format!("random {} (ERK masks)", kind.name()))
+            (bytes, format!("random {}", kind.name()))
         }
-        (None, None) => bail!("give --model FILE or --synthetic MODEL --densities …"),
+        (None, None) => bail!("give --model FILE or --synthetic MODEL --densities …|--nm …"),
     };
     let start = Instant::now();
     let mut model = InferenceModel::from_bytes(&bytes)?;
