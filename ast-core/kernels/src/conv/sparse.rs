@@ -384,22 +384,23 @@ fn forward_by_positions<S: pulp::Simd>(
         padded_phases(g, x, padded)
     };
     let in_place = g.stride == [1, 1] && place.pitch == wp;
-    let mut sums = [0.0f32; 128];
-    let mut base = 0;
-    while base < len {
-        let block = match len - base {
-            128.. => 128,
-            64.. => 64,
-            _ => 16,
-        };
+    // Blocks of as many vectors as the registers hold besides the broadcast value (16 of
+    // AVX-512's 32, 8 of the 16 elsewhere), split evenly: an 8×8 plane's 80 wide positions are
+    // one block of 5 vectors on AVX-512, not 4 and then 1 (each pass over the entries costs
+    // their loads and loop once more).
+    let lanes = S::F32_LANES;
+    let most = if lanes == 16 { 16 } else { 8 };
+    let vectors = len / lanes;
+    let blocks = vectors.div_ceil(most);
+    let mut sums = [0.0f32; 16 * 16];
+    for b in 0..blocks {
+        let first = vectors * b / blocks;
+        let count = vectors * (b + 1) / blocks - first;
+        let (base, block) = (first * lanes, count * lanes);
         for (co, plane) in y.chunks_mut(place.plane).take(g.c_out).enumerate() {
             let entries = w.row_start[co]..w.row_start[co + 1];
             let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
-            match block {
-                128 => gather_block::<S, 128>(simd, &mut sums, src, starts, values, base),
-                64 => gather_block::<S, 64>(simd, &mut sums, src, starts, values, base),
-                _ => gather_block::<S, 16>(simd, &mut sums, src, starts, values, base),
-            }
+            gather_count(simd, count, &mut sums, src, starts, values, base);
             let finish = epilogue.map(|e| {
                 let residual = e.residual.map(|r| &r[co * place.plane..][..place.plane]);
                 (e.bias[co], residual, e.relu)
@@ -411,8 +412,29 @@ fn forward_by_positions<S: pulp::Simd>(
                 finish_block(plane, &sums[..block], base, [ho, wp, wo], place, finish);
             }
         }
-        base += block;
     }
+}
+
+/// [`gather_vectors`] of `count` vectors (1 to 16).
+#[inline(always)]
+fn gather_count<S: pulp::Simd>(
+    simd: S,
+    count: usize,
+    out: &mut [f32],
+    src: &[f32],
+    starts: &[usize],
+    values: &[f32],
+    base: usize,
+) {
+    macro_rules! by_count {
+        ($($v:literal)*) => {
+            match count {
+                $($v => gather_vectors::<S, $v>(simd, out, src, starts, values, base),)*
+                _ => unreachable!("1 to 16 vectors"),
+            }
+        };
+    }
+    by_count!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
 }
 
 /// Per wide position of `g` up to its span: 1 where it is an output position (its column is
