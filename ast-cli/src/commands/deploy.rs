@@ -770,9 +770,10 @@ struct Synthetic {
 }
 
 impl BackendJob for Synthetic {
-    type Output = Vec<u8>;
+    /// The file, and the size of the dense model as an f32 safetensors file.
+    type Output = (Vec<u8>, usize);
 
-    fn run<B>(self, device: &B::Device) -> Result<Vec<u8>>
+    fn run<B>(self, device: &B::Device) -> Result<(Vec<u8>, usize)>
     where
         B: AutodiffBackend,
     {
@@ -827,16 +828,43 @@ impl BackendJob for Synthetic {
                 evaluated_on: None,
             })
             .collect();
+        let params = model.export_params();
         let (bytes, _) = ast_infer::export(
             self.kind.name(),
             &graph,
-            &model.export_params(),
+            &params,
             subnets,
             self.values,
             serde_json::Value::Null,
         )?;
-        Ok(bytes)
+        Ok((bytes, dense_safetensors_len(&params)?))
     }
+}
+
+/// The size of the dense model as the f32 safetensors file one would ship without sparsity:
+/// every float parameter and buffer, with one BatchNorm set (sub-net 0's) where each sub-net
+/// has its own.
+fn dense_safetensors_len(params: &ast_infer::Params) -> Result<usize> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes: Vec<(String, Vec<u8>)> = params
+        .floats
+        .iter()
+        .filter(|(key, _)| !key.contains(".norms.") || key.contains(".norms.0."))
+        .map(|(key, values)| {
+            let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (key.replace(".norms.0.", "."), data)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(key, data)| {
+            Ok((
+                key,
+                TensorView::new(Dtype::F32, vec![data.len() / 4], data)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, None)?.len())
 }
 
 /// Times every sub-net of a model file and the same model dense, per batch size.
@@ -844,10 +872,11 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
     if args.batch.contains(&0) {
         bail!("--batch: batch sizes must be at least 1");
     }
-    let (bytes, name) = match (&args.model, args.synthetic) {
+    let (bytes, name, dense_file) = match (&args.model, args.synthetic) {
         (Some(path), _) => (
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
             path.display().to_string(),
+            None,
         ),
         (None, Some(kind)) => {
             let densities = args.densities.iter().flatten();
@@ -869,8 +898,8 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
                 seed: args.seed,
                 values: args.values.into(),
             };
-            let bytes = crate::backend::dispatch(&crate::BackendArgs::cpu(), job)?;
-            (bytes, format!("random {}", kind.name()))
+            let (bytes, dense) = crate::backend::dispatch(&crate::BackendArgs::cpu(), job)?;
+            (bytes, format!("random {}", kind.name()), Some(dense))
         }
         (None, None) => bail!("give --model FILE or --synthetic MODEL --densities …|--nm …"),
     };
@@ -898,9 +927,16 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
         .iter()
         .map(|l| l.dense_f32_bytes)
         .sum();
+    let dense_model = match dense_file {
+        Some(n) => format!(
+            "; the dense model as f32 safetensors: {:.1} KiB",
+            n as f64 / 1024.0
+        ),
+        None => String::new(),
+    };
     println!(
-        "file {:.1} KiB (masked layers dense in f32: {:.1} KiB); load {load_ms:.1} ms, switch \
-         {switch_ns:.0} ns",
+        "file {:.1} KiB (masked layers dense in f32: {:.1} KiB{dense_model}); load {load_ms:.1} \
+         ms, switch {switch_ns:.0} ns",
         bytes.len() as f64 / 1024.0,
         dense_bytes as f64 / 1024.0
     );
@@ -966,6 +1002,7 @@ pub fn bench_infer(args: &BenchInferArgs) -> Result<()> {
             "model": name, "cpu": ast_infer::pick::this_machine().0, "simd": ast_kernels::simd_level(),
             "threads": rayon::current_num_threads(), "load_ms": load_ms,
             "file_bytes": bytes.len(), "masked_dense_f32_bytes": dense_bytes,
+            "dense_safetensors_bytes": dense_file,
             "switch_ns": switch_ns, "peak_rss_mib": peak, "timings": rows,
         });
         std::fs::write(out, serde_json::to_string_pretty(&json)?)

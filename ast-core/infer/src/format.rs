@@ -11,7 +11,8 @@
 //!   the pattern and the weight viewed as `[A, C, B]`, groups along `C`), and per sub-net `j`
 //!   either
 //!   `L.subnet.j.bits` (u8: packed bits over the union's positions) or `L.subnet.j.index`
-//!   (u32: the union positions it keeps), whichever is smaller; `L.bias` (f32) if any;
+//!   (u32: the union positions it keeps), whichever is smaller, or nothing when it keeps the
+//!   whole union (the report's encoding `"all"`); `L.bias` (f32) if any;
 //! - a plain layer (dense for every sub-net): `L.weight`, and `L.bias` if any;
 //! - a BatchNorm `N`, folded to `y = scale·x + shift` per channel: `N.subnet.j.scale` /
 //!   `N.subnet.j.shift` when each sub-net has its own, `N.scale` / `N.shift` when shared;
@@ -38,8 +39,9 @@ use crate::graph::{ConvSpec, Graph, NormRef, Op};
 /// The `format` of the header.
 pub const FORMAT: &str = "ast-subnets";
 /// The newest format version, which this build reads with every older one. Version 2 added
-/// in-group indices (`L.union_nm`); a file without them is written as version 1, so that
-/// builds before it read it.
+/// in-group indices (`L.union_nm`) and sub-nets that keep a layer's whole union with nothing
+/// stored (encoding `"all"`); a file with neither is written as version 1, so that builds
+/// before it read it.
 pub const VERSION: u32 = 2;
 /// The one `__metadata__` key.
 pub const METADATA_KEY: &str = "ast";
@@ -134,7 +136,8 @@ pub struct LayerReport {
     pub union_encoding: String,
     /// Per sub-net: its density in this layer.
     pub density: Vec<f64>,
-    /// Per sub-net: `"bits"` or `"index"` (how its positions are stored).
+    /// Per sub-net: `"bits"` or `"index"` (how its positions are stored), or `"all"` when it
+    /// keeps the whole union (nothing stored).
     pub encoding: Vec<String>,
     /// Per sub-net: the form inference runs it in at batch 1 (`"sparse"` or `"dense"`), for
     /// convolutions.
@@ -335,7 +338,7 @@ pub fn export(
     let mut tensors: BTreeMap<String, Owned> = BTreeMap::new();
     let mut report = Vec::new();
     let (mut active, mut total) = (vec![0usize; subnets.len()], 0usize);
-    // 1 unless in-group indices are stored.
+    // 1 unless in-group indices or `"all"` sub-nets are stored.
     let mut version = 1;
     for op in &graph.ops {
         // The weight as `[A, C, B]` with its input channels as `C` (for N:M groups).
@@ -465,21 +468,27 @@ pub fn export(
             active[j] += chosen.len();
             density.push(chosen.len() as f64 / len as f64);
             let bits_len = positions.len().div_ceil(8);
-            let (key, tensor) = if chosen.len() * 4 < bits_len {
-                let data: Vec<u8> = chosen.iter().flat_map(|i| i.to_le_bytes()).collect();
-                let t = Owned {
-                    dtype: Dtype::U32,
-                    shape: vec![chosen.len()],
-                    data,
-                };
-                ("index", t)
+            if chosen.len() == positions.len() {
+                // Keeps the whole union (a sub-net exported alone): nothing to store.
+                encoding.push("all".to_string());
+                version = VERSION;
             } else {
-                let t = u8_tensor(pack(positions.iter().map(|&p| mask[p])));
-                ("bits", t)
-            };
-            bytes += tensor.data.len();
-            encoding.push(key.to_string());
-            tensors.insert(format!("{layer}.subnet.{j}.{key}"), tensor);
+                let (key, tensor) = if chosen.len() * 4 < bits_len {
+                    let data: Vec<u8> = chosen.iter().flat_map(|i| i.to_le_bytes()).collect();
+                    let t = Owned {
+                        dtype: Dtype::U32,
+                        shape: vec![chosen.len()],
+                        data,
+                    };
+                    ("index", t)
+                } else {
+                    let t = u8_tensor(pack(positions.iter().map(|&p| mask[p])));
+                    ("bits", t)
+                };
+                bytes += tensor.data.len();
+                encoding.push(key.to_string());
+                tensors.insert(format!("{layer}.subnet.{j}.{key}"), tensor);
+            }
             form.push(match conv {
                 Some(c) => {
                     let sparse = MaskedConvPlan::picks_sparse(&geometry(c), chosen.len());
@@ -711,7 +720,14 @@ impl<'a> ModelFile<'a> {
         let positions = self.union(layer, len)?;
         let values = self.weights(&format!("{layer}.values"), positions.len())?;
         let bits_key = format!("{layer}.subnet.{j}.bits");
-        let keep: Vec<bool> = if self.has(&bits_key) {
+        let keeps_all = self
+            .header
+            .report
+            .iter()
+            .any(|r| r.layer == layer && r.encoding.get(j).is_some_and(|e| e == "all"));
+        let keep: Vec<bool> = if keeps_all {
+            vec![true; positions.len()]
+        } else if self.has(&bits_key) {
             self.bits(&bits_key, positions.len())?
         } else {
             let mut keep = vec![false; positions.len()];

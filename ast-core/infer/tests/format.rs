@@ -138,9 +138,24 @@ fn bit(bytes: &[u8], p: usize) -> bool {
     bytes[p / 8] >> (p % 8) & 1 == 1
 }
 
-/// Sub-net `j`'s dense weight of masked layer `layer` (`len` weights), rebuilt as
-/// docs/model-format.md says, with the `safetensors` crate alone.
-fn rebuild(st: &SafeTensors<'_>, layer: &str, len: usize, j: usize) -> Vec<f32> {
+/// The file's header (`__metadata__["ast"]`) as JSON.
+fn header_json(bytes: &[u8]) -> serde_json::Value {
+    let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+    serde_json::from_str(&meta.metadata().as_ref().unwrap()["ast"]).unwrap()
+}
+
+/// Sub-net `j`'s dense weight of masked layer `layer` (`len` weights) in file `bytes`, rebuilt
+/// as docs/model-format.md says, with the `safetensors` crate alone.
+fn rebuild(bytes: &[u8], layer: &str, len: usize, j: usize) -> Vec<f32> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let report = header_json(bytes)["report"].clone();
+    let report = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["layer"] == layer)
+        .unwrap()
+        .clone();
     let u8s = |key: &str| {
         st.tensor(&format!("{layer}.{key}"))
             .map(|t| t.data().to_vec())
@@ -196,6 +211,7 @@ fn rebuild(st: &SafeTensors<'_>, layer: &str, len: usize, j: usize) -> Vec<f32> 
     let values = f32s(&st.tensor(&format!("{layer}.values")).unwrap());
     assert_eq!(values.len(), positions.len());
     let keep: Vec<bool> = match u8s(&format!("subnet.{j}.bits")) {
+        _ if report["encoding"][j] == "all" => vec![true; positions.len()],
         Ok(bits) => (0..positions.len()).map(|i| bit(&bits, i)).collect(),
         Err(_) => {
             let index = st.tensor(&format!("{layer}.subnet.{j}.index")).unwrap();
@@ -220,16 +236,20 @@ fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
     // Sub-nets 2 and 0 of the run, in that order: file index j = 0 is run sub-net 2.
     let bytes = file(&[2, 0]);
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let header: serde_json::Value =
-        serde_json::from_str(&meta.metadata().as_ref().unwrap()["ast"]).unwrap();
+    let header = header_json(&bytes);
     assert_eq!(header["format"], "ast-subnets");
-    assert_eq!(header["version"], 1);
+    // The fc's union is its even positions, which both keep: "all", so version 2.
+    assert_eq!(header["version"], 2);
+    assert_eq!(
+        header["report"][1]["encoding"],
+        serde_json::json!(["all", "all"])
+    );
+    assert!(st.tensor("fc.subnet.0.bits").is_err() && st.tensor("fc.subnet.0.index").is_err());
     assert_eq!(header["subnets"][0]["trained_index"], 2);
     let p = params();
     for (layer, len) in [("conv", 54), ("fc", 6)] {
         for (j, k) in [2, 0].into_iter().enumerate() {
-            let rebuilt = rebuild(&st, layer, len, j);
+            let rebuilt = rebuild(&bytes, layer, len, j);
             let (w, m) = (
                 &p.floats[&format!("{layer}.weight")],
                 &p.masks[&format!("{layer}.masks.{k}")],
@@ -248,6 +268,7 @@ fn every_sub_net_rebuilds_from_the_documented_layout_with_safetensors_alone() {
     assert_eq!(report["layer"], "conv");
     assert_eq!(report["union"], 28);
     assert_eq!(report["encoding"], serde_json::json!(["bits", "bits"]));
+    assert_eq!(report["union_encoding"], "bits");
     // The folded BatchNorm of run sub-net 2: scale = γ/√(σ² + ε), shift = β − μ·scale.
     let scale = f32s(&st.tensor("bn.subnet.0.scale").unwrap());
     let shift = f32s(&st.tensor("bn.subnet.0.shift").unwrap());
@@ -354,13 +375,12 @@ fn n_m_sub_nets_are_stored_as_in_group_indices_and_rebuild() {
                 .zip(&p.masks[&format!("conv.masks.{k}")])
                 .map(|(&w, &m)| if m { w } else { 0.0 })
                 .collect();
-            assert_eq!(rebuild(&st, "conv", len, j), expected, "sub-net {k}");
+            assert_eq!(rebuild(&file, "conv", len, j), expected, "sub-net {k}");
         }
     }
     // The runtime gives the same logits as from the same model stored as bits.
     let (nm, _) = export_nm(true, &[0, 1]);
     let (plain, header) = export_nm(false, &[0, 1]);
-    assert_eq!(header.version, 1, "no in-group indices: version 1");
     assert_eq!(header.report[0].union_encoding, "bits");
     let (mut nm, mut plain) = (
         InferenceModel::from_bytes(&nm).unwrap(),
@@ -439,7 +459,7 @@ fn a_sparse_enough_sub_net_is_stored_as_indices() {
     p.masks
         .insert("conv.masks.1".into(), (0..54).map(|i| i == 40).collect());
     let (bytes, header) = export_tiny(&p, &[0, 1]).unwrap();
-    assert_eq!(header.report[0].encoding, vec!["bits", "index"]);
+    assert_eq!(header.report[0].encoding, vec!["all", "index"]);
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(
         st.tensor("conv.subnet.1.index").unwrap().data(),
@@ -475,7 +495,9 @@ fn bad_files_are_refused_each_with_its_own_error() {
     let view = TensorView::new(Dtype::F32, vec![1], &data).unwrap();
     let foreign = safetensors::serialize([("w", view)], None).unwrap();
     assert_eq!(error_of(&foreign), InferError::Foreign);
-    // A newer format version: the same tensors under a header saying version 3.
+    // A newer format version: the same tensors under a header saying version 3. (Three
+    // sub-nets of which none keeps a whole union, no N:M: written as version 1.)
+    assert_eq!(header_json(&bytes)["version"], 1);
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let json = meta.metadata().as_ref().unwrap()["ast"].replace("\"version\":1", "\"version\":3");
