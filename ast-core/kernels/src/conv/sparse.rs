@@ -278,47 +278,29 @@ fn gather_vectors<S: pulp::Simd, const V: usize>(
     out.copy_from_slice(&acc);
 }
 
-/// [`gather_vectors`] over `B` positions (128, 64 or 16, a whole number of vectors on every
-/// SIMD level pulp dispatches to: 16, 8, 4 or 1 lanes), in runs of at most 8 vectors: 8 sums,
-/// the broadcast value and a loaded vector fit the 16 registers of AVX2 (more spill).
+/// `out[j] = Σ_e values[e] · src[starts[e] + j]` for every `j` (`out.len()` a multiple of 16):
+/// [`gather_count`] over blocks of as many vectors as the registers hold besides the broadcast
+/// value (16 of AVX-512's 32, 8 of the 16 elsewhere), the vectors split evenly, so that no
+/// short remainder pays a pass over the entries of its own (an 8×8 plane's 80 wide positions
+/// are one block of 5 vectors on AVX-512, not 4 and then 1).
 #[inline(always)]
-fn gather_block<S: pulp::Simd, const B: usize>(
-    simd: S,
-    out: &mut [f32],
-    src: &[f32],
-    starts: &[usize],
-    values: &[f32],
-    base: usize,
-) {
-    let lanes = S::F32_LANES;
-    if B >= 8 * lanes {
-        for at in (0..B).step_by(8 * lanes) {
-            gather_vectors::<S, 8>(simd, &mut out[at..], src, starts, values, base + at);
-        }
-    } else if B == 4 * lanes {
-        gather_vectors::<S, 4>(simd, out, src, starts, values, base);
-    } else if B == 2 * lanes {
-        gather_vectors::<S, 2>(simd, out, src, starts, values, base);
-    } else {
-        assert_eq!(B, lanes, "blocks of whole vectors");
-        gather_vectors::<S, 1>(simd, out, src, starts, values, base);
+fn gather<S: pulp::Simd>(simd: S, out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
+    for (base, count) in vector_blocks::<S>(out.len(), 8) {
+        gather_count(simd, count, &mut out[base..], src, starts, values, base);
     }
 }
 
-/// `out[j] = Σ_e values[e] · src[starts[e] + j]` for every `j` (`out.len()` a multiple of 16),
-/// in [`gather_block`]s.
+/// `len` positions (a multiple of the lanes) in blocks of at most 16 (AVX-512) or 8 vectors,
+/// split evenly: each block's first position and its vector count.
 #[inline(always)]
-fn gather<S: pulp::Simd>(simd: S, out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
-    let len = out.len();
-    let mut base = 0;
-    while base + 64 <= len {
-        gather_block::<S, 64>(simd, &mut out[base..], src, starts, values, base);
-        base += 64;
-    }
-    while base < len {
-        gather_block::<S, 16>(simd, &mut out[base..], src, starts, values, base);
-        base += 16;
-    }
+fn vector_blocks<S: pulp::Simd>(len: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
+    let lanes = S::F32_LANES;
+    let vectors = len / lanes;
+    let blocks = vectors.div_ceil(most);
+    (0..blocks).map(move |b| {
+        let first = vectors * b / blocks;
+        (first * lanes, vectors * (b + 1) / blocks - first)
+    })
 }
 
 /// Sparse forward: `y = conv(x, w)` using only the active weights.
@@ -384,19 +366,9 @@ fn forward_by_positions<S: pulp::Simd>(
         padded_phases(g, x, padded)
     };
     let in_place = g.stride == [1, 1] && place.pitch == wp;
-    // Blocks of as many vectors as the registers hold besides the broadcast value (16 of
-    // AVX-512's 32, 8 of the 16 elsewhere), split evenly: an 8×8 plane's 80 wide positions are
-    // one block of 5 vectors on AVX-512, not 4 and then 1 (each pass over the entries costs
-    // their loads and loop once more).
-    let lanes = S::F32_LANES;
-    let most = if lanes == 16 { 16 } else { 8 };
-    let vectors = len / lanes;
-    let blocks = vectors.div_ceil(most);
     let mut sums = [0.0f32; 16 * 16];
-    for b in 0..blocks {
-        let first = vectors * b / blocks;
-        let count = vectors * (b + 1) / blocks - first;
-        let (base, block) = (first * lanes, count * lanes);
+    for (base, count) in vector_blocks::<S>(len, if S::F32_LANES == 16 { 16 } else { 8 }) {
+        let block = count * S::F32_LANES;
         for (co, plane) in y.chunks_mut(place.plane).take(g.c_out).enumerate() {
             let entries = w.row_start[co]..w.row_start[co + 1];
             let (starts, values) = (&w.start[entries.clone()], &w.value[entries]);
