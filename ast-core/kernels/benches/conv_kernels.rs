@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo bench -p ast-kernels --bench conv_kernels
 //! cargo bench -p ast-kernels --bench conv_kernels -- 1.0 0.05   # only these densities
+//! AST_SIMD=avx2 cargo bench -p ast-kernels --bench conv_kernels   # at the AVX2 level
 //! ```
 
 use std::time::Instant;
@@ -17,6 +18,7 @@ use ast_kernels::conv::{
     sparse_is_faster, ConvGeometry, MaskedConvPlan, PlanWeights, SparseWeight,
 };
 use ast_kernels::test_support::TestRng;
+use ast_kernels::{limit_simd, simd_level, SimdLimit};
 
 const DENSITIES: [f64; 8] = [1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02];
 
@@ -68,6 +70,12 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // `AST_SIMD=avx2|scalar` runs the kernels at that level, as the CLI does.
+    if let Some(level) = std::env::var("AST_SIMD").ok() {
+        let limit = SimdLimit::from_name(&level).expect("AST_SIMD: native, avx2 or scalar");
+        limit_simd(limit);
+    }
+    println!("kernels at {}", simd_level());
     let chosen: Vec<f64> = std::env::args().filter_map(|a| a.parse().ok()).collect();
     let densities = if chosen.is_empty() {
         DENSITIES.to_vec()

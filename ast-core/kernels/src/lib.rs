@@ -49,6 +49,21 @@ pub fn simd_level() -> &'static str {
     dispatch(Level)
 }
 
+/// Whether the kernels run on 16-lane vectors (AVX-512, with its 32 registers), the level the
+/// direct dense kernels are fitted to; on 8-lane AVX2 (16 registers) and narrower, im2col +
+/// GEMM beats them (see [`conv::dense::direct_is_faster`]).
+pub(crate) fn wide_vectors() -> bool {
+    struct Lanes;
+    impl pulp::WithSimd for Lanes {
+        type Output = bool;
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> bool {
+            S::F32_LANES >= 16
+        }
+    }
+    dispatch(Lanes)
+}
+
 /// The widest SIMD level the kernels may use (see [`limit_simd`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimdLimit {

@@ -4,7 +4,7 @@
 //! pooled outputs overwritten everywhere. (Against burn's operations: `ast-core`'s Flex tests.)
 
 use crate::conv::dense::{
-    direct_grad_is_faster, direct_is_faster, forward_im2col, input_grad_dense, weight_grad_im2col,
+    direct_grad_suits, direct_suits, forward_im2col, input_grad_dense, weight_grad_im2col,
 };
 use crate::conv::direct::{forward_direct, weight_grad_direct, DirectWeight};
 use crate::conv::{
@@ -197,7 +197,7 @@ fn direct_kernels_equal_im2col_and_do_not_depend_on_the_thread_count() {
     // 3×3 "same" at 16×17 with 32 output channels (both direct kernels), 5 input channels,
     // 11 samples (two weight-gradient chunks, the second short).
     let g = geometry(11, [5, 32], 16, 3, 1, 1, 1);
-    assert!(direct_is_faster(&g) && direct_grad_is_faster(&g));
+    assert!(direct_suits(&g) && direct_grad_suits(&g));
     let mut rng = TestRng::new(5);
     let x = rng.values(g.batch * g.in_len());
     let w = rng.values(g.weight_len());

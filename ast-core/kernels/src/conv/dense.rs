@@ -51,12 +51,22 @@ pub fn forward_im2col(g: &ConvGeometry, x: &[f32], w: &[f32], y: &mut [f32]) {
 }
 
 /// Whether the dense forward runs on the direct kernel ([`super::direct`]) rather than im2col +
-/// GEMM: for the stride-1, ungrouped, non-pointwise geometries it handles with output planes
-/// of at least 16×16 positions. `cargo bench -p ast-kernels --bench conv_kernels`, forward at
-/// batch 128, direct against GEMM: 16 ch at 32×32 1.7 / 3.8 ms, 32 ch at 32×32 5.7 / 10.2,
-/// 32 ch at 16×16 1.6 / 1.9, 64 ch at 16×16 5.9 / 6.8, but 64 ch at 8×8 1.8 / 1.7 and 128 ch at
-/// 8×8 7.2 / 6.0 (a wide 8×8 plane wastes a third of its lanes on the padding columns).
+/// GEMM: on AVX-512, for the geometries of [`direct_suits`]. At the AVX2 level (16 registers of
+/// 8 lanes) the direct kernel loses to the GEMM on every one of them (`AST_SIMD=avx2 cargo
+/// bench -p ast-kernels --bench conv_kernels`, forward at batch 128, direct / GEMM: 16 ch at
+/// 32×32 5.2 / 4.5 ms, 32 ch at 16×16 6.0 / 4.4, 32 ch at 32×32 19.4 / 14.0, 64 ch at 16×16
+/// 17.6 / 10.1), so narrower levels always take im2col + GEMM.
 pub fn direct_is_faster(g: &ConvGeometry) -> bool {
+    direct_suits(g) && crate::wide_vectors()
+}
+
+/// The geometries the direct forward beats im2col + GEMM on with AVX-512: the stride-1,
+/// ungrouped, non-pointwise ones it handles with output planes of at least 16×16 positions.
+/// `cargo bench -p ast-kernels --bench conv_kernels`, forward at batch 128, direct against GEMM:
+/// 16 ch at 32×32 1.7 / 3.8 ms, 32 ch at 32×32 5.7 / 10.2, 32 ch at 16×16 1.6 / 1.9, 64 ch at
+/// 16×16 5.9 / 6.8, but 64 ch at 8×8 1.8 / 1.7 and 128 ch at 8×8 7.2 / 6.0 (a wide 8×8 plane
+/// wastes a third of its lanes on the padding columns).
+pub fn direct_suits(g: &ConvGeometry) -> bool {
     DirectWeight::handles(g) && !g.pointwise() && g.out_plane() >= 256
 }
 
@@ -171,12 +181,21 @@ pub fn weight_grad_dense(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]
 }
 
 /// Whether the dense weight gradient runs on the direct kernel
-/// ([`super::direct::weight_grad_direct`]): 3×3 stride-1 ungrouped undilated convolutions with
-/// a multiple of 32 output channels. `cargo bench -p ast-kernels --bench conv_kernels`, batch 128,
-/// direct against im2col + GEMM: 32 ch at 16×16 1.8 / 2.0 ms, 64 ch at 8×8 1.5 / 2.1, 32 ch at
-/// 32×32 7.7 / 8.0, 64 ch at 16×16 6.3 / 6.6, 128 ch at 8×8 6.0 / 7.2; but 16 channels at 32×32
-/// 4.8 / 3.6 (one vector of channels: one broadcast per multiply-add).
+/// ([`super::direct::weight_grad_direct`]): on AVX-512, for the geometries of
+/// [`direct_grad_suits`]. At the AVX2 level im2col + GEMM is as fast or faster on each
+/// (`AST_SIMD=avx2`, batch 128, direct / GEMM: 32 ch at 16×16 4.4 / 4.2 ms, 64 ch at 8×8 4.0 /
+/// 4.0, 32 ch at 32×32 17.3 / 14.4, 64 ch at 16×16 16.4 / 10.5, 128 ch at 8×8 15.0 / 12.2).
 pub fn direct_grad_is_faster(g: &ConvGeometry) -> bool {
+    direct_grad_suits(g) && crate::wide_vectors()
+}
+
+/// The geometries the direct weight gradient beats im2col + GEMM on with AVX-512: 3×3 stride-1
+/// ungrouped undilated convolutions with a multiple of 32 output channels. `cargo bench -p
+/// ast-kernels --bench conv_kernels`, batch 128, direct against im2col + GEMM: 32 ch at 16×16
+/// 1.8 / 2.0 ms, 64 ch at 8×8 1.5 / 2.1, 32 ch at 32×32 7.7 / 8.0, 64 ch at 16×16 6.3 / 6.6,
+/// 128 ch at 8×8 6.0 / 7.2; but 16 channels at 32×32 4.8 / 3.6 (one vector of channels: one
+/// broadcast per multiply-add).
+pub fn direct_grad_suits(g: &ConvGeometry) -> bool {
     DirectWeight::handles(g)
         && g.kernel == [3, 3]
         && g.dilation == [1, 1]
