@@ -386,6 +386,21 @@ fn every_bad_input_is_one_clear_error() {
             "is not divisible by M = 4",
         ),
         case(
+            "bench-infer: N:M on an indivisible layer",
+            &["bench-infer", "--synthetic", "mobilenetv1", "--nm", "1:8"],
+            "has 3 input channels, not a multiple of 8",
+        ),
+        case(
+            "bench-infer: N above M",
+            &["bench-infer", "--synthetic", "resnet20", "--nm", "5:4"],
+            "--nm 5:4: N must be 1 to M",
+        ),
+        case(
+            "bench-infer: a synthetic model without sub-nets",
+            &["bench-infer", "--synthetic", "resnet20"],
+            "--synthetic needs its sub-nets: give --densities",
+        ),
+        case(
             "bench: unknown model",
             &["bench", "--model", "resnet33"],
             "invalid value 'resnet33' for '--model <MODEL>'",

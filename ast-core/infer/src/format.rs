@@ -5,7 +5,6 @@
 //!   weight order; f32, f16 or bf16), `L.union` (u8: the union as packed bits over the dense
 //!   weight, position `p` at bit `p mod 8` of byte `p / 8`) or, where smaller, `L.union_gaps`
 //!   (u8: per kept position the count of positions skipped before it, 255 skipping 255 and
-//!   keeping none), and per sub-net `j` either
 //!   keeping none), or, for N:M sub-nets where smaller, `L.union_nm` (u8: each N:M group's
 //!   in-group indices, ⌈log2 M⌉ bits each) with `L.union_nm_pattern` (u32 `[N, M, A, C, B]`:
 //!   the pattern and the weight viewed as `[A, C, B]`, groups along `C`), and per sub-net `j`
@@ -338,7 +337,7 @@ pub fn export(
     let mut tensors: BTreeMap<String, Owned> = BTreeMap::new();
     let mut report = Vec::new();
     let (mut active, mut total) = (vec![0usize; subnets.len()], 0usize);
-    // 1 unless in-group indices or `"all"` sub-nets are stored.
+    // 1 unless in-group indices or `"all"` sub-nets are stored, which need version 2.
     let mut version = 1;
     for op in &graph.ops {
         // The weight as `[A, C, B]` with its input channels as `C` (for N:M groups).
@@ -446,7 +445,7 @@ pub fn export(
                     data,
                 };
                 tensors.insert(format!("{layer}.union_nm_pattern"), t);
-                version = VERSION;
+                version = version.max(2);
                 format!("{n}:{m}")
             }
         };
@@ -471,7 +470,7 @@ pub fn export(
             if chosen.len() == positions.len() {
                 // Keeps the whole union (a sub-net exported alone): nothing to store.
                 encoding.push("all".to_string());
-                version = VERSION;
+                version = version.max(2);
             } else {
                 let (key, tensor) = if chosen.len() * 4 < bits_len {
                     let data: Vec<u8> = chosen.iter().flat_map(|i| i.to_le_bytes()).collect();

@@ -71,7 +71,7 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     // `AST_SIMD=avx2|scalar` runs the kernels at that level, as the CLI does.
-    if let Some(level) = std::env::var("AST_SIMD").ok() {
+    if let Ok(level) = std::env::var("AST_SIMD") {
         let limit = SimdLimit::from_name(&level).expect("AST_SIMD: native, avx2 or scalar");
         limit_simd(limit);
     }

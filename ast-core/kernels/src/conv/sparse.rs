@@ -279,10 +279,9 @@ fn gather_vectors<S: pulp::Simd, const V: usize>(
 }
 
 /// `out[j] = Σ_e values[e] · src[starts[e] + j]` for every `j` (`out.len()` a multiple of 16):
-/// [`gather_count`] over blocks of as many vectors as the registers hold besides the broadcast
-/// value (16 of AVX-512's 32, 8 of the 16 elsewhere), the vectors split evenly, so that no
-/// short remainder pays a pass over the entries of its own (an 8×8 plane's 80 wide positions
-/// are one block of 5 vectors on AVX-512, not 4 and then 1).
+/// [`gather_count`] over blocks of at most 8 vectors, split evenly ([`vector_blocks`]), so that
+/// no short remainder pays a pass over the entries of its own. (Inference takes up to 16 on
+/// AVX-512; in the training step 16 measured no better, DEVELOPERS.md.)
 #[inline(always)]
 fn gather<S: pulp::Simd>(simd: S, out: &mut [f32], src: &[f32], starts: &[usize], values: &[f32]) {
     for (base, count) in vector_blocks::<S>(out.len(), 8) {
@@ -290,8 +289,9 @@ fn gather<S: pulp::Simd>(simd: S, out: &mut [f32], src: &[f32], starts: &[usize]
     }
 }
 
-/// `len` positions (a multiple of the lanes) in blocks of at most 16 (AVX-512) or 8 vectors,
-/// split evenly: each block's first position and its vector count.
+/// `len` positions (a multiple of the lanes) in blocks of at most `most` vectors (at most 16),
+/// split evenly: each block's first position and its vector count (an 8×8 plane's 80 wide
+/// positions are one block of 5 vectors on AVX-512, not 4 and then 1).
 #[inline(always)]
 fn vector_blocks<S: pulp::Simd>(len: usize, most: usize) -> impl Iterator<Item = (usize, usize)> {
     let lanes = S::F32_LANES;
@@ -366,6 +366,8 @@ fn forward_by_positions<S: pulp::Simd>(
         padded_phases(g, x, padded)
     };
     let in_place = g.stride == [1, 1] && place.pitch == wp;
+    // Blocks of as many vectors as the registers hold besides the broadcast value: 16 of
+    // AVX-512's 32, 8 of the 16 elsewhere.
     let mut sums = [0.0f32; 16 * 16];
     for (base, count) in vector_blocks::<S>(len, if S::F32_LANES == 16 { 16 } else { 8 }) {
         let block = count * S::F32_LANES;
