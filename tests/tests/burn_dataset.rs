@@ -10,7 +10,7 @@ use ast_core::rng::MaskRng;
 use ast_models::ModelKind;
 use ast_tests::{run_results, tiny_idx_data};
 use ast_train::data::{read_mnist_dir, CifarSource, CifarTransform, ImageItem, Loader};
-use ast_train::data::{ImageBatch, ImageBatcher};
+use ast_train::data::{ImageBatch, ImageBatcher, ImageDataset};
 use ast_train::{prepare_run_dir, train, train_on, DataSources, RunOptions, TrainConfig};
 use burn::backend::{Autodiff, Flex};
 use burn::data::dataloader::batcher::Batcher;
@@ -32,17 +32,20 @@ impl Mapper<ImageItem, (Vec<f32>, i64)> for Sample {
     }
 }
 
+/// The 23 test images of tiny IDX data written in `dir`, the evaluation transform, and our
+/// loader over them in batches of 5.
+fn tiny_test_set(dir: &Path) -> (ImageDataset, CifarTransform, Loader) {
+    let (_, test) = read_mnist_dir(tiny_idx_data(dir, 8, 23)).unwrap();
+    let transform = CifarTransform::fashion_mnist(false, 3);
+    let source = CifarSource::new(Arc::new(test.clone()), transform.clone());
+    let ours = Loader::new(Arc::new(source), 5, 0, false);
+    (test, transform, ours)
+}
+
 #[test]
 fn burns_dataset_transforms_over_our_reader_give_our_samples() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, test) = read_mnist_dir(tiny_idx_data(tmp.path(), 8, 23)).unwrap();
-    let transform = CifarTransform::fashion_mnist(false, 3);
-    let ours = Loader::new(
-        Arc::new(CifarSource::new(Arc::new(test.clone()), transform.clone())),
-        5,
-        0,
-        false,
-    );
+    let (test, transform, ours) = tiny_test_set(tmp.path());
     let theirs = MapperDataset::new(test.clone(), Sample(transform));
     assert_eq!(theirs.len(), 23);
     let theirs: Vec<(Vec<f32>, i64)> = theirs.iter().collect();
@@ -64,14 +67,7 @@ fn burns_dataset_transforms_over_our_reader_give_our_samples() {
 #[test]
 fn burns_data_loader_with_our_batcher_gives_our_batches() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, test) = read_mnist_dir(tiny_idx_data(tmp.path(), 8, 23)).unwrap();
-    let transform = CifarTransform::fashion_mnist(false, 3);
-    let ours = Loader::new(
-        Arc::new(CifarSource::new(Arc::new(test.clone()), transform.clone())),
-        5,
-        0,
-        false,
-    );
+    let (test, transform, ours) = tiny_test_set(tmp.path());
     let batcher = ImageBatcher {
         transform,
         classes: 10,
