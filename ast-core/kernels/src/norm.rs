@@ -43,7 +43,7 @@ impl NormShape {
     }
 
     /// Channel `c`'s planes, sample by sample.
-    fn planes<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+    fn planes<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> + 'a {
         let [channels, plane] = [self.channels, self.plane];
         (0..self.batch).map(move |n| &data[(n * channels + c) * plane..][..plane])
     }
@@ -106,6 +106,8 @@ enum Pass<'a> {
     /// `(Σg, Σg·(x − μ))` over the planes of one channel (planes of `dy`, gate source, `x`).
     GatedSums {
         planes: Vec<[&'a [f32]; 3]>,
+        /// The gate's bytes of each plane (`GateMode::Mask` only, else empty).
+        masks: Vec<&'a [u8]>,
         mean: f32,
         gate: GateMode,
         affine: [f32; 2],
@@ -113,6 +115,8 @@ enum Pass<'a> {
     /// `out = act(a·x + b + r)` plane by plane, `(a, b)` per plane.
     Normalize {
         out: &'a mut [f32],
+        /// Receives the gate `[out > 0]` as bytes, when given (after a ReLU).
+        mask: Option<&'a mut [u8]>,
         x: &'a [f32],
         residual: Option<&'a [f32]>,
         coefficients: Vec<[f32; 2]>,
@@ -125,6 +129,8 @@ enum Pass<'a> {
         grad: &'a mut [f32],
         dr: Option<&'a mut [f32]>,
         source: &'a [f32],
+        /// The gate's bytes (`GateMode::Mask` only, else empty).
+        mask: &'a [u8],
         x: &'a [f32],
         coefficients: Vec<[f32; 5]>,
         gate: GateMode,
@@ -146,6 +152,7 @@ impl pulp::WithSimd for Pass<'_> {
             }
             Pass::GatedSums {
                 planes,
+                masks,
                 mean,
                 gate,
                 affine,
@@ -153,11 +160,12 @@ impl pulp::WithSimd for Pass<'_> {
                 // Each plane's f32 lanes, added up lane by lane in f64 across the planes.
                 let mut lanes = [[0.0f64; GATED_LANES]; 2];
                 let mut tails = [0.0f64; 2];
-                for [dy, s, x] in &planes {
+                for (i, [dy, s, x]) in planes.iter().enumerate() {
                     let (plane, tail) = match gate {
-                        GateMode::None => gated_sums::<NO_GATE>(dy, s, x, mean, affine),
-                        GateMode::Output => gated_sums::<OUTPUT_GATE>(dy, s, x, mean, affine),
-                        GateMode::Input => gated_sums::<INPUT_GATE>(dy, s, x, mean, affine),
+                        GateMode::None => gated_sums::<NO_GATE, _>(dy, s, x, mean, affine),
+                        GateMode::Output => gated_sums::<OUTPUT_GATE, _>(dy, s, x, mean, affine),
+                        GateMode::Input => gated_sums::<INPUT_GATE, _>(dy, s, x, mean, affine),
+                        GateMode::Mask => gated_sums::<MASK_GATE, _>(dy, masks[i], x, mean, affine),
                     };
                     for (sums, plane) in lanes.iter_mut().zip(plane) {
                         add_lanes(sums, &plane);
@@ -168,6 +176,7 @@ impl pulp::WithSimd for Pass<'_> {
             }
             Pass::Normalize {
                 out,
+                mut mask,
                 x,
                 residual,
                 coefficients,
@@ -176,12 +185,11 @@ impl pulp::WithSimd for Pass<'_> {
                 let p = out.len() / coefficients.len().max(1);
                 for (i, &[a, b]) in coefficients.iter().enumerate() {
                     let (o, xv) = (&mut out[i * p..][..p], &x[i * p..][..p]);
-                    let r = residual.map(|r| &r[i * p..][..p]);
-                    match (r, relu) {
-                        (Some(r), true) => normalize_plane::<true>(o, xv, r, a, b),
-                        (Some(r), false) => normalize_plane::<false>(o, xv, r, a, b),
-                        (None, true) => normalize_plane::<true>(o, xv, &[], a, b),
-                        (None, false) => normalize_plane::<false>(o, xv, &[], a, b),
+                    let r = residual.map_or(&[][..], |r| &r[i * p..][..p]);
+                    match (mask.as_deref_mut(), relu) {
+                        (Some(m), _) => normalize_plane_gated(o, &mut m[i * p..][..p], xv, r, a, b),
+                        (None, true) => normalize_plane::<true>(o, xv, r, a, b),
+                        (None, false) => normalize_plane::<false>(o, xv, r, a, b),
                     }
                 }
                 [0.0; 2]
@@ -190,6 +198,7 @@ impl pulp::WithSimd for Pass<'_> {
                 grad,
                 mut dr,
                 source,
+                mask,
                 x,
                 coefficients,
                 gate,
@@ -201,19 +210,25 @@ impl pulp::WithSimd for Pass<'_> {
                         &source[i * p..][..p],
                         &x[i * p..][..p],
                     );
+                    let m = match gate {
+                        GateMode::Mask => &mask[i * p..][..p],
+                        _ => &[],
+                    };
                     // ∂r first: it reads `dy`, which ∂x then overwrites.
                     if let Some(dr) = dr.as_deref_mut() {
                         let o = &mut dr[i * p..][..p];
                         match gate {
                             GateMode::None => o.copy_from_slice(g),
-                            GateMode::Output => gate_plane::<OUTPUT_GATE>(o, g, s, c),
-                            GateMode::Input => gate_plane::<INPUT_GATE>(o, g, s, c),
+                            GateMode::Output => gate_plane::<OUTPUT_GATE, _>(o, g, s, c),
+                            GateMode::Input => gate_plane::<INPUT_GATE, _>(o, g, s, c),
+                            GateMode::Mask => gate_plane::<MASK_GATE, _>(o, g, m, c),
                         }
                     }
                     match gate {
-                        GateMode::None => backward_plane::<NO_GATE>(g, s, xv, c),
-                        GateMode::Output => backward_plane::<OUTPUT_GATE>(g, s, xv, c),
-                        GateMode::Input => backward_plane::<INPUT_GATE>(g, s, xv, c),
+                        GateMode::None => backward_plane::<NO_GATE, _>(g, s, xv, c),
+                        GateMode::Output => backward_plane::<OUTPUT_GATE, _>(g, s, xv, c),
+                        GateMode::Input => backward_plane::<INPUT_GATE, _>(g, s, xv, c),
+                        GateMode::Mask => backward_plane::<MASK_GATE, _>(g, m, xv, c),
                     }
                 }
                 [0.0; 2]
@@ -272,8 +287,12 @@ fn lane_sums(a: &[f32], f: impl Fn(f32) -> f32) -> ([f32; LANES], f64) {
 pub enum ReluGate<'a> {
     /// No ReLU followed the normalisation.
     None,
-    /// The saved output `y` (needed when a residual was added before the ReLU).
+    /// The saved output `y`.
     Output(&'a [f32]),
+    /// The gate `[y > 0]` as one byte per value, written by [`forward_masked`]: a quarter of
+    /// the bytes of `y` to read in each of the two passes, and `y` need not be kept for the
+    /// backward (the gate of a residual block, where it cannot be recomputed from the input).
+    Mask(&'a [u8]),
     /// Recomputed from the input as the forward computed it, `y = max(a·x + b, 0)` with
     /// `a = γ/σ`, `b = β − μ·a` (the same operations in the same order, so the same decisions),
     /// saving a read of `y` in each of the two passes. Only without a residual.
@@ -289,36 +308,60 @@ enum GateMode {
     None,
     Output,
     Input,
+    Mask,
 }
 
 /// The gate modes as const parameters of the per-plane loops.
 const NO_GATE: u8 = 0;
 const OUTPUT_GATE: u8 = 1;
 const INPUT_GATE: u8 = 2;
+const MASK_GATE: u8 = 3;
+
+/// What a gate is read from: the output or input values (`f32`), or the gate's bytes (`u8`).
+trait GateSource: Copy {
+    /// Whether the gate lets the gradient through: `y > 0` with `y` the source
+    /// (`OUTPUT_GATE`), `max(a·x + b, 0)` of the source (`INPUT_GATE`), or a non-zero byte.
+    fn open<const MODE: u8>(self, affine: [f32; 2]) -> bool;
+}
+
+impl GateSource for f32 {
+    #[inline(always)]
+    fn open<const MODE: u8>(self, [a, b]: [f32; 2]) -> bool {
+        let y = match MODE {
+            OUTPUT_GATE => self,
+            _ => (a * self + b).max(0.0),
+        };
+        // `y` comes out of a ReLU (`max(·, 0)`), never NaN: the gate is open where it is
+        // positive, as the forward's bytes say.
+        y > 0.0
+    }
+}
+
+impl GateSource for u8 {
+    #[inline(always)]
+    fn open<const MODE: u8>(self, _: [f32; 2]) -> bool {
+        self != 0
+    }
+}
 
 /// The gradient reaching the normalisation: `dy·[y > 0]` after a ReLU, else `dy`; `y` is
 /// `source` (`OUTPUT_GATE`) or recomputed from `x = source` with the forward's `[a, b]`
-/// (`INPUT_GATE`).
+/// (`INPUT_GATE`), or the gate is `source`'s byte (`MASK_GATE`).
 #[inline(always)]
-fn gate<const MODE: u8>(dy: f32, source: f32, [a, b]: [f32; 2]) -> f32 {
-    let y = match MODE {
-        NO_GATE => return dy,
-        OUTPUT_GATE => source,
-        _ => (a * source + b).max(0.0),
-    };
-    if y <= 0.0 {
-        0.0
-    } else {
+fn gate<const MODE: u8, T: GateSource>(dy: f32, source: T, affine: [f32; 2]) -> f32 {
+    if MODE == NO_GATE || source.open::<MODE>(affine) {
         dy
+    } else {
+        0.0
     }
 }
 
 /// `[Σg, Σg·(x − μ)]` over one plane, `g = gate(dy, source)`: `f32` lanes, and the values
 /// past the last whole block of lanes in `f64`.
 #[inline(always)]
-fn gated_sums<const MODE: u8>(
+fn gated_sums<const MODE: u8, T: GateSource>(
     dy: &[f32],
-    source: &[f32],
+    source: &[T],
     x: &[f32],
     mean: f32,
     affine: [f32; 2],
@@ -331,14 +374,14 @@ fn gated_sums<const MODE: u8>(
         .zip(x[..n].chunks_exact(GATED_LANES))
     {
         for i in 0..GATED_LANES {
-            let g = gate::<MODE>(d[i], sv[i], affine);
+            let g = gate::<MODE, T>(d[i], sv[i], affine);
             acc_g[i] += g;
             acc_gx[i] += g * (xv[i] - mean);
         }
     }
     let (mut tail_g, mut tail_gx) = (0.0f64, 0.0f64);
     for i in n..dy.len() {
-        let g = gate::<MODE>(dy[i], source[i], affine);
+        let g = gate::<MODE, T>(dy[i], source[i], affine);
         tail_g += f64::from(g);
         tail_gx += f64::from(g * (x[i] - mean));
     }
@@ -360,20 +403,49 @@ fn normalize_plane<const RELU: bool>(out: &mut [f32], x: &[f32], r: &[f32], a: f
     }
 }
 
+/// `out = max(a·x + b + r, 0)` over one plane (`r` empty: no residual), and the gate
+/// `[out > 0]` as bytes into `mask`, in the same loop.
+#[inline(always)]
+fn normalize_plane_gated(out: &mut [f32], mask: &mut [u8], x: &[f32], r: &[f32], a: f32, b: f32) {
+    let gated = |o: &mut f32, m: &mut u8, v: f32| {
+        *o = v.max(0.0);
+        *m = u8::from(*o > 0.0);
+    };
+    if r.is_empty() {
+        for ((o, m), &v) in out.iter_mut().zip(mask.iter_mut()).zip(x) {
+            gated(o, m, a * v + b);
+        }
+    } else {
+        for (((o, m), &v), &r) in out.iter_mut().zip(mask.iter_mut()).zip(x).zip(r) {
+            gated(o, m, a * v + b + r);
+        }
+    }
+}
+
 /// `∂x = k·g + r·x + q` over one plane, in place of `dy`, `c = [k, r, q, a, b]`.
 #[inline(always)]
-fn backward_plane<const MODE: u8>(grad: &mut [f32], source: &[f32], x: &[f32], c: [f32; 5]) {
+fn backward_plane<const MODE: u8, T: GateSource>(
+    grad: &mut [f32],
+    source: &[T],
+    x: &[f32],
+    c: [f32; 5],
+) {
     let [k, r, q, a, b] = c;
     for ((o, &s), &xv) in grad.iter_mut().zip(source).zip(x) {
-        *o = k * gate::<MODE>(*o, s, [a, b]) + r * xv + q;
+        *o = k * gate::<MODE, T>(*o, s, [a, b]) + r * xv + q;
     }
 }
 
 /// `out = g = gate(dy, source)` over one plane, `c = [_, _, _, a, b]`.
 #[inline(always)]
-fn gate_plane<const MODE: u8>(out: &mut [f32], dy: &[f32], source: &[f32], c: [f32; 5]) {
+fn gate_plane<const MODE: u8, T: GateSource>(
+    out: &mut [f32],
+    dy: &[f32],
+    source: &[T],
+    c: [f32; 5],
+) {
     for ((o, &d), &s) in out.iter_mut().zip(dy).zip(source) {
-        *o = gate::<MODE>(d, s, [c[3], c[4]]);
+        *o = gate::<MODE, T>(d, s, [c[3], c[4]]);
     }
 }
 
@@ -422,6 +494,42 @@ pub fn forward(
     (y, stats)
 }
 
+/// [`forward`] with a ReLU, which also returns the gate `[y > 0]` as one byte per value, for
+/// the backward's [`ReluGate::Mask`].
+///
+/// # Panics
+/// As [`forward`].
+pub fn forward_masked(
+    shape: &NormShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    residual: Option<&[f32]>,
+) -> (Vec<f32>, Vec<u8>, BatchStats) {
+    let stats = batch_stats(shape, x);
+    let inv_std = inv_std(&stats.var, epsilon);
+    let coefficients = Coefficients {
+        gamma,
+        beta,
+        mean: &stats.mean,
+        inv_std: &inv_std,
+    };
+    // Every byte is written by the pass.
+    let mut mask = super::pool::take_overwritten_bytes(shape.len());
+    let y = normalize_with(shape, x, coefficients, residual, true, Some(&mut mask));
+    (y, mask, stats)
+}
+
+/// The per-channel values [`normalize`] applies.
+#[derive(Clone, Copy)]
+struct Coefficients<'a> {
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    mean: &'a [f32],
+    inv_std: &'a [f32],
+}
+
 /// `act(γ·(x − μ)·s + β + r)` with given per-channel `μ` and `s = 1/√(σ² + ε)` (the batch's in
 /// training, the running statistics' in inference).
 ///
@@ -439,23 +547,56 @@ pub fn normalize(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    let coefficients = Coefficients {
+        gamma,
+        beta,
+        mean,
+        inv_std,
+    };
+    normalize_with(shape, x, coefficients, residual, relu, None)
+}
+
+/// [`normalize`], writing the gate `[y > 0]` into `mask` when given.
+fn normalize_with(
+    shape: &NormShape,
+    x: &[f32],
+    c: Coefficients<'_>,
+    residual: Option<&[f32]>,
+    relu: bool,
+    mask: Option<&mut [u8]>,
+) -> Vec<f32> {
     shape.check("the input", x.len());
     if let Some(r) = residual {
         shape.check("the residual", r.len());
     }
-    for (name, v) in [("γ", gamma), ("β", beta), ("μ", mean), ("1/σ", inv_std)] {
+    if let Some(m) = &mask {
+        shape.check("the gate", m.len());
+    }
+    let per_channel = [
+        ("γ", c.gamma),
+        ("β", c.beta),
+        ("μ", c.mean),
+        ("1/σ", c.inv_std),
+    ];
+    for (name, v) in per_channel {
         assert_eq!(v.len(), shape.channels, "{name} is not one per channel");
     }
-    let coefficients = affine(gamma, beta, mean, inv_std);
+    let coefficients = affine(c.gamma, c.beta, c.mean, c.inv_std);
     let mut y = super::pool::take_overwritten(shape.len());
-    let task = shape.planes_per_task() * shape.plane;
-    y.par_chunks_mut(task.max(1))
+    let task = (shape.planes_per_task() * shape.plane).max(1);
+    let masks: Vec<Option<&mut [u8]>> = match mask {
+        Some(m) => m.chunks_mut(task).map(Some).collect(),
+        None => y.chunks(task).map(|_| None).collect(),
+    };
+    y.par_chunks_mut(task)
+        .zip(masks)
         .enumerate()
-        .for_each(|(t, out)| {
+        .for_each(|(t, (out, mask))| {
             let start = t * task;
             let range = start..start + out.len();
             Pass::Normalize {
                 coefficients: shape.per_plane(&coefficients, &range),
+                mask,
                 x: &x[range.clone()],
                 residual: residual.map(|r| &r[range]),
                 out,
@@ -501,6 +642,10 @@ pub fn backward(
             shape.check("the output", y.len());
             (GateMode::Output, y, None)
         }
+        ReluGate::Mask(m) => {
+            shape.check("the gate", m.len());
+            (GateMode::Mask, x, None)
+        }
         ReluGate::Recompute { beta } => {
             assert!(
                 !residual,
@@ -514,6 +659,10 @@ pub fn backward(
         None => vec![[0.0; 2]; shape.channels],
     };
     // Per channel: ∂β = Σg and Σg·(x − μ) (∂γ = that times 1/σ).
+    let mask = match relu {
+        ReluGate::Mask(m) => m,
+        _ => &[],
+    };
     let (beta_grad, centred): (Vec<f64>, Vec<f64>) = (0..shape.channels)
         .into_par_iter()
         .map(|c| {
@@ -522,8 +671,13 @@ pub fn backward(
                 .zip(shape.planes(x, c))
                 .map(|((d, s), x)| [d, s, x])
                 .collect();
+            let masks = match gate {
+                GateMode::Mask => shape.planes(mask, c).collect(),
+                _ => Vec::new(),
+            };
             let [g, gx] = Pass::GatedSums {
                 planes,
+                masks,
                 mean: mean[c],
                 gate,
                 affine: affine[c],
@@ -549,7 +703,7 @@ pub fn backward(
     // overwritten there).
     let source = match relu {
         ReluGate::Output(y) => y,
-        ReluGate::None | ReluGate::Recompute { .. } => x,
+        ReluGate::None | ReluGate::Recompute { .. } | ReluGate::Mask(_) => x,
     };
     let mut dx = dy;
     let mut dr = residual.then(|| super::pool::take_overwritten(shape.len()));
@@ -560,6 +714,10 @@ pub fn backward(
         Pass::Backward {
             coefficients: shape.per_plane(&coefficients, &range),
             source: &source[range.clone()],
+            mask: match gate {
+                GateMode::Mask => &mask[range.clone()],
+                _ => &[],
+            },
             x: &x[range],
             grad,
             dr,
@@ -632,7 +790,7 @@ mod tests {
         close(&g.beta, &[3.0]);
         close(&g.gamma, &[3.0 / r5]);
         close(&g.x, &[-0.6 / r5, 0.8 / r5, 0.2 / r5, -0.4 / r5]);
-        close(&g.residual.unwrap(), &[0.0, 1.0, 1.0, 1.0]);
+        close(g.residual.as_ref().unwrap(), &[0.0, 1.0, 1.0, 1.0]);
         // The gate recomputed from x (no residual) is the same.
         let recompute = ReluGate::Recompute { beta: &[1.0] };
         let h = backward(
@@ -647,6 +805,21 @@ mod tests {
         );
         assert_eq!((&h.x, &h.gamma, &h.beta), (&g.x, &g.gamma, &g.beta));
         assert!(h.residual.is_none());
+        // The gate as bytes, written by the forward: the same output and gradients.
+        let (ym, mask, masked_stats) = forward_masked(&shape, &x, &[2.0], &[1.0], 0.0, None);
+        assert_eq!((&ym, &mask, &masked_stats), (&y, &vec![0, 1, 1, 1], &stats));
+        let bytes = ReluGate::Mask(&mask);
+        let m = backward(
+            &shape,
+            &x,
+            bytes,
+            dy.to_vec(),
+            &mean,
+            &inv_std,
+            &[2.0],
+            true,
+        );
+        assert_eq!(m, g);
         // Without the ReLU a constant dy moves nothing but β.
         let g = backward(
             &shape,

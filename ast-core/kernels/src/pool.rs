@@ -27,9 +27,9 @@ pub const MAX_BYTES: usize = 512 << 20;
 pub const WINDOW: u64 = 256;
 
 /// Buffers by length, with the bounds above as fields (tests use small ones).
-struct Pool {
+struct Pool<T> {
     /// Each buffer with the take count when it was given.
-    buffers: Vec<(Vec<f32>, u64)>,
+    buffers: Vec<(Vec<T>, u64)>,
     bytes: usize,
     takes: u64,
     min_len: usize,
@@ -37,7 +37,7 @@ struct Pool {
     window: u64,
 }
 
-impl Pool {
+impl<T> Pool<T> {
     const fn new(min_len: usize, max_bytes: usize, window: u64) -> Self {
         Self {
             buffers: Vec::new(),
@@ -50,7 +50,7 @@ impl Pool {
     }
 
     /// A kept buffer of `len` values, or `None`; frees the buffers older than the window.
-    fn take(&mut self, len: usize) -> Option<Vec<f32>> {
+    fn take(&mut self, len: usize) -> Option<Vec<T>> {
         if len < self.min_len {
             return None;
         }
@@ -62,18 +62,18 @@ impl Pool {
             self.bytes = self
                 .buffers
                 .iter()
-                .map(|(b, _)| b.len() * size_of::<f32>())
+                .map(|(b, _)| b.len() * size_of::<T>())
                 .sum();
         }
         let i = self.buffers.iter().position(|(b, _)| b.len() == len)?;
         let (buffer, _) = self.buffers.swap_remove(i);
-        self.bytes -= len * size_of::<f32>();
+        self.bytes -= len * size_of::<T>();
         Some(buffer)
     }
 
     /// Keeps `buffer` unless it is too short or would take the pool past its bound.
-    fn give(&mut self, buffer: Vec<f32>) {
-        let bytes = buffer.len() * size_of::<f32>();
+    fn give(&mut self, buffer: Vec<T>) {
+        let bytes = buffer.len() * size_of::<T>();
         if buffer.len() >= self.min_len && self.bytes + bytes <= self.max_bytes {
             self.bytes += bytes;
             self.buffers.push((buffer, self.takes));
@@ -86,9 +86,17 @@ impl Pool {
     }
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool::new(MIN_LEN, MAX_BYTES, WINDOW));
+static POOL: Mutex<Pool<f32>> = Mutex::new(Pool::new(MIN_LEN, MAX_BYTES, WINDOW));
 
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
+/// The same for byte buffers (the gates of ReLUs, [`crate::norm::forward_masked`]), with its
+/// own count of takes.
+static BYTE_POOL: Mutex<Pool<u8>> = Mutex::new(Pool::new(MIN_LEN, MAX_BYTES / 4, WINDOW));
+
+fn byte_pool() -> std::sync::MutexGuard<'static, Pool<u8>> {
+    BYTE_POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn pool() -> std::sync::MutexGuard<'static, Pool<f32>> {
     // A panic while holding the lock leaves the pool consistent (each operation is one push
     // or removal), so a poisoned lock is still usable.
     POOL.lock().unwrap_or_else(|e| e.into_inner())
@@ -113,9 +121,23 @@ pub fn give(buffer: Vec<f32>) {
     }
 }
 
+/// [`take_overwritten`] for bytes.
+pub fn take_overwritten_bytes(len: usize) -> Vec<u8> {
+    let kept = byte_pool().take(len);
+    kept.unwrap_or_else(|| vec![0; len])
+}
+
+/// [`give`] for bytes.
+pub fn give_bytes(buffer: Vec<u8>) {
+    if buffer.len() >= MIN_LEN {
+        byte_pool().give(buffer);
+    }
+}
+
 /// Frees every kept buffer.
 pub fn clear() {
     pool().clear();
+    byte_pool().clear();
 }
 
 /// Bytes kept now.
@@ -128,7 +150,7 @@ mod tests {
     use super::*;
 
     /// A pool of buffers of at least 4 values, 64 bytes (16 values) in all, a window of 3 takes.
-    fn small() -> Pool {
+    fn small() -> Pool<f32> {
         Pool::new(4, 64, 3)
     }
 
@@ -189,5 +211,18 @@ mod tests {
         // Short lengths never reach it: a fresh, zeroed buffer.
         give(vec![5.0; 8]);
         assert_eq!(take_overwritten(8), vec![0.0; 8]);
+    }
+
+    #[test]
+    fn the_byte_pool_hands_back_bytes_and_keeps_them_apart_from_floats() {
+        let len = MIN_LEN + 23_456;
+        let mut bytes = vec![1u8; len];
+        bytes[0] = 9;
+        give_bytes(bytes);
+        // A float buffer of that length does not come from the bytes.
+        assert_eq!(take_overwritten(len)[0], 0.0);
+        let back = take_overwritten_bytes(len);
+        assert_eq!((back[0], back[1]), (9, 1));
+        assert_eq!(take_overwritten_bytes(len)[0], 0);
     }
 }

@@ -193,6 +193,52 @@ fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
 }
 
 #[test]
+fn the_relu_gate_as_bytes_gives_the_bits_of_the_gate_read_from_the_output() {
+    // Planes of 37 values (no whole vector at the end), about half the outputs cut by the
+    // ReLU, one and three threads.
+    let shape = NormShape {
+        batch: 6,
+        channels: 5,
+        plane: 37,
+    };
+    let mut rng = TestRng::new(4);
+    let x = rng.values(shape.len());
+    let r = rng.values(shape.len());
+    let dy = rng.values(shape.len());
+    let (gamma, beta) = (rng.values(5), rng.values(5));
+    let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
+    assert!(y.iter().filter(|&&v| v == 0.0).count() > shape.len() / 4);
+    let inv_std = norm::inv_std(&stats.var, 1e-5);
+    let backward = |gate: norm::ReluGate<'_>| {
+        norm::backward(
+            &shape,
+            &x,
+            gate,
+            dy.clone(),
+            &stats.mean,
+            &inv_std,
+            &gamma,
+            true,
+        )
+    };
+    let expected = backward(norm::ReluGate::Output(&y));
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (y_masked, mask, masked_stats) =
+            pool.install(|| norm::forward_masked(&shape, &x, &gamma, &beta, 1e-5, Some(&r)));
+        assert_eq!((&y_masked, &masked_stats), (&y, &stats));
+        let opened: Vec<u8> = y.iter().map(|&v| u8::from(v > 0.0)).collect();
+        assert_eq!(mask, opened);
+        let mask = &mask;
+        let grads = pool.install(move || backward(norm::ReluGate::Mask(mask)));
+        assert_eq!(grads, expected);
+    }
+}
+
+#[test]
 fn direct_kernels_equal_im2col_and_do_not_depend_on_the_thread_count() {
     // 3×3 "same" at 16×17 with 32 output channels (both direct kernels), 5 input channels,
     // 11 samples (two weight-gradient chunks, the second short).

@@ -88,20 +88,25 @@ fn outputs() -> Vec<Vec<u32>> {
     let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
     keep(&y);
     let inv_std = norm::inv_std(&stats.var, 1e-5);
-    let grads = norm::backward(
-        &shape,
-        &x,
-        norm::ReluGate::Output(&y),
-        dy,
-        &stats.mean,
-        &inv_std,
-        &gamma,
-        true,
-    );
-    keep(&grads.x);
-    keep(&grads.gamma);
-    keep(&grads.beta);
-    keep(grads.residual.as_deref().expect("asked for"));
+    // The gate read from the output, and as bytes written by the forward.
+    let (_, mask, _) = norm::forward_masked(&shape, &x, &gamma, &beta, 1e-5, Some(&r));
+    keep(&mask.iter().map(|&m| f32::from(m)).collect::<Vec<_>>());
+    for gate in [norm::ReluGate::Output(&y), norm::ReluGate::Mask(&mask)] {
+        let grads = norm::backward(
+            &shape,
+            &x,
+            gate,
+            dy.clone(),
+            &stats.mean,
+            &inv_std,
+            &gamma,
+            true,
+        );
+        keep(&grads.x);
+        keep(&grads.gamma);
+        keep(&grads.beta);
+        keep(grads.residual.as_deref().expect("asked for"));
+    }
     out
 }
 

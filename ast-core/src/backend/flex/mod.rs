@@ -227,23 +227,28 @@ fn norm_autodiff<C: CheckpointStrategy>(
     let gamma_values = contiguous(gamma.primitive.clone());
     let beta_values = contiguous(beta.primitive.clone());
     let residual_values = residual.as_ref().map(|r| contiguous(r.primitive.clone()));
-    let (y, stats) = norm::forward(
-        &shape,
-        f32s(&input),
-        f32s(&gamma_values),
-        f32s(&beta_values),
-        options.epsilon as f32,
-        residual_values.as_ref().map(f32s),
-        options.relu,
-    );
-    let y = flex(y, dims);
-    // After a ReLU without a residual the backward recomputes the gate from the input;
-    // with a residual it reads the output.
-    let gate = match (options.relu, &residual) {
-        (false, _) => SavedGate::None,
-        (true, Some(_)) => SavedGate::Output(y.clone()),
-        (true, None) => SavedGate::Recompute(f32s(&beta_values).to_vec()),
+    let [x_values, gamma_f32, beta_f32] = [&input, &gamma_values, &beta_values].map(f32s);
+    let epsilon = options.epsilon as f32;
+    let residual_values = residual_values.as_ref().map(f32s);
+    // After a ReLU without a residual the backward recomputes the gate from the input; with a
+    // residual it reads the gate's bytes, written by the forward (a quarter of the output's
+    // bytes, and the output is not kept alive for the backward).
+    let (y, stats, gate) = match (options.relu, residual_values) {
+        (true, Some(r)) => {
+            let (y, mask, stats) =
+                norm::forward_masked(&shape, x_values, gamma_f32, beta_f32, epsilon, Some(r));
+            (y, stats, SavedGate::Mask(mask))
+        }
+        (relu, r) => {
+            let (y, stats) = norm::forward(&shape, x_values, gamma_f32, beta_f32, epsilon, r, relu);
+            let gate = match relu {
+                true => SavedGate::Recompute(beta_f32.to_vec()),
+                false => SavedGate::None,
+            };
+            (y, stats, gate)
+        }
     };
+    let y = flex(y, dims);
     let state = NormState {
         shape,
         dims,
@@ -530,7 +535,7 @@ struct NormState {
 #[derive(Debug, Clone)]
 enum SavedGate {
     None,
-    Output(FlexTensor),
+    Mask(Vec<u8>),
     Recompute(Vec<f32>),
 }
 
@@ -545,7 +550,7 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
         let residual = ops.parents.get(3).is_some_and(Option::is_some);
         let gate = match &s.gate {
             SavedGate::None => norm::ReluGate::None,
-            SavedGate::Output(y) => norm::ReluGate::Output(f32s(y)),
+            SavedGate::Mask(m) => norm::ReluGate::Mask(m),
             SavedGate::Recompute(beta) => norm::ReluGate::Recompute { beta },
         };
         let d = norm::backward(
@@ -561,8 +566,8 @@ impl<const N: usize> Backward<Flex, N> for NormBackward {
         let dims = s.dims;
         let channels = [s.shape.channels];
         recycle(s.input);
-        if let SavedGate::Output(y) = s.gate {
-            recycle(y);
+        if let SavedGate::Mask(m) = s.gate {
+            pool::give_bytes(m);
         }
         let results = [
             Some(flex(d.x, dims)),
