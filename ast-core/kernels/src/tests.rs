@@ -155,37 +155,74 @@ fn sparse_weight_by_hand() {
     );
 }
 
+/// A batch norm's inputs: 6 samples of 5 channels, planes of 37 values (no whole vector at
+/// the end).
+struct NormCase {
+    shape: NormShape,
+    x: Vec<f32>,
+    residual: Vec<f32>,
+    dy: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl NormCase {
+    fn new(seed: u64) -> Self {
+        let shape = NormShape {
+            batch: 6,
+            channels: 5,
+            plane: 37,
+        };
+        let mut rng = TestRng::new(seed);
+        let [x, residual, dy] = [(); 3].map(|_| rng.values(shape.len()));
+        let [gamma, beta] = [(); 2].map(|_| rng.values(5));
+        NormCase {
+            shape,
+            x,
+            residual,
+            dy,
+            gamma,
+            beta,
+        }
+    }
+
+    /// The forward with the residual and ReLU.
+    fn forward(&self) -> (Vec<f32>, norm::BatchStats) {
+        let (x, r) = (&self.x, Some(&self.residual[..]));
+        norm::forward(&self.shape, x, &self.gamma, &self.beta, 1e-5, r, true)
+    }
+
+    /// The backward from the forward's statistics, `∂r` wanted.
+    fn backward(&self, gate: norm::ReluGate<'_>, stats: &norm::BatchStats) -> norm::NormGrads {
+        let inv_std = norm::inv_std(&stats.var, 1e-5);
+        let (dy, mean) = (self.dy.clone(), &stats.mean);
+        norm::backward(
+            &self.shape,
+            &self.x,
+            gate,
+            dy,
+            mean,
+            &inv_std,
+            &self.gamma,
+            true,
+        )
+    }
+}
+
+fn threads(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
-    let shape = NormShape {
-        batch: 6,
-        channels: 5,
-        plane: 37,
-    };
-    let mut rng = TestRng::new(3);
-    let x = rng.values(shape.len());
-    let r = rng.values(shape.len());
-    let dy = rng.values(shape.len());
-    let (gamma, beta) = (rng.values(5), rng.values(5));
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
-            let inv_std = norm::inv_std(&stats.var, 1e-5);
-            let gate = norm::ReluGate::Output(&y);
-            let grads = norm::backward(
-                &shape,
-                &x,
-                gate,
-                dy.clone(),
-                &stats.mean,
-                &inv_std,
-                &gamma,
-                true,
-            );
+    let case = NormCase::new(3);
+    let run = |n: usize| {
+        threads(n).install(|| {
+            let (y, stats) = case.forward();
+            let grads = case.backward(norm::ReluGate::Output(&y), &stats);
             (y, stats, grads)
         })
     };
@@ -194,46 +231,19 @@ fn batch_norm_kernels_are_bit_identical_whatever_the_thread_count() {
 
 #[test]
 fn the_relu_gate_as_bytes_gives_the_bits_of_the_gate_read_from_the_output() {
-    // Planes of 37 values (no whole vector at the end), about half the outputs cut by the
-    // ReLU, one and three threads.
-    let shape = NormShape {
-        batch: 6,
-        channels: 5,
-        plane: 37,
-    };
-    let mut rng = TestRng::new(4);
-    let x = rng.values(shape.len());
-    let r = rng.values(shape.len());
-    let dy = rng.values(shape.len());
-    let (gamma, beta) = (rng.values(5), rng.values(5));
-    let (y, stats) = norm::forward(&shape, &x, &gamma, &beta, 1e-5, Some(&r), true);
-    assert!(y.iter().filter(|&&v| v == 0.0).count() > shape.len() / 4);
-    let inv_std = norm::inv_std(&stats.var, 1e-5);
-    let backward = |gate: norm::ReluGate<'_>| {
-        norm::backward(
-            &shape,
-            &x,
-            gate,
-            dy.clone(),
-            &stats.mean,
-            &inv_std,
-            &gamma,
-            true,
-        )
-    };
-    let expected = backward(norm::ReluGate::Output(&y));
-    for threads in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        let (y_masked, mask, masked_stats) =
-            pool.install(|| norm::forward_masked(&shape, &x, &gamma, &beta, 1e-5, Some(&r)));
-        assert_eq!((&y_masked, &masked_stats), (&y, &stats));
-        let opened: Vec<u8> = y.iter().map(|&v| u8::from(v > 0.0)).collect();
-        assert_eq!(mask, opened);
-        let mask = &mask;
-        let grads = pool.install(move || backward(norm::ReluGate::Mask(mask)));
+    // About half the outputs cut by the ReLU; one and three threads.
+    let case = NormCase::new(4);
+    let (y, stats) = case.forward();
+    assert!(y.iter().filter(|&&v| v == 0.0).count() > case.shape.len() / 4);
+    let expected = case.backward(norm::ReluGate::Output(&y), &stats);
+    let opened: Vec<u8> = y.iter().map(|&v| u8::from(v > 0.0)).collect();
+    for n in [1, 3] {
+        let (y_masked, mask, masked_stats) = threads(n).install(|| {
+            let (x, r) = (&case.x, Some(&case.residual[..]));
+            norm::forward_masked(&case.shape, x, &case.gamma, &case.beta, 1e-5, r)
+        });
+        assert_eq!((&y_masked, &mask, &masked_stats), (&y, &opened, &stats));
+        let grads = threads(n).install(|| case.backward(norm::ReluGate::Mask(&mask), &stats));
         assert_eq!(grads, expected);
     }
 }
@@ -248,12 +258,8 @@ fn direct_kernels_equal_im2col_and_do_not_depend_on_the_thread_count() {
     let x = rng.values(g.batch * g.in_len());
     let w = rng.values(g.weight_len());
     let dy = rng.values(g.batch * g.out_len());
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+    let run = |n: usize| {
+        threads(n).install(|| {
             let mut y = vec![f32::NAN; g.batch * g.out_len()];
             forward_direct(&g, &x, &DirectWeight::new(&g, &w), &mut y);
             let mut dw = vec![f32::NAN; g.weight_len()];
