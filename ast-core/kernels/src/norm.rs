@@ -488,10 +488,8 @@ pub fn forward(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> (Vec<f32>, BatchStats) {
-    let stats = batch_stats(shape, x);
-    let inv_std = inv_std(&stats.var, epsilon);
-    let y = normalize(shape, x, gamma, beta, &stats.mean, &inv_std, residual, relu);
-    (y, stats)
+    let affine = [gamma, beta];
+    forward_with(shape, x, affine, epsilon, residual, relu, None)
 }
 
 /// [`forward`] with a ReLU, which also returns the gate `[y > 0]` as one byte per value, for
@@ -507,6 +505,23 @@ pub fn forward_masked(
     epsilon: f32,
     residual: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<u8>, BatchStats) {
+    // Every byte is written by the pass.
+    let mut mask = super::pool::take_overwritten_bytes(shape.len());
+    let affine = [gamma, beta];
+    let (y, stats) = forward_with(shape, x, affine, epsilon, residual, true, Some(&mut mask));
+    (y, mask, stats)
+}
+
+/// [`forward`], writing the gate into `mask` when given.
+fn forward_with(
+    shape: &NormShape,
+    x: &[f32],
+    [gamma, beta]: [&[f32]; 2],
+    epsilon: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+    mask: Option<&mut [u8]>,
+) -> (Vec<f32>, BatchStats) {
     let stats = batch_stats(shape, x);
     let inv_std = inv_std(&stats.var, epsilon);
     let coefficients = Coefficients {
@@ -515,10 +530,8 @@ pub fn forward_masked(
         mean: &stats.mean,
         inv_std: &inv_std,
     };
-    // Every byte is written by the pass.
-    let mut mask = super::pool::take_overwritten_bytes(shape.len());
-    let y = normalize_with(shape, x, coefficients, residual, true, Some(&mut mask));
-    (y, mask, stats)
+    let y = normalize_with(shape, x, coefficients, residual, relu, mask);
+    (y, stats)
 }
 
 /// The per-channel values [`normalize`] applies.
